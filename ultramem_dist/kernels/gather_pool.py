@@ -5,7 +5,7 @@ shard call :func:`gather_pool`; there is no second copy of this math.
 
 What it computes, for every query token ``t`` and IVE block ``e``::
 
-    out[t, e, cols(s)] = sum_{l : token(l) = t, block(l) = e} weights[l, core(s)] * table[idx[l], cols(s)]
+    out[t, e, cols(s)] = sum_{l: token(l)=t, block(l)=e} w[l, core(s)] * table[idx[l], cols(s)]
 
 where the table's columns are split into *segments* ``s`` and each segment belongs to one MCS
 core (``core(s)``).  For an unsharded table with ``h_c`` cores there are ``h_c`` segments of
@@ -101,7 +101,7 @@ def gather_pool(
         table: ``[rows, cols]`` value table (or a shard's slice of one). Any float dtype; the
             result has ``weights``' dtype (half-precision tables accumulate in fp32 weights).
         indices: row ids into ``table``, ``[T, L]`` (dense) or ``[nnz]`` with ``offsets``.
-        blocks: IVE block id of each entry, same shape as ``indices``, values in ``[0, num_blocks)``.
+        blocks: IVE block id of each entry, shaped like ``indices``, in ``[0, num_blocks)``.
         weights: per-core weights, ``indices.shape + (num_cores,)``.
         num_blocks: E, the number of pooled bins per token.
         segments: column segments of ``table`` and their cores; default: ``num_cores`` equal

@@ -1,0 +1,19 @@
+"""``ultramem-dist`` command line. Each module below adds its subcommands to the shared app."""
+
+from __future__ import annotations
+
+import importlib
+
+from ultramem_dist.cli.app import app
+
+# One module per command group; importing it registers its commands on ``app``.
+_COMMAND_MODULES = ("ultramem_dist.cli.model_cmds",)
+
+
+def main() -> None:
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name)
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,279 @@
+"""Configuration dataclasses of the model package; every field has a default and is validated."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+ModelKind = Literal["dense", "pkm", "moe", "ultramem"]
+MODEL_KINDS: tuple[str, ...] = ("dense", "pkm", "moe", "ultramem")
+
+
+@dataclass
+class UltraMemConfig:
+    """One UltraMem memory layer (TDQKR + IVE + MCS)."""
+
+    knum: int = 64
+    """Base keys per side of the *physical* table; N = knum**2 physical value rows."""
+    expansion: int = 4
+    """IVE expansion E (a perfect square): E virtual blocks share the physical table."""
+    dk: int = 64
+    """Width of each query half (row half, column half) and of each key vector."""
+    dv: int = 0
+    """Value width; 0 means d_model // 2 (the paper's choice)."""
+    heads: int = 2
+    """Memory heads H; each selects its own top-m."""
+    topm: int = 16
+    """Rows selected per head (m)."""
+    rank: int = 2
+    """Tucker rank r of the key scores."""
+    num_cores: int = 2
+    """MCS cores h_c; core c weights value columns [c*Dv/h_c, (c+1)*Dv/h_c)."""
+    shared_query: bool = True
+    """One query shared by all heads (official code); False gives every head its own query."""
+    aux_alpha: float = 0.0
+    """Weight of the singular-value aux loss on non-leading singular values of the cores."""
+    aux_tau: float = 0.15
+    """Margin tau of the aux loss: alpha * mean(relu(sigma_i - tau)**2)."""
+    perm_seed: int = 0
+    """Seed of the fixed IVE permutation of the virtual rows."""
+
+    @property
+    def n_rows(self) -> int:
+        return self.knum * self.knum
+
+    @property
+    def side(self) -> int:
+        """K = sqrt(E) * knum keys per side; the virtual grid has K*K = E*N cells."""
+        return math.isqrt(self.expansion) * self.knum
+
+    def validate(self, d_model: int) -> None:
+        if self.knum < 1 or self.dk < 1 or self.heads < 1 or self.rank < 1:
+            raise ValueError("ultramem knum, dk, heads and rank must all be >= 1")
+        root = math.isqrt(self.expansion)
+        if self.expansion < 1 or root * root != self.expansion:
+            raise ValueError(
+                f"ultramem expansion E={self.expansion} must be a perfect square (1, 4, 9, 16, ...)"
+            )
+        dv = self.dv or d_model // 2
+        if self.num_cores < 1 or dv % self.num_cores:
+            raise ValueError(
+                f"ultramem value width Dv={dv} is not divisible by num_cores={self.num_cores}"
+            )
+        if not 1 <= self.topm <= self.side:
+            raise ValueError(
+                f"ultramem topm m={self.topm} must be between 1 and K=sqrt(E)*knum={self.side}"
+            )
+        if self.aux_alpha < 0:
+            raise ValueError("ultramem aux_alpha must be >= 0")
+
+
+@dataclass
+class PKMConfig:
+    """Classic product-key memory (Lample et al. 2019): additive scores, softmax, Dv = d_model."""
+
+    n_keys: int = 128
+    """Keys per half; the table has n_keys**2 rows."""
+    dk: int = 64
+    """Width of each query half."""
+    heads: int = 2
+    """Memory heads; their pooled outputs are summed."""
+    topk: int = 16
+    """Rows selected per head."""
+
+    def validate(self, d_model: int) -> None:
+        if min(self.n_keys, self.dk, self.heads) < 1:
+            raise ValueError("pkm n_keys, dk and heads must be >= 1")
+        if not 1 <= self.topk <= self.n_keys:
+            raise ValueError(f"pkm topk={self.topk} must be between 1 and n_keys={self.n_keys}")
+
+
+@dataclass
+class MoEConfig:
+    """Top-k routed mixture of FFN experts (replaces the FFN of the listed blocks)."""
+
+    n_experts: int = 8
+    """Number of experts per MoE block."""
+    top_k: int = 2
+    """Experts activated per token."""
+    d_expert: int = 0
+    """Hidden width of each expert; 0 means d_ff // top_k (activated FFN width = d_ff)."""
+    aux_weight: float = 0.01
+    """Weight of the load-balancing loss (Switch Transformer form)."""
+
+    def validate(self, d_model: int) -> None:
+        if self.n_experts < 1 or not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(
+                f"moe top_k={self.top_k} must be between 1 and n_experts={self.n_experts}"
+            )
+
+
+def parse_memory_spec(
+    spec: str, n_layers: int, allow_same_block: bool = False
+) -> list[tuple[int, int]]:
+    """Parse ``"a:b,c:d"`` (``/`` also separates) into ``[(a, b), (c, d)]`` and validate it.
+
+    Memory layer i reads block ``a_i``'s pre-FFN normalised activation and adds its output after
+    block ``b_i``. Requires ``a < b`` (``a <= b`` for in-place layers such as PKM), blocks inside
+    the model, and ``a_{i+1} > b_i`` (no overlap, in order).
+    """
+    if not spec.strip():
+        return []
+    pairs: list[tuple[int, int]] = []
+    for part in spec.replace("/", ",").split(","):
+        part = part.strip()
+        try:
+            a_str, b_str = part.split(":")
+            a, b = int(a_str), int(b_str)
+        except ValueError:
+            raise ValueError(
+                f"memory spec entry {part!r} is not of the form 'read:write' (e.g. '0:2,3:5')"
+            ) from None
+        if b < a or (b == a and not allow_same_block):
+            raise ValueError(
+                f"memory spec entry {part!r} goes backwards: the write block must come after "
+                f"the read block"
+            )
+        if not (0 <= a < n_layers and 0 <= b < n_layers):
+            raise ValueError(f"memory spec entry {part!r} names a block outside 0..{n_layers - 1}")
+        if pairs and a <= pairs[-1][1]:
+            raise ValueError(
+                f"memory spec entry {part!r} overlaps the previous one {pairs[-1][0]}:"
+                f"{pairs[-1][1]}: each read block must come after the previous write block"
+            )
+        pairs.append((a, b))
+    return pairs
+
+
+@dataclass
+class LMConfig:
+    """The decoder-only LM shared by all four model kinds."""
+
+    kind: str = "ultramem"
+    """Model kind: dense | pkm | moe | ultramem."""
+    vocab_size: int = 256
+    """Vocabulary size (byte-level tokenizer: 256)."""
+    d_model: int = 256
+    """Model width D."""
+    n_layers: int = 6
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads."""
+    d_ff: int = 1024
+    """Hidden width of each dense FFN."""
+    max_seq: int = 256
+    """Longest sequence (learned positions and KV cache size)."""
+    memory_spec: str = "0:2,3:5"
+    """Skip-layer wiring 'read:write,...' for pkm/ultramem ("a:a" is in place)."""
+    moe_blocks: str = ""
+    """Comma-separated block ids whose FFN is an MoE (moe kind); empty means every block."""
+    ultramem: UltraMemConfig = field(default_factory=UltraMemConfig)
+    """UltraMem layer settings (kind ultramem)."""
+    pkm: PKMConfig = field(default_factory=PKMConfig)
+    """PKM layer settings (kind pkm)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """MoE settings (kind moe)."""
+    model_id: str = "ultramem-tiny"
+    """Free-form identifier stored with checkpoints and value stores."""
+
+    def __post_init__(self) -> None:
+        for name, cls in (("ultramem", UltraMemConfig), ("pkm", PKMConfig), ("moe", MoEConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                known = {f.name for f in fields(cls)}
+                unknown = set(value) - known
+                if unknown:
+                    raise ValueError(f"unknown {name} config fields: {sorted(unknown)}")
+                setattr(self, name, cls(**value))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model kind {self.kind!r} is not one of {', '.join(MODEL_KINDS)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if min(self.vocab_size, self.d_model, self.n_layers, self.d_ff, self.max_seq) < 1:
+            raise ValueError("vocab_size, d_model, n_layers, d_ff and max_seq must be >= 1")
+        if self.kind == "ultramem":
+            self.ultramem.validate(self.d_model)
+            self.memory_pairs()
+        elif self.kind == "pkm":
+            self.pkm.validate(self.d_model)
+            self.memory_pairs()
+        elif self.kind == "moe":
+            self.moe.validate(self.d_model)
+            self.moe_block_ids()
+
+    def memory_pairs(self) -> list[tuple[int, int]]:
+        if self.kind not in ("pkm", "ultramem"):
+            return []
+        return parse_memory_spec(
+            self.memory_spec, self.n_layers, allow_same_block=self.kind == "pkm"
+        )
+
+    def moe_block_ids(self) -> list[int]:
+        if self.kind != "moe":
+            return []
+        if not self.moe_blocks.strip():
+            return list(range(self.n_layers))
+        ids = sorted({int(x) for x in self.moe_blocks.split(",")})
+        if ids[0] < 0 or ids[-1] >= self.n_layers:
+            raise ValueError(f"moe_blocks {self.moe_blocks!r} names a block outside the model")
+        return ids
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def compute_hash(self) -> str:
+        """Hash of every field that changes the model's math (model_id is ignored)."""
+        data = self.to_dict()
+        data.pop("model_id")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset(name: str, kind: str = "ultramem") -> LMConfig:
+    """Named model sizes. ``tiny`` keeps every UltraMem mechanism and trains on 2 CPU cores."""
+    if name == "tiny":
+        return LMConfig(
+            kind=kind,
+            d_model=256,
+            n_layers=6,
+            n_heads=4,
+            d_ff=768,
+            max_seq=128,
+            memory_spec="0:2,3:5" if kind == "ultramem" else "2:2,5:5",
+            ultramem=UltraMemConfig(
+                knum=64, expansion=4, dk=64, heads=2, topm=16, rank=2, num_cores=2
+            ),
+            pkm=PKMConfig(n_keys=128, dk=64, heads=2, topk=16),
+            moe=MoEConfig(n_experts=8, top_k=2),
+            model_id=f"{kind}-tiny",
+        )
+    if name == "micro":  # for tests: seconds to build and run
+        return LMConfig(
+            kind=kind,
+            d_model=64,
+            n_layers=4,
+            n_heads=2,
+            d_ff=128,
+            max_seq=64,
+            memory_spec="0:1,2:3" if kind == "ultramem" else "1:1,3:3",
+            ultramem=UltraMemConfig(
+                knum=8, expansion=4, dk=16, heads=2, topm=4, rank=2, num_cores=2
+            ),
+            pkm=PKMConfig(n_keys=16, dk=16, heads=2, topk=4),
+            moe=MoEConfig(n_experts=4, top_k=2),
+            model_id=f"{kind}-micro",
+        )
+    raise ValueError(f"unknown preset {name!r}; choose tiny or micro")

@@ -1,0 +1,264 @@
+"""The UltraMem memory layer: TDQKR top-m over a virtual grid, IVE, MCS, skip-layer ready.
+
+The forward pass has three explicit stages, which is the seam the distributed store plugs into:
+
+1. :meth:`UltraMemLayer.select` — query, Tucker-decomposed key scores, top-m → :class:`Selection`
+   (physical rows, IVE blocks, per-core weights);
+2. gather-pool — :func:`ultramem_dist.kernels.gather_pool` on the local table, or a remote
+   backend's future (:meth:`UltraMemLayer.start` / :meth:`UltraMemLayer.finish`);
+3. :meth:`UltraMemLayer.project` — one ``Linear(E*Dv -> D)`` over the per-block pools.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ultramem_dist.kernels import gather_pool
+from ultramem_dist.model.config import UltraMemConfig
+from ultramem_dist.model.selection import Selection, ValueBackend, done_future
+
+
+def ive_permutation(n_virtual: int, seed: int) -> torch.Tensor:
+    """The fixed, seeded permutation pi of [0, E*N) used by implicit value expansion."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_virtual, generator=gen)
+
+
+def tdqkr_topm(
+    s_row: torch.Tensor,
+    s_col: torch.Tensor,
+    cores: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    m: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tucker-decomposed query-key retrieval.
+
+    Args:
+        s_row, s_col: ``[T, H, r, K]`` per-rank row and column key scores.
+        cores: ``[H, h_c, r, r]`` Tucker cores (MCS).
+        u, v: ``[H, r]`` leading singular vectors of ``cores.sum(1)``.
+        m: top-m.
+
+    Returns:
+        ``virtual`` ``[T, H, m]`` virtual ids ``row*K + col`` and ``scores`` ``[T, H, m, h_c]``:
+        the exact per-core scores ``S_row[:, i]^T C_c S_col[:, j]`` of the selected cells.
+    """
+    k_side = s_row.shape[-1]
+    approx_row = torch.einsum("thri,hr->thi", s_row, u)
+    approx_col = torch.einsum("thri,hr->thi", s_col, v)
+    with torch.no_grad():
+        row_idx = approx_row.topk(m, dim=-1).indices  # [T, H, m]
+        col_idx = approx_col.topk(m, dim=-1).indices
+    sr = s_row.gather(-1, row_idx.unsqueeze(2).expand(-1, -1, s_row.shape[2], -1))  # [T,H,r,m]
+    sc = s_col.gather(-1, col_idx.unsqueeze(2).expand(-1, -1, s_col.shape[2], -1))
+    exact = torch.einsum("thai,hcab,thbj->thijc", sr, cores, sc)  # [T, H, m, m, h_c]
+    t, h = exact.shape[:2]
+    flat = exact.reshape(t, h, m * m, -1)
+    with torch.no_grad():
+        best = flat.sum(-1).topk(m, dim=-1).indices  # [T, H, m]
+    scores = flat.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, flat.shape[-1]))
+    rows = row_idx.gather(-1, best // m)
+    cols = col_idx.gather(-1, best % m)
+    return rows * k_side + cols, scores
+
+
+def brute_force_topm(
+    s_row: torch.Tensor, s_col: torch.Tensor, cores: torch.Tensor, m: int
+) -> torch.Tensor:
+    """Exact top-m over the whole K*K grid (reference for tests; materialises the grid)."""
+    grid = torch.einsum("thai,hab,thbj->thij", s_row, cores.sum(1), s_col)
+    t, h, k, _ = grid.shape
+    return grid.reshape(t, h, k * k).topk(m, dim=-1).indices
+
+
+@dataclass
+class PendingPool:
+    """A lookup issued by :meth:`UltraMemLayer.start` and collected by :meth:`finish`; the
+    future resolves to the pooled values (projection happens on the caller's thread)."""
+
+    future: Future[torch.Tensor]
+    shape: tuple[int, ...]
+
+
+class UltraMemLayer(nn.Module):
+    """UltraMem memory layer (Huang et al., ICLR 2025) with a pluggable value backend."""
+
+    def __init__(self, d_model: int, cfg: UltraMemConfig, table_id: str = "mem0") -> None:
+        super().__init__()
+        cfg.validate(d_model)
+        self.cfg = cfg
+        self.d_model = d_model
+        self.table_id = table_id
+        self.dv = cfg.dv or d_model // 2
+        cfg.dv = self.dv
+        self.n_rows = cfg.n_rows
+        self.k_side = cfg.side
+        h, r, dk = cfg.heads, cfg.rank, cfg.dk
+        n_query = 1 if cfg.shared_query else h
+        self.query = nn.Linear(d_model, n_query * 2 * dk, bias=False)
+        self.q_norm_row = nn.LayerNorm(dk)
+        self.q_norm_col = nn.LayerNorm(dk)
+        self.keys = nn.Parameter(torch.empty(h, 2, self.k_side, r, dk))
+        self.k_norm = nn.LayerNorm(dk)
+        self.cores = nn.Parameter(torch.empty(h, cfg.num_cores, r, r))
+        self.values = nn.Parameter(torch.empty(self.n_rows, self.dv))
+        self.out_proj = nn.Linear(cfg.expansion * self.dv, d_model, bias=False)
+        self.register_buffer("u", torch.zeros(h, r))
+        self.register_buffer("v", torch.zeros(h, r))
+        self.register_buffer(
+            "ive_perm", ive_permutation(cfg.expansion * self.n_rows, cfg.perm_seed)
+        )
+        self._backend: ValueBackend | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- init & buffers
+    def reset_parameters(self) -> None:
+        """Initialisation of the official code (see the design brief)."""
+        dk = self.cfg.dk
+        ln_scale = dk**-0.33
+        for norm in (self.q_norm_row, self.q_norm_col, self.k_norm):
+            nn.init.constant_(norm.weight, ln_scale)
+            nn.init.zeros_(norm.bias)
+        nn.init.normal_(self.query.weight, std=dk**-0.5)
+        nn.init.normal_(self.keys, std=dk**-0.5)
+        nn.init.normal_(self.out_proj.weight, std=(self.cfg.expansion * self.dv) ** -0.5)
+        nn.init.normal_(self.values, std=0.02)
+        nn.init.uniform_(self.cores, 0.0, 1.0)
+        self.u.zero_()
+        self.v.zero_()
+        self.refresh_svd()
+
+    @torch.no_grad()
+    def refresh_svd(self) -> None:
+        """Recompute u, v (leading singular vectors of the summed cores), keeping their sign
+        closest to the previous ones. Call once per optimizer step."""
+        core_sum = self.cores.detach().float().sum(1)
+        left, _, right_h = torch.linalg.svd(core_sum)
+        u_new, v_new = left[:, :, 0], right_h[:, 0, :]
+        flip = (u_new * self.u).sum(-1) < 0
+        sign = torch.where(flip, -1.0, 1.0).unsqueeze(-1)
+        self.u.copy_(u_new * sign)
+        self.v.copy_(v_new * sign)
+
+    def aux_loss(self) -> torch.Tensor:
+        """alpha * mean(relu(sigma_i - tau)^2) over every core's non-leading singular values."""
+        sigma = torch.linalg.svdvals(self.cores.float())[..., 1:]
+        if sigma.numel() == 0:
+            return self.cores.new_zeros(())
+        return self.cfg.aux_alpha * F.relu(sigma - self.cfg.aux_tau).pow(2).mean()
+
+    # ----------------------------------------------------------------- stage 1: select
+    def key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-rank row/col scores ``[T, H, r, K]`` for ``x`` ``[T, D]``."""
+        cfg = self.cfg
+        q = self.query(x).view(x.shape[0], -1, 2, cfg.dk)  # [T, Hq, 2, dk]
+        q_row, q_col = self.q_norm_row(q[:, :, 0]), self.q_norm_col(q[:, :, 1])
+        keys = self.k_norm(self.keys)  # [H, 2, K, r, dk]
+        if cfg.shared_query:
+            s_row = torch.einsum("td,hkrd->thrk", q_row[:, 0], keys[:, 0])
+            s_col = torch.einsum("td,hkrd->thrk", q_col[:, 0], keys[:, 1])
+        else:
+            s_row = torch.einsum("thd,hkrd->thrk", q_row, keys[:, 0])
+            s_col = torch.einsum("thd,hkrd->thrk", q_col, keys[:, 1])
+        return s_row, s_col
+
+    def select(self, x: torch.Tensor) -> Selection:
+        """Top-m selection for ``x`` ``[T, D]`` → physical rows, IVE blocks, per-core weights."""
+        s_row, s_col = self.key_scores(x)
+        virtual, scores = tdqkr_topm(s_row, s_col, self.cores, self.u, self.v, self.cfg.topm)
+        t = x.shape[0]
+        z = self.ive_perm[virtual.reshape(t, -1)]
+        return Selection(
+            indices=z % self.n_rows,
+            blocks=z // self.n_rows,
+            weights=scores.reshape(t, -1, self.cfg.num_cores),
+        )
+
+    # ----------------------------------------------------------------- stage 2: gather-pool
+    def pool_local(self, sel: Selection) -> torch.Tensor:
+        """``[T, E, Dv]`` pooled values from this layer's own table."""
+        return gather_pool(self.values, sel.indices, sel.blocks, sel.weights, self.cfg.expansion)
+
+    def set_value_backend(self, backend: ValueBackend | None) -> None:
+        """Route lookups to ``backend`` (e.g. a remote store); ``None`` uses the local table."""
+        self._backend = backend
+
+    @property
+    def value_backend(self) -> ValueBackend | None:
+        return self._backend
+
+    # ----------------------------------------------------------------- stage 3: project
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``[T, E, Dv]`` → ``[T, D]``; a ``[T, D]`` result of a merged table passes through."""
+        if pooled.dim() == 2:
+            return pooled
+        return self.out_proj(pooled.reshape(pooled.shape[0], -1))
+
+    # ----------------------------------------------------------------- skip-layer API
+    def start(self, x: torch.Tensor) -> PendingPool:
+        """Issue the lookup for ``x`` ``[..., D]`` without waiting for remote values."""
+        shape = tuple(x.shape)
+        flat = x.reshape(-1, self.d_model)
+        if self.training and self.cfg.aux_alpha > 0:
+            self.last_aux_loss = self.aux_loss()
+        if self._backend is None:
+            fut = done_future(self.pool_local(self.select(flat)))
+        else:
+            with torch.no_grad():
+                sel = self.select(flat)
+            fut = self._backend.submit(self.table_id, sel)
+        return PendingPool(fut, shape)
+
+    def finish(self, pending: PendingPool, timeout: float | None = None) -> torch.Tensor:
+        """Wait for the lookup issued by :meth:`start`; returns ``[..., D]``."""
+        pooled = pending.future.result(timeout=timeout)
+        return self.project(pooled.to(self.out_proj.weight.dtype)).reshape(pending.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"N={self.n_rows}, K={self.k_side}, E={c.expansion}, Dv={self.dv}, H={c.heads}, "
+            f"m={c.topm}, r={c.rank}, h_c={c.num_cores}"
+        )
+
+    @property
+    def sparse_param_count(self) -> int:
+        return self.values.numel() if self.values.numel() else self.n_rows * self.dv
+
+    @property
+    def activated_param_count(self) -> int:
+        """Parameters touched per token: query, the cores, m*H value rows, projector, norms."""
+        c = self.cfg
+        return (
+            self.query.weight.numel()
+            + self.cores.numel()
+            + c.heads * c.topm * self.dv
+            + self.out_proj.weight.numel()
+            + 6 * c.dk
+        )
+
+
+def key_recall(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """Mean fraction of the exact top-m ids that the approximate selection found."""
+    hits = (approx.unsqueeze(-1) == exact.unsqueeze(-2)).any(-1).float()
+    return float(hits.mean())
+
+
+__all__ = [
+    "PendingPool",
+    "UltraMemLayer",
+    "brute_force_topm",
+    "ive_permutation",
+    "key_recall",
+    "tdqkr_topm",
+]
