@@ -142,7 +142,10 @@ class UltraMemLayer(nn.Module):
         core_sum = self.cores.detach().float().sum(1)
         left, _, right_h = torch.linalg.svd(core_sum)
         u_new, v_new = left[:, :, 0], right_h[:, 0, :]
-        flip = (u_new * self.u).sum(-1) < 0
+        # Stay closest to the previous vectors; on the first call (no previous) make u sum >= 0,
+        # so non-negative row/col scores are ranked from the top.
+        had_prev = self.u.abs().sum(-1) > 0
+        flip = torch.where(had_prev, (u_new * self.u).sum(-1) < 0, u_new.sum(-1) < 0)
         sign = torch.where(flip, -1.0, 1.0).unsqueeze(-1)
         self.u.copy_(u_new * sign)
         self.v.copy_(v_new * sign)
