@@ -7,7 +7,12 @@ import importlib
 from ultramem_dist.cli.app import app
 
 # One module per command group; importing it registers its commands on ``app``.
-_COMMAND_MODULES = ("ultramem_dist.cli.model_cmds",)
+_COMMAND_MODULES = (
+    "ultramem_dist.cli.model_cmds",
+    "ultramem_dist.cli.demo_cmd",
+    "ultramem_dist.cli.store_cmds",
+    "ultramem_dist.cli.serve_cmds",
+)
 
 
 def main() -> None:
