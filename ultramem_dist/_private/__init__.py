@@ -1,0 +1,1 @@
+"""Internals of ultramem-dist; not a public API."""
