@@ -1,0 +1,32 @@
+"""Sharded, checksummed, memory-mapped value-table store (export, manifest, load)."""
+
+from ultramem_dist.store.export import TableSpec, export_checkpoint, export_tables
+from ultramem_dist.store.manifest import Manifest, ShardSlot, TableEntry
+from ultramem_dist.store.planner import CostConstants, Plan, TableShape, plan_table
+from ultramem_dist.store.reader import (
+    ShardSlice,
+    ShardTable,
+    load_shard,
+    open_manifest,
+    resolve_version,
+    verify_store,
+)
+
+__all__ = [
+    "CostConstants",
+    "Manifest",
+    "Plan",
+    "ShardSlice",
+    "ShardSlot",
+    "ShardTable",
+    "TableEntry",
+    "TableShape",
+    "TableSpec",
+    "export_checkpoint",
+    "export_tables",
+    "load_shard",
+    "open_manifest",
+    "plan_table",
+    "resolve_version",
+    "verify_store",
+]
