@@ -1,0 +1,15 @@
+"""Clients of the sharded value store: asyncio fan-out client and the model's remote backend."""
+
+from ultramem_dist.client.channels import ChannelOptions
+from ultramem_dist.client.client import GatherClient, fetch_info
+from ultramem_dist.client.layout import StoreLayout, TableLayout
+from ultramem_dist.client.remote_store import RemoteValueStore
+
+__all__ = [
+    "ChannelOptions",
+    "GatherClient",
+    "RemoteValueStore",
+    "StoreLayout",
+    "TableLayout",
+    "fetch_info",
+]

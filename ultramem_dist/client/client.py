@@ -1,0 +1,313 @@
+"""asyncio client of a sharded value store: fan a batch of lookups out to every shard, fan in.
+
+>>> client = await GatherClient.connect(["10.0.0.1:7000", "10.0.0.2:7000"])
+>>> pooled = await client.gather("mem0", indices, blocks, weights)   # [T, E, Dv] (merged: [T, D])
+
+Every call has a deadline. A call either returns the complete result or raises: a shard that
+cannot answer in time raises :class:`~ultramem_dist.errors.ShardUnavailableError` naming it, and
+a reply from another table version raises :class:`~ultramem_dist.errors.VersionMismatchError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import grpc
+import torch
+
+from ultramem_dist._private.codec import decode_tensor, encode_tensor
+from ultramem_dist._private.status import error_for
+from ultramem_dist.client.channels import ChannelOptions, make_channel, split_targets
+from ultramem_dist.client.layout import StoreLayout, TableLayout
+from ultramem_dist.client.router import concat_columns, split_by_owner, sum_partials
+from ultramem_dist.errors import (
+    InvalidRequestError,
+    RemoteError,
+    ShardUnavailableError,
+    TableNotFoundError,
+    UltraMemError,
+    VersionMismatchError,
+)
+from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
+
+__all__ = ["GatherClient", "fetch_info"]
+
+log = logging.getLogger(__name__)
+_INT32_MAX = 2**31 - 1
+
+
+async def fetch_info(
+    target: str, *, timeout_s: float = 5.0, options: ChannelOptions | None = None
+) -> pb.InfoReply:
+    """``Info`` of one endpoint (raises ShardUnavailableError naming it if unreachable)."""
+    opts = options or ChannelOptions()
+    async with make_channel([target], opts) as channel:
+        try:
+            return await pb_grpc.GatherPoolStub(channel).Info(pb.InfoRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_for(
+                exc.code(), f"endpoint {target}: Info failed: {exc.code().name}: {exc.details()}"
+            ) from None
+
+
+def _ids_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n <= _INT32_MAX else torch.int64
+
+
+class GatherClient:
+    """Fan-out/fan-in client over one store version. Build it with :meth:`connect`."""
+
+    def __init__(
+        self,
+        layout: StoreLayout,
+        replicas: list[list[str]],
+        *,
+        deadline_s: float,
+        options: ChannelOptions,
+    ) -> None:
+        self.layout = layout
+        self.replicas = replicas
+        self.deadline_s = deadline_s
+        self._channels = [make_channel(r, options) for r in replicas]
+        self._stubs = [pb_grpc.GatherPoolStub(c) for c in self._channels]
+
+    @classmethod
+    async def connect(
+        cls,
+        targets: str | Sequence[str],
+        *,
+        version: str | None = None,
+        deadline_s: float = 5.0,
+        connect_timeout_s: float = 10.0,
+        options: ChannelOptions | None = None,
+    ) -> GatherClient:
+        """Discover the layout with ``Info`` on every target, then open one channel per shard.
+
+        Targets are shard replicas in any order; each reports which shard it is. Targets serving
+        another version than ``version`` (default: the only version served) are ignored, and an
+        unreachable target is skipped if its shard has another replica. Raises if a shard of the
+        version has no reachable replica.
+        """
+        opts = options or ChannelOptions()
+        addrs = split_targets(targets)
+        results = await asyncio.gather(
+            *(fetch_info(t, timeout_s=connect_timeout_s, options=opts) for t in addrs),
+            return_exceptions=True,
+        )
+        by_version: dict[str, dict[int, list[tuple[str, pb.InfoReply]]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        failures: list[str] = []
+        for target, res in zip(addrs, results, strict=True):
+            if isinstance(res, BaseException):
+                if not isinstance(res, UltraMemError):
+                    raise res
+                failures.append(str(res))
+                continue
+            by_version[res.table_version][res.shard_index].append((target, res))
+        if not by_version:
+            raise ShardUnavailableError("no target answered Info: " + "; ".join(failures))
+        if version is None:
+            if len(by_version) > 1:
+                raise VersionMismatchError(
+                    f"targets serve several table versions {sorted(by_version)}; pass the version"
+                )
+            version = next(iter(by_version))
+        if version not in by_version:
+            raise VersionMismatchError(
+                f"no target serves table version {version!r}; served: {sorted(by_version)}"
+            )
+        shards = by_version[version]
+        num_shards = next(iter(shards.values()))[0][1].num_shards
+        missing = [k for k in range(num_shards) if k not in shards]
+        if missing:
+            detail = ("; unreachable: " + "; ".join(failures)) if failures else ""
+            raise ShardUnavailableError(
+                f"version {version!r} has {num_shards} shards but no reachable replica of "
+                f"shard(s) {missing}{detail}"
+            )
+        for f in failures:
+            log.warning("skipping unreachable replica: %s", f)
+        layout = StoreLayout.from_infos([shards[k][0][1] for k in range(num_shards)])
+        replicas = [[t for t, _ in shards[k]] for k in range(num_shards)]
+        max_msg = min(info.max_message_bytes for k in shards for _, info in shards[k])
+        if max_msg and max_msg < opts.max_message_bytes:
+            opts = dataclasses.replace(opts, max_message_bytes=max_msg)
+        return cls(layout, replicas, deadline_s=deadline_s, options=opts)
+
+    @property
+    def version(self) -> str:
+        return self.layout.version
+
+    def table(self, table_id: str) -> TableLayout:
+        try:
+            return self.layout.tables[table_id]
+        except KeyError:
+            raise TableNotFoundError(
+                f"table {table_id!r} is not in store version {self.version!r}; "
+                f"tables: {sorted(self.layout.tables)}"
+            ) from None
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def __aenter__(self) -> GatherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- gather ------------------------------------------------------------------------------
+
+    def _check_inputs(
+        self, t: TableLayout, indices: torch.Tensor, blocks: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        if indices.dim() != 2:
+            raise InvalidRequestError(f"indices must be [T, L], got {list(indices.shape)}")
+        if blocks.shape != indices.shape:
+            raise InvalidRequestError(
+                f"blocks shape {list(blocks.shape)} != indices shape {list(indices.shape)}"
+            )
+        want = [*indices.shape, t.num_cores]
+        if list(weights.shape) != want:
+            raise InvalidRequestError(f"weights shape {list(weights.shape)}, expected {want}")
+        if indices.shape[0] > self.layout.max_batch:
+            raise InvalidRequestError(
+                f"batch of {indices.shape[0]} queries is above the shards' limit of "
+                f"{self.layout.max_batch}"
+            )
+
+    def _request(
+        self,
+        table_id: str,
+        indices: torch.Tensor,
+        blocks: torch.Tensor,
+        weights: torch.Tensor,
+        offsets: torch.Tensor | None,
+        n_rows: int,
+    ) -> pb.GatherRequest:
+        req = pb.GatherRequest(table_id=table_id, table_version=self.version)
+        ids_dtype = _ids_dtype(n_rows)
+        encode_tensor(indices.to(ids_dtype), req.indices)
+        encode_tensor(blocks.to(torch.int32), req.blocks)
+        encode_tensor(weights.to(torch.float32), req.weights)
+        if offsets is not None:
+            encode_tensor(offsets.to(_ids_dtype(int(offsets[-1]))), req.offsets)
+        return req
+
+    async def _call(
+        self, shard: int, t: TableLayout, req: pb.GatherRequest, num_tokens: int, deadline: float
+    ) -> torch.Tensor:
+        timeout = deadline - time.monotonic()
+        where = f"shard {shard} ({','.join(self.replicas[shard])})"
+        if timeout <= 0:
+            raise ShardUnavailableError(f"{where}: deadline passed before the call was sent")
+        try:
+            reply = await self._stubs[shard].Gather(req, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                msg = (
+                    f"{where} could not answer table {t.table_id!r} within the "
+                    f"{self.deadline_s:g}s deadline: {code.name}: {exc.details()}"
+                )
+            else:
+                msg = f"{where} refused table {t.table_id!r}: {code.name}: {exc.details()}"
+            raise error_for(code, msg) from None
+        if reply.table_version != self.version:
+            raise VersionMismatchError(
+                f"{where} answered with table version {reply.table_version!r}, "
+                f"requested {self.version!r}"
+            )
+        if reply.shard_index != shard or reply.table_id != t.table_id:
+            raise RemoteError(
+                f"{where} answered as shard {reply.shard_index} for table {reply.table_id!r}"
+            )
+        want = t.out_shape(num_tokens, shard)
+        try:
+            pooled = decode_tensor(
+                reply.pooled,
+                name="pooled",
+                dtypes=(torch.float32,),
+                max_elements=max(1, num_tokens * t.expansion * t.out_width),
+                ndims=(len(want),),
+            )
+        except InvalidRequestError as exc:
+            raise RemoteError(f"{where} sent a malformed reply: {exc}") from None
+        if tuple(pooled.shape) != want:
+            raise RemoteError(f"{where} sent shape {list(pooled.shape)}, expected {list(want)}")
+        return pooled
+
+    async def gather(
+        self,
+        table_id: str,
+        indices: torch.Tensor,
+        blocks: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        timeout_s: float | None = None,
+    ) -> torch.Tensor:
+        """Pooled values of a batch: ``[T, E, Dv]`` (merged table: ``[T, D]``), float32.
+
+        Args:
+            indices: ``[T, L]`` global physical row ids (``L = H * m``).
+            blocks: ``[T, L]`` IVE block ids.
+            weights: ``[T, L, h_c]`` per-core weights.
+            timeout_s: deadline for the whole fan-out (default: the client's ``deadline_s``).
+        """
+        t = self.table(table_id)
+        self._check_inputs(t, indices, blocks, weights)
+        deadline = time.monotonic() + (self.deadline_s if timeout_s is None else timeout_s)
+        num_tokens = indices.shape[0]
+        calls: list[tuple[int, pb.GatherRequest]] = []
+        if t.sharding == "row" and len(t.rows) > 1:
+            parts = split_by_owner(indices, blocks, weights, [lo for lo, _ in t.rows])
+            for k, part in enumerate(parts):
+                if part is not None:  # a shard owning no entry contributes exactly zero
+                    req = self._request(
+                        table_id, part.indices, part.blocks, part.weights, part.offsets, t.n_rows
+                    )
+                    calls.append((k, req))
+        else:
+            req = self._request(table_id, indices, blocks, weights, None, t.n_rows)
+            calls = [(k, req) for k in range(self.layout.num_shards)]
+        results = await self._fan_out(t, calls, num_tokens, deadline)
+        if t.sharding == "row":
+            return sum_partials(results, t.out_shape(num_tokens))
+        return concat_columns(results)
+
+    async def _fan_out(
+        self,
+        t: TableLayout,
+        calls: list[tuple[int, pb.GatherRequest]],
+        num_tokens: int,
+        deadline: float,
+    ) -> list[torch.Tensor]:
+        if not calls:
+            return []
+        if len(calls) == 1:
+            k, req = calls[0]
+            return [await self._call(k, t, req, num_tokens, deadline)]
+        tasks = [
+            asyncio.ensure_future(self._call(k, t, req, num_tokens, deadline)) for k, req in calls
+        ]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
+        for task in pending:
+            task.cancel()
+        for task in tasks:  # first failure in shard order; never a partial result
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]

@@ -1,0 +1,131 @@
+"""Build and run one shard's ``grpc.aio`` server (GatherPool + health + reflection)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
+from ultramem_dist.serving.config import ServerConfig
+from ultramem_dist.serving.metrics import ShardMetrics
+from ultramem_dist.serving.servicer import GatherPoolServicer
+from ultramem_dist.serving.validate import Limits
+from ultramem_dist.store.reader import load_shard
+
+__all__ = ["SERVICE_NAME", "ShardServer", "build_server", "serve"]
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatherPool"].full_name
+
+
+class ShardServer:
+    """A started-or-not shard server: the ``grpc.aio.Server`` plus its health and servicer."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        servicer: GatherPoolServicer,
+        health: health_aio.HealthServicer,
+        cfg: ServerConfig,
+    ) -> None:
+        self.grpc_server = server
+        self.servicer = servicer
+        self.health = health
+        self.cfg = cfg
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, optional drain, stop accepting, finish in-flight."""
+        await self.health.enter_graceful_shutdown()  # every service -> NOT_SERVING
+        if self.cfg.drain_s:
+            await asyncio.sleep(self.cfg.drain_s)
+        await self.grpc_server.stop(self.cfg.grace_s if grace is None else grace)
+        self.servicer.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
+    """Load (verify + mmap) the shard and bind a server to ``cfg.host:cfg.port``.
+
+    Call from the event loop that will run it; ``await server.start()`` to serve. Returns the
+    server and the bound port (useful with ``port=0``). Raises a ``StoreError`` subclass if the
+    shard's files are missing, corrupt or inconsistent (nothing is served then).
+    """
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    shard = load_shard(cfg.store, cfg.shard, cfg.version)
+    metrics = ShardMetrics()
+    servicer = GatherPoolServicer(
+        shard,
+        Limits(cfg.max_batch, cfg.max_per_query),
+        max_message_bytes=cfg.max_message_bytes,
+        kernel_workers=cfg.kernel_workers,
+        metrics=metrics,
+    )
+    server = grpc.aio.server(options=cfg.grpc_options())
+    pb_grpc.add_GatherPoolServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+    if cfg.metrics_port is not None:
+        metrics.serve(cfg.metrics_port, cfg.host)
+    return ShardServer(server, servicer, health, cfg), port
+
+
+async def serve(cfg: ServerConfig, ready_file: Path | None = None) -> None:
+    """Run a shard server until SIGTERM/SIGINT, then shut down gracefully.
+
+    If ``ready_file`` is given, ``{"port", "pid", "shard", "version"}`` is written to it
+    (atomically) once the server accepts calls.
+    """
+    server, port = build_server(cfg)
+    await server.start()
+    manifest = server.servicer.shard.manifest
+    log.info("shard %d of %s serving on %s:%d", cfg.shard, manifest.version, cfg.host, port)
+    if ready_file is not None:
+        tmp = ready_file.with_name(ready_file.name + ".tmp")
+        tmp.write_text(
+            json.dumps(
+                {"port": port, "pid": os.getpid(), "shard": cfg.shard, "version": manifest.version}
+            )
+        )
+        os.replace(tmp, ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("shard %d: signal received, draining (grace %.1fs)", cfg.shard, cfg.grace_s)
+        await server.stop()
+    waiter.cancel()
+    stopper.cancel()

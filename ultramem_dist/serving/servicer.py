@@ -1,0 +1,156 @@
+"""``ultramem.v1.GatherPool`` servicer: decode -> validate -> kernel -> encode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from ultramem_dist._private.codec import DTYPE_TO_PB, encode_tensor
+from ultramem_dist._private.status import status_for
+from ultramem_dist.errors import UltraMemError
+from ultramem_dist.kernels import gather_pool
+from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
+from ultramem_dist.serving.metrics import ShardMetrics
+from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
+from ultramem_dist.store.manifest import SCHEMA_VERSION
+from ultramem_dist.store.reader import ShardSlice
+
+__all__ = ["GatherPoolServicer", "run_kernel"]
+
+log = logging.getLogger(__name__)
+_STORAGE_PB = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def run_kernel(q: GatherQuery) -> torch.Tensor:
+    """The shard's answer for a validated query: ``[T, E, cols]`` or merged ``[T, cols]``."""
+    t = q.table
+    out = gather_pool(
+        t.values,
+        q.indices,
+        q.blocks,
+        q.weights,
+        q.num_blocks,
+        segments=t.segments,
+        offsets=q.offsets,
+        sum_segments=t.entry.merged,
+    )
+    return out.reshape(q.num_tokens, out.shape[-1]) if t.entry.merged else out
+
+
+class GatherPoolServicer(pb_grpc.GatherPoolServicer):
+    """Serves one shard's slice of every table of one store version."""
+
+    def __init__(
+        self,
+        shard: ShardSlice,
+        limits: Limits,
+        *,
+        max_message_bytes: int,
+        kernel_workers: int = 1,
+        metrics: ShardMetrics | None = None,
+    ) -> None:
+        self._shard = shard
+        self._limits = limits
+        self._max_message_bytes = max_message_bytes
+        self._metrics = metrics or ShardMetrics()
+        self._executor = (
+            ThreadPoolExecutor(kernel_workers, thread_name_prefix="gather-kernel")
+            if kernel_workers
+            else None
+        )
+        self._info = self._build_info()
+
+    @property
+    def shard(self) -> ShardSlice:
+        return self._shard
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def _build_info(self) -> pb.InfoReply:
+        m = self._shard.manifest
+        tables = []
+        for tid, st in self._shard.tables.items():
+            e, s = st.entry, st.slot
+            tables.append(
+                pb.TableInfo(
+                    table_id=tid,
+                    n_rows=e.n_rows,
+                    dv=e.dv,
+                    expansion=e.expansion,
+                    num_cores=e.num_cores,
+                    d_model=e.d_model,
+                    topm=e.topm,
+                    heads=e.heads,
+                    merged=e.merged,
+                    sharding=pb.SHARDING_ROW if e.sharding == "row" else pb.SHARDING_DIM,
+                    row_lo=s.row_lo,
+                    row_hi=s.row_hi,
+                    col_lo=s.col_lo,
+                    col_hi=s.col_hi,
+                    out_width=e.out_width,
+                    storage_dtype=DTYPE_TO_PB[_STORAGE_PB[m.dtype]],
+                )
+            )
+        return pb.InfoReply(
+            shard_index=self._shard.shard,
+            num_shards=m.num_shards,
+            table_version=m.version,
+            model_id=m.model_id,
+            config_hash=m.config_hash,
+            tables=tables,
+            max_batch=self._limits.max_batch,
+            max_per_query=self._limits.max_per_query,
+            max_message_bytes=self._max_message_bytes,
+            schema_version=SCHEMA_VERSION,
+        )
+
+    def _gather_sync(self, request: pb.GatherRequest) -> pb.GatherReply:
+        q = decode_request(request, self._shard, self._limits)
+        pooled = run_kernel(q)
+        reply = pb.GatherReply(
+            table_id=request.table_id,
+            table_version=self._shard.manifest.version,
+            shard_index=self._shard.shard,
+        )
+        encode_tensor(pooled, reply.pooled)
+        self._metrics.entries.labels(request.table_id).inc(q.indices.numel())
+        return reply
+
+    async def Gather(  # noqa: N802 (gRPC method name)
+        self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GatherReply:
+        start = time.perf_counter()
+        table = request.table_id if request.table_id in self._shard.tables else "?"
+        try:
+            if self._executor is None:
+                reply = self._gather_sync(request)
+            else:
+                loop = asyncio.get_running_loop()
+                reply = await loop.run_in_executor(self._executor, self._gather_sync, request)
+        except UltraMemError as exc:
+            code = status_for(exc)
+            self._metrics.requests.labels(table, code.name).inc()
+            await context.abort(code, f"shard {self._shard.shard}: {exc}")
+        except Exception as exc:  # never crash the server on a bad request
+            log.exception("Gather failed on shard %d", self._shard.shard)
+            self._metrics.requests.labels(table, "INTERNAL").inc()
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"shard {self._shard.shard}: internal error ({type(exc).__name__}: {exc})",
+            )
+        self._metrics.requests.labels(table, "OK").inc()
+        self._metrics.latency.labels(table).observe(time.perf_counter() - start)
+        return reply
+
+    async def Info(  # noqa: N802 (gRPC method name)
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InfoReply:
+        return self._info

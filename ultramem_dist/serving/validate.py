@@ -1,0 +1,154 @@
+"""Decode and validate a ``GatherRequest`` against the table slice a shard serves.
+
+Every check raises a typed error whose message names the field, what was wrong and what was
+expected. Sizes are validated from the declared shapes before anything is allocated
+(:func:`~ultramem_dist._private.codec.decode_tensor`), and tensors are zero-copy views of the
+request bytes until the kernel runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ultramem_dist._private.codec import decode_tensor
+from ultramem_dist.errors import InvalidRequestError, TableNotFoundError, VersionMismatchError
+from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.store.reader import ShardSlice, ShardTable
+
+__all__ = ["GatherQuery", "Limits", "decode_request"]
+
+_INT = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int
+    max_per_query: int
+
+
+@dataclass(frozen=True)
+class GatherQuery:
+    """A validated request, in the shard's local coordinates, ready for ``gather_pool``."""
+
+    table: ShardTable
+    indices: torch.Tensor
+    blocks: torch.Tensor
+    weights: torch.Tensor
+    offsets: torch.Tensor | None
+    num_tokens: int
+    num_blocks: int
+
+
+def _range_check(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    if t.numel() == 0:
+        return
+    mn, mx = int(t.min()), int(t.max())
+    if mn < lo or mx >= hi:
+        bad = mn if mn < lo else mx
+        raise InvalidRequestError(
+            f"{name}: value {bad} is out of range; expected {what} [{lo}, {hi})"
+        )
+
+
+def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> GatherQuery:
+    """Validate ``req`` for ``shard``; raise InvalidRequest/TableNotFound/VersionMismatch."""
+    served = shard.manifest.version
+    if not req.table_version:
+        raise InvalidRequestError(f"table_version is empty; expected the served version {served!r}")
+    if req.table_version != served:
+        raise VersionMismatchError(
+            f"requested table version {req.table_version!r}, but this shard serves {served!r}"
+        )
+    table = shard.tables.get(req.table_id)
+    if table is None:
+        raise TableNotFoundError(
+            f"table {req.table_id!r} is not served here; tables: {sorted(shard.tables)}"
+        )
+    entry, slot = table.entry, table.slot
+    max_nnz = limits.max_batch * limits.max_per_query
+    ragged = req.HasField("offsets")
+
+    indices = decode_tensor(
+        req.indices,
+        name="indices",
+        dtypes=_INT,
+        max_elements=max_nnz,
+        ndims=(1,) if ragged else (2,),
+    )
+    offsets = None
+    if ragged:
+        offsets = decode_tensor(
+            req.offsets, name="offsets", dtypes=_INT, max_elements=limits.max_batch + 1, ndims=(1,)
+        )
+        if offsets.numel() < 1:
+            raise InvalidRequestError("offsets: empty; expected T + 1 >= 1 CSR offsets")
+        num_tokens = offsets.numel() - 1
+        offsets = offsets.to(torch.int64)
+        nnz = indices.shape[0]
+        if int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
+            raise InvalidRequestError(
+                f"offsets: starts at {int(offsets[0])} and ends at {int(offsets[-1])}; "
+                f"expected 0 and the number of indices ({nnz})"
+            )
+        lengths = offsets[1:] - offsets[:-1]
+        if num_tokens and int(lengths.min()) < 0:
+            raise InvalidRequestError("offsets: decreasing; expected non-decreasing CSR offsets")
+        if num_tokens and int(lengths.max()) > limits.max_per_query:
+            raise InvalidRequestError(
+                f"offsets: a query has {int(lengths.max())} entries; "
+                f"expected at most {limits.max_per_query} per query"
+            )
+    else:
+        num_tokens, per_query = indices.shape
+        if num_tokens > limits.max_batch:
+            raise InvalidRequestError(
+                f"indices: batch of {num_tokens} queries; expected at most {limits.max_batch}"
+            )
+        if per_query > limits.max_per_query:
+            raise InvalidRequestError(
+                f"indices: {per_query} entries per query; expected at most {limits.max_per_query}"
+            )
+
+    blocks = decode_tensor(
+        req.blocks, name="blocks", dtypes=_INT, max_elements=max_nnz, ndims=(indices.dim(),)
+    )
+    if blocks.shape != indices.shape:
+        raise InvalidRequestError(
+            f"blocks: shape {list(blocks.shape)}; expected the indices shape {list(indices.shape)}"
+        )
+    weights = decode_tensor(
+        req.weights,
+        name="weights",
+        dtypes=(torch.float32,),
+        max_elements=max_nnz * entry.num_cores,
+        ndims=(indices.dim() + 1,),
+    )
+    want_w = [*indices.shape, entry.num_cores]
+    if list(weights.shape) != want_w:
+        raise InvalidRequestError(
+            f"weights: shape {list(weights.shape)}; expected {want_w} (indices shape + h_c)"
+        )
+    if weights.numel() and not bool(torch.isfinite(weights).all()):
+        raise InvalidRequestError("weights: contain NaN or Inf; expected finite values")
+    _range_check("blocks", blocks, 0, entry.expansion, "an IVE block id in")
+
+    if entry.sharding == "row":
+        _range_check("indices", indices, 0, entry.n_rows, "a row id in")
+        _range_check(
+            "indices", indices, slot.row_lo, slot.row_hi, f"rows owned by shard {shard.shard} in"
+        )
+    else:
+        _range_check("indices", indices, 0, entry.n_rows, "a row id in")
+
+    local = indices.to(torch.int64)
+    if slot.row_lo:
+        local = local - slot.row_lo
+    blk = blocks.to(torch.int64)
+    num_blocks = entry.expansion
+    if entry.merged:
+        local = blk * (slot.row_hi - slot.row_lo) + local
+        blk = torch.zeros_like(blk)
+        num_blocks = 1
+    return GatherQuery(table, local, blk, weights, offsets, num_tokens, num_blocks)
