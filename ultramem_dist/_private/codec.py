@@ -2,7 +2,8 @@
 
 Decoding never trusts the sender: the element count is computed from the declared shape with
 Python integers and checked against a caller-given cap and against ``len(data)`` *before* any
-memory is touched, and the result is a zero-copy, read-only view of the message bytes.
+tensor is allocated, and the result is a zero-copy view of the ``bytes`` object the protobuf
+runtime hands out (upb materialises that object once per field access; we access it once).
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ def decode_tensor(
         )
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = numel * itemsize
-    if len(msg.data) != expected:
+    data = msg.data  # upb copies a bytes field on every access: read it once
+    if len(data) != expected:
         raise InvalidRequestError(
-            f"{name}: {len(msg.data)} data bytes for shape {list(shape)} {dtype_name(dtype)}; "
+            f"{name}: {len(data)} data bytes for shape {list(shape)} {dtype_name(dtype)}; "
             f"expected {expected} bytes"
         )
     if numel == 0:
@@ -107,5 +109,5 @@ def decode_tensor(
     with warnings.catch_warnings():
         # The view is read-only by contract; nothing downstream writes into request tensors.
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(msg.data, dtype=dtype)
+        flat = torch.frombuffer(data, dtype=dtype)
     return flat.view(shape)
