@@ -182,6 +182,9 @@ def spawn_shards(tmp_path_factory) -> Iterator[Callable[..., list[ShardProcess]]
         return procs
 
     yield spawn
+    for sp in alive:  # signal all first, then wait: they drain in parallel
+        if sp.proc.poll() is None:
+            sp.proc.send_signal(signal.SIGTERM)
     for sp in alive:
         sp.stop()
 
