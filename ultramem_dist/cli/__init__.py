@@ -12,6 +12,7 @@ _COMMAND_MODULES = (
     "ultramem_dist.cli.demo_cmd",
     "ultramem_dist.cli.store_cmds",
     "ultramem_dist.cli.serve_cmds",
+    "ultramem_dist.cli.cluster_cmds",
 )
 
 

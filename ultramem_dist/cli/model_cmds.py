@@ -59,16 +59,39 @@ def train(
     )
 
 
+def open_value_store(store: str, deadline_s: float = 5.0):  # noqa: ANN201
+    """A remote value backend from ``--store``: ``ray`` / ``auto`` / ``ray://host:port`` (the
+    registry of a Ray deployment) or ``host:port[,host:port...]`` (shard servers directly)."""
+    if store == "ray" or store == "auto" or store.startswith("ray://"):
+        from ultramem_dist.cluster import ClusterValueStore
+        from ultramem_dist.cluster.local import connect
+
+        connect(None if store == "ray" else store)
+        return ClusterValueStore(deadline_s=deadline_s)
+    from ultramem_dist.client.remote_store import RemoteValueStore
+
+    return RemoteValueStore(store, deadline_s=deadline_s)
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint directory."),
     store: str | None = typer.Option(
-        None, "--store", help="Use remote value tables: a registry/endpoint spec (see `up`)."
+        None,
+        "--store",
+        help="Remote value tables: 'ray' (local Ray deployment), ray://host:port, or "
+        "host:port[,host:port...] of shard servers.",
     ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
+    compare_local: bool = typer.Option(
+        False, "--compare-local", help="Also decode with the local tables and compare tokens."
+    ),
 ) -> None:
     """Greedy decoding with a KV cache (local tables, or remote ones with --store)."""
+    import torch
+
+    from ultramem_dist.errors import UltraMemError
     from ultramem_dist.model import load_pretrained
     from ultramem_dist.train import ByteTokenizer
 
@@ -78,16 +101,39 @@ def generate(
         model = load_pretrained(checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    if store is not None:
-        fail("--store needs the Ray deployment (`ultramem-dist up`), not available in this build")
     tok = ByteTokenizer()
     ids = tok.encode(prompt)
     if not ids:
         fail("--prompt is empty")
-    import torch
-
+    if len(ids) + max_new_tokens > model.cfg.max_seq:
+        fail(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+            f"model's max_seq={model.cfg.max_seq}"
+        )
+    prompt_t = torch.tensor([ids])
+    local = model.generate(prompt_t, max_new_tokens) if (compare_local or not store) else None
+    if store is None:
+        typer.echo(tok.decode(local[0].tolist()))
+        return
     try:
-        out = model.generate(torch.tensor([ids]), max_new_tokens)
-    except ValueError as exc:
-        fail(str(exc))
-    typer.echo(tok.decode(out[0].tolist()))
+        backend = open_value_store(store)
+    except (UltraMemError, ConnectionError, LookupError, ValueError) as exc:
+        fail(f"cannot reach the value store {store!r}: {exc}", code=1)
+    try:
+        model.drop_value_tables()
+        model.set_value_backend(backend)
+        remote = model.generate(prompt_t, max_new_tokens)
+    except UltraMemError as exc:
+        fail(f"remote lookup failed: {exc}", code=1)
+    finally:
+        backend.close()
+    typer.echo(tok.decode(remote[0].tolist()))
+    if local is not None:
+        same = torch.equal(local, remote)
+        console.print(
+            "[green]remote tokens are identical to the local model's[/]"
+            if same
+            else "[red]remote tokens differ from the local model's[/]"
+        )
+        if not same:
+            raise typer.Exit(1)

@@ -1,0 +1,174 @@
+"""``up``, ``status``, ``scale``, ``roll``, ``down``: value shards as Ray actors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from ultramem_dist.cli.app import app, console, fail
+
+ADDRESS_HELP = "Ray cluster: ray://host:port, host:port or auto. Default: the local cluster."
+
+
+def _connect(address: str | None, start: bool = False) -> None:
+    from ultramem_dist.cluster.local import connect
+
+    try:
+        connect(address, start_if_missing=start)
+    except (ConnectionError, RuntimeError) as exc:
+        fail(str(exc), code=1)
+
+
+def _deployer(host: str = "127.0.0.1", **kw: object):  # noqa: ANN202
+    from ultramem_dist.cluster import Deployer, PlacementOptions
+
+    return Deployer(PlacementOptions(host=host, **kw), progress=lambda m: console.print(m))
+
+
+@app.command()
+def up(
+    store: Path = typer.Argument(..., help="Store directory written by `ultramem-dist export`."),
+    shards: int | None = typer.Option(None, help="Shards (default: the store's own layout)."),
+    replicas: int = typer.Option(2, help="Replicas per shard."),
+    version: str | None = typer.Option(None, help="Store version (default: LATEST)."),
+    by: str = typer.Option("auto", help="Layout when re-splitting: row | dim | auto."),
+    address: str | None = typer.Option(None, help=ADDRESS_HELP),
+    host: str = typer.Option(
+        "127.0.0.1", help='Interface shard servers bind; "node" = each Ray node\'s IP.'
+    ),
+    num_cpus: float = typer.Option(0.0, help="CPUs reserved per replica."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per replica (kernel runs on CUDA)."),
+    resource: list[str] = typer.Option([], help="Custom resource NAME=AMOUNT (repeatable)."),
+    label: list[str] = typer.Option([], help="Node label KEY=VALUE replicas must match."),
+) -> None:
+    """Start value-shard replicas as Ray actors (an embedded local Ray if no --address)."""
+    from ultramem_dist.errors import UltraMemError
+
+    if replicas < 1 or (shards is not None and shards < 1):
+        fail("--shards and --replicas must be >= 1")
+    if by not in ("row", "dim", "auto"):
+        fail(f"--by must be row, dim or auto, not {by!r}")
+    try:
+        resources = {k: float(v) for k, v in (r.split("=", 1) for r in resource)}
+        labels = dict(lbl.split("=", 1) for lbl in label)
+    except ValueError:
+        fail("--resource takes NAME=AMOUNT and --label takes KEY=VALUE")
+    if not store.is_dir():
+        fail(f"store directory {store} does not exist (create it with `ultramem-dist export`)")
+    _connect(address, start=True)
+    deployer = _deployer(
+        host, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, label_selector=labels
+    )
+    t0 = time.perf_counter()
+    try:
+        dep = deployer.up(store, shards=shards, replicas=replicas, version=version, by=by)
+    except (UltraMemError, ValueError, TimeoutError) as exc:
+        fail(str(exc), code=1)
+    console.print(f"[green]deployment {dep} is active[/] ({time.perf_counter() - t0:.1f}s)")
+
+
+@app.command()
+def status(
+    address: str | None = typer.Option(None, help=ADDRESS_HELP),
+    window: float = typer.Option(1.0, help="Seconds over which QPS is measured."),
+) -> None:
+    """Shards, replicas, endpoints, health and QPS of every deployment."""
+    _connect(address)
+    deployer = _deployer()
+    try:
+        first = deployer.status()
+    except LookupError as exc:
+        fail(str(exc), code=1)
+    time.sleep(window)
+    console.print(status_table(first, deployer.status(), window))
+
+
+def status_table(first: dict, second: dict, window: float):  # noqa: ANN201
+    """A rich table of two registry snapshots taken ``window`` seconds apart (for QPS)."""
+    from rich.table import Table
+
+    from ultramem_dist.cluster.health import check_health
+
+    table = Table(title=f"ultramem-dist — active deployment: {second['active']}")
+    for col in ("version", "state", "shard", "replica", "endpoint", "health", "restarts",
+                "requests", "QPS"):
+        table.add_column(col, no_wrap=col in ("endpoint", "version"))
+    for dep_id, dep in second["deployments"].items():
+        for shard, reps in sorted(dep["replicas"].items()):
+            for r, rec in sorted(reps.items()):
+                info = rec.get("info", {})
+                before = (
+                    first["deployments"].get(dep_id, {}).get("replicas", {}).get(shard, {})
+                    .get(r, {}).get("info", {}).get("requests", 0.0)
+                )
+                qps = (info.get("requests", 0.0) - before) / window if info else 0.0
+                health = check_health(rec["endpoint"]) if rec.get("alive") else "DEAD"
+                table.add_row(
+                    dep["version"], dep["state"], str(shard), str(r), rec["endpoint"],
+                    health, str(info.get("restarts", rec.get("restarts", 0))),
+                    f"{info.get('requests', 0):.0f}", f"{qps:.1f}",
+                )
+    return table
+
+
+@app.command()
+def scale(
+    shard: int | None = typer.Option(None, help="Shard whose replica count changes."),
+    replicas: int | None = typer.Option(None, help="New replica count of --shard."),
+    shards: int | None = typer.Option(None, help="Reshard the active deployment to S shards."),
+    by: str = typer.Option("auto", help="Layout for --shards: row | dim | auto."),
+    address: str | None = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Scale one shard's replicas, or reshard (new layout up, atomic switch, old drained)."""
+    from ultramem_dist.errors import UltraMemError
+
+    if (shards is None) == (shard is None or replicas is None):
+        fail("use either --shard K --replicas R, or --shards S")
+    _connect(address)
+    deployer = _deployer()
+    try:
+        if shards is not None:
+            dep = deployer.reshard(shards, by=by)
+            console.print(f"[green]resharded: {dep} is active[/]")
+        else:
+            deployer.scale_replicas(shard, replicas)  # type: ignore[arg-type]
+            console.print(f"[green]shard {shard} now has {replicas} replicas[/]")
+    except (UltraMemError, ValueError, LookupError, TimeoutError) as exc:
+        fail(str(exc), code=1)
+
+
+@app.command()
+def roll(
+    store: Path = typer.Argument(..., help="Store directory holding the new table version."),
+    version: str | None = typer.Option(None, help="Version to roll to (default: LATEST)."),
+    address: str | None = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Blue/green roll to another table version: new set up, atomic switch, old one drained."""
+    from ultramem_dist.errors import UltraMemError
+
+    _connect(address)
+    try:
+        dep = _deployer().roll(store, version)
+    except (UltraMemError, ValueError, LookupError, TimeoutError) as exc:
+        fail(str(exc), code=1)
+    console.print(f"[green]rolled: {dep} is active[/]")
+
+
+@app.command()
+def down(address: str | None = typer.Option(None, help=ADDRESS_HELP)) -> None:
+    """Stop every deployment and the registry (and the local Ray cluster `up` started)."""
+    from ultramem_dist.cluster.local import local_cluster_running, stop_local_cluster
+
+    if address is None and not local_cluster_running():
+        console.print("nothing is running")
+        stop_local_cluster()
+        return
+    _connect(address)
+    n = _deployer().down()
+    import ray
+
+    ray.shutdown()
+    stopped = stop_local_cluster() if address is None else False
+    console.print(f"stopped {n} deployment(s)" + (" and the local Ray cluster" if stopped else ""))

@@ -1,0 +1,139 @@
+"""A Ray actor per shard replica: it memory-maps its slice and runs its *own* grpc.aio server.
+
+Clients talk to the server directly (no Ray Serve proxy hop); Ray only places, restarts and
+tracks the actors. On (re)start the actor asks the registry for the endpoint it had before and
+binds the same port when it can, so clients' channels reconnect to a restarted replica without
+any reconfiguration; otherwise it registers its new endpoint and clients refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from ultramem_dist.cluster.registry import get_registry
+
+
+@dataclass
+class ShardSpec:
+    """What one replica serves and how it binds."""
+
+    deployment_id: str
+    store: str
+    version: str
+    shard: int
+    replica: int
+    host: str = "127.0.0.1"
+    """Interface to bind and advertise; ``"node"`` means this Ray node's IP address."""
+    torch_threads: int = 1
+    """Kernel threads per replica (keep replicas from oversubscribing a node's cores)."""
+    server: dict[str, Any] = field(default_factory=dict)
+    """Extra :class:`~ultramem_dist.serving.config.ServerConfig` fields (limits, grace, ...)."""
+
+
+async def _start_server(cfg: Any) -> tuple[Any, int]:
+    """Build and start the shard server on the actor's server loop (not an actor method: an
+    ``async def`` method would turn the whole actor into an asyncio actor)."""
+    from ultramem_dist.serving.app import build_server
+
+    server, port = build_server(cfg)
+    await server.start()
+    return server, port
+
+
+@ray.remote
+class ShardActor:
+    """One replica of one shard. Construct through :mod:`ultramem_dist.cluster.deploy`."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from ultramem_dist.serving.config import ServerConfig
+
+        self.spec = ShardSpec(**spec)
+        host = ray.util.get_node_ip_address() if self.spec.host == "node" else self.spec.host
+        gpu_ids = ray.get_gpu_ids()
+        self.device = "cpu"
+        if gpu_ids:
+            import torch
+
+            if torch.cuda.is_available():
+                self.device = "cuda"
+        registry = get_registry()
+        previous = ray.get(
+            registry.previous_endpoint.remote(
+                self.spec.deployment_id, self.spec.shard, self.spec.replica
+            )
+        )
+        ports = [int(previous.rsplit(":", 1)[1])] if previous else []
+        ports.append(0)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="shard-grpc"
+        )
+        self._thread.start()
+        last_error: Exception | None = None
+        for port in ports:
+            cfg = ServerConfig(
+                store=Path(self.spec.store),
+                shard=self.spec.shard,
+                version=self.spec.version,
+                host=host,
+                port=port,
+                torch_threads=self.spec.torch_threads,
+                **self.spec.server,
+            )
+            if "device" in ServerConfig.__dataclass_fields__:
+                cfg.device = self.device  # type: ignore[attr-defined]
+            try:
+                self._server, self._port = asyncio.run_coroutine_threadsafe(
+                    _start_server(cfg), self._loop
+                ).result()
+                break
+            except OSError as exc:  # previous port taken: take a fresh one
+                last_error = exc
+        else:
+            raise RuntimeError(f"shard {self.spec.shard} could not bind: {last_error}")
+        self.endpoint = f"{host}:{self._port}"
+        self.restarts = ray.get(
+            registry.register.remote(
+                self.spec.deployment_id,
+                self.spec.shard,
+                self.spec.replica,
+                self.endpoint,
+                os.getpid(),
+                ray.get_runtime_context().get_node_id(),
+                self.device,
+            )
+        )
+
+    def info(self) -> dict[str, Any]:
+        """Endpoint, pid, device and counters of this replica."""
+        servicer = self._server.servicer
+        metrics = getattr(servicer, "metrics", None)
+        requests = errors = 0.0
+        if metrics is not None:
+            for metric in metrics.requests.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        requests += sample.value
+                        if sample.labels.get("code") != "OK":
+                            errors += sample.value
+        return {
+            **asdict(self.spec),
+            "endpoint": self.endpoint,
+            "pid": os.getpid(),
+            "device": self.device,
+            "restarts": self.restarts,
+            "requests": requests,
+            "errors": errors,
+        }
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Graceful stop: health NOT_SERVING, finish in-flight calls, close the port."""
+        asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
