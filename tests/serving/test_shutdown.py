@@ -32,7 +32,7 @@ def store(tmp_path_factory):
 
 
 def test_graceful_stop_drains_in_flight_calls(store):
-    shard = InProcessShard(ServerConfig(store=store, shard=1, drain_s=0.6))
+    shard = InProcessShard(ServerConfig(store=store, shard=1, drain_s=0.6, kernel_workers=1))
     servicer = shard.server.servicer
     original = servicer._gather_sync
 

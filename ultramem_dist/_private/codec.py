@@ -38,6 +38,13 @@ _NAMES = {
     torch.int64: "int64",
     torch.int32: "int32",
 }
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in _NAMES}
+
+# torch warns once per process that a tensor over immutable ``bytes`` is not writable; absorb
+# that single warning here instead of wrapping every decode in ``warnings.catch_warnings``.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(b"\0\0\0\0", dtype=torch.float32)
 MAX_NDIM = 4
 
 
@@ -83,7 +90,7 @@ def decode_tensor(
             f"{name}: dtype {dtype_name(msg.dtype)} is not allowed; expected {allowed}"
         )
     dtype = PB_TO_DTYPE[msg.dtype]
-    shape = tuple(int(d) for d in msg.shape)
+    shape = tuple(msg.shape)
     if len(shape) not in ndims or len(shape) > MAX_NDIM:
         raise InvalidRequestError(
             f"{name}: has {len(shape)} dimensions {list(shape)}; "
@@ -96,8 +103,7 @@ def decode_tensor(
         raise InvalidRequestError(
             f"{name}: shape {list(shape)} has {numel} elements, above the limit of {max_elements}"
         )
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = numel * itemsize
+    expected = numel * _ITEMSIZE[dtype]
     data = msg.data  # upb copies a bytes field on every access: read it once
     if len(data) != expected:
         raise InvalidRequestError(
@@ -106,8 +112,5 @@ def decode_tensor(
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # The view is read-only by contract; nothing downstream writes into request tensors.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(data, dtype=dtype)
-    return flat.view(shape)
+    # A read-only view by contract: nothing downstream writes into request/reply tensors.
+    return torch.frombuffer(data, dtype=dtype).view(shape)

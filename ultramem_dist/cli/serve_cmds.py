@@ -26,6 +26,9 @@ def serve_shard_cmd(
     max_batch: int = typer.Option(4096, "--max-batch", min=1, help="Max queries per request."),
     max_per_query: int = typer.Option(1024, "--max-per-query", min=1, help="Max entries/query."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Kernel torch threads."),
+    kernel_workers: int = typer.Option(
+        0, "--kernel-workers", min=0, help="Kernel threads off the event loop (0 = inline)."
+    ),
     ready_file: Path | None = typer.Option(
         None, "--ready-file", help="Write {port, pid} JSON here once serving."
     ),
@@ -47,6 +50,7 @@ def serve_shard_cmd(
             grace_s=grace,
             drain_s=drain,
             torch_threads=threads,
+            kernel_workers=kernel_workers,
             metrics_port=metrics_port,
         )
         asyncio.run(serve(cfg, ready_file))

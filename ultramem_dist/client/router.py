@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ultramem_dist.store.layout import owner_of
-
-__all__ = ["ShardPart", "concat_columns", "split_by_owner", "sum_partials", "token_ids"]
+__all__ = ["ShardPart", "concat_columns", "split_by_owner", "sum_partials"]
 
 
 @dataclass(frozen=True)
@@ -30,15 +29,6 @@ class ShardPart:
     """``[nnz, h_c]`` core weights."""
     offsets: torch.Tensor
     """``[T + 1]`` CSR offsets (int64)."""
-
-
-def token_ids(num_tokens: int, per_token: int | None, offsets: torch.Tensor | None) -> torch.Tensor:
-    """Token id of every flattened entry (dense ``[T, L]`` or CSR ``offsets``)."""
-    base = torch.arange(num_tokens)
-    if offsets is None:
-        assert per_token is not None
-        return base.repeat_interleave(per_token)
-    return torch.repeat_interleave(base, offsets[1:] - offsets[:-1])
 
 
 def split_by_owner(
@@ -59,29 +49,42 @@ def split_by_owner(
         offsets: ``[T + 1]`` CSR offsets when ``indices`` is flat.
     """
     num_cores = weights.shape[-1]
-    if offsets is None:
-        num_tokens, per_token = indices.shape
-    else:
-        num_tokens, per_token = offsets.numel() - 1, None
     flat_idx = indices.reshape(-1)
     flat_blk = blocks.reshape(-1)
     flat_w = weights.reshape(-1, num_cores)
-    owner = owner_of(flat_idx, row_los)
-    tokens = token_ids(num_tokens, per_token, None if offsets is None else offsets.long())
-    # A stable sort groups entries by owner and keeps token order inside each group (valid CSR).
-    order = torch.sort(owner, stable=True).indices
-    counts = torch.bincount(owner, minlength=len(row_los)).tolist()
+    if offsets is None:
+        num_tokens, per_token = indices.shape
+        offs = np.arange(num_tokens + 1, dtype=np.int64) * per_token
+    else:
+        offs = offsets.to(torch.int64).numpy()
+    ids = flat_idx.numpy()  # CPU view; numpy masks/nonzero are cheaper than torch's here
+    bounds = [*row_los[1:], None]
     parts: list[ShardPart | None] = []
-    start = 0
-    for count in counts:
-        if count == 0:
+    for k, (lo, hi) in enumerate(zip(row_los, bounds, strict=True)):
+        # shard 0 also takes ids < 0 and the last shard ids >= N: the owner refuses them
+        # with INVALID_ARGUMENT instead of the client silently dropping them.
+        if k == 0 and hi is None:
+            sel = np.arange(ids.size)
+        elif k == 0:
+            sel = np.flatnonzero(ids < hi)
+        elif hi is None:
+            sel = np.flatnonzero(ids >= lo)
+        else:
+            sel = np.flatnonzero((ids >= lo) & (ids < hi))
+        if sel.size == 0:
             parts.append(None)
             continue
-        sel = order[start : start + count]
-        start += count
-        offs = torch.zeros(num_tokens + 1, dtype=torch.int64)
-        torch.cumsum(torch.bincount(tokens[sel], minlength=num_tokens), 0, out=offs[1:])
-        parts.append(ShardPart(flat_idx[sel], flat_blk[sel], flat_w[sel], offs))
+        # ``sel`` is ascending, so the owned entries keep token order and the shard's CSR
+        # offsets are the number of owned entries before each query boundary.
+        pos = torch.from_numpy(sel)
+        parts.append(
+            ShardPart(
+                flat_idx.index_select(0, pos),
+                flat_blk.index_select(0, pos),
+                flat_w.index_select(0, pos),
+                torch.from_numpy(np.searchsorted(sel, offs)),
+            )
+        )
     return parts
 
 

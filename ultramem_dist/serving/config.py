@@ -40,8 +40,10 @@ class ServerConfig:
     """Close a connection whose keepalive ping is not answered within this time."""
     min_client_ping_interval_ms: int = 5_000
     """Reject client pings more frequent than this (protects against ping floods)."""
-    kernel_workers: int = 1
-    """Threads that run the kernel off the event loop; 0 runs it inline on the loop."""
+    kernel_workers: int = 0
+    """Threads that run the kernel off the event loop; 0 (default) runs it inline on the loop,
+    which saves a thread hop per call (lowest latency with one call in flight); use >= 1 to
+    overlap gRPC I/O with kernels under concurrent load."""
     torch_threads: int | None = None
     """``torch.set_num_threads`` for the kernel; ``None`` leaves torch's default."""
     metrics_port: int | None = None

@@ -52,7 +52,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         limits: Limits,
         *,
         max_message_bytes: int,
-        kernel_workers: int = 1,
+        kernel_workers: int = 0,
         metrics: ShardMetrics | None = None,
     ) -> None:
         self._shard = shard

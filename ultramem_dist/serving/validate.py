@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ultramem_dist._private.codec import decode_tensor
@@ -41,10 +42,18 @@ class GatherQuery:
     num_blocks: int
 
 
-def _range_check(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+def _bounds(t: torch.Tensor) -> tuple[int, int] | None:
+    """(min, max) of an integer tensor in one pass; ``None`` if empty."""
     if t.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(t)
+    return int(lo), int(hi)
+
+
+def _range_check(name: str, bounds: tuple[int, int] | None, lo: int, hi: int, what: str) -> None:
+    if bounds is None:
         return
-    mn, mx = int(t.min()), int(t.max())
+    mn, mx = bounds
     if mn < lo or mx >= hi:
         bad = mn if mn < lo else mx
         raise InvalidRequestError(
@@ -130,25 +139,21 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
         raise InvalidRequestError(
             f"weights: shape {list(weights.shape)}; expected {want_w} (indices shape + h_c)"
         )
-    if weights.numel() and not bool(torch.isfinite(weights).all()):
+    # numpy views: the same memory, a few microseconds cheaper per check than torch ops
+    if weights.numel() and not np.isfinite(weights.numpy()).all():
         raise InvalidRequestError("weights: contain NaN or Inf; expected finite values")
-    _range_check("blocks", blocks, 0, entry.expansion, "an IVE block id in")
-
+    _range_check("blocks", _bounds(blocks), 0, entry.expansion, "an IVE block id in")
+    ids = _bounds(indices)
+    _range_check("indices", ids, 0, entry.n_rows, "a row id in")
     if entry.sharding == "row":
-        _range_check("indices", indices, 0, entry.n_rows, "a row id in")
-        _range_check(
-            "indices", indices, slot.row_lo, slot.row_hi, f"rows owned by shard {shard.shard} in"
-        )
-    else:
-        _range_check("indices", indices, 0, entry.n_rows, "a row id in")
+        owned = f"rows owned by shard {shard.shard} in"
+        _range_check("indices", ids, slot.row_lo, slot.row_hi, owned)
 
-    local = indices.to(torch.int64)
-    if slot.row_lo:
-        local = local - slot.row_lo
-    blk = blocks.to(torch.int64)
+    local = indices - slot.row_lo if slot.row_lo else indices  # the kernel widens to int64
+    blk = blocks
     num_blocks = entry.expansion
-    if entry.merged:
-        local = blk * (slot.row_hi - slot.row_lo) + local
-        blk = torch.zeros_like(blk)
+    if entry.merged:  # merged rows are (block, row) pairs, one output bin per token
+        local = blocks.to(torch.int64) * (slot.row_hi - slot.row_lo) + local
+        blk = torch.zeros_like(local)
         num_blocks = 1
     return GatherQuery(table, local, blk, weights, offsets, num_tokens, num_blocks)

@@ -1,0 +1,409 @@
+"""Gather-pool benchmark: kernel bandwidth vs memcpy, remote Gather latency vs a bare gRPC echo.
+
+Usage::
+
+    python benchmarks/gather.py            # full run (~3-4 minutes on 2 cores)
+    python benchmarks/gather.py --quick    # smaller table and fewer calls (smoke run)
+
+Writes ``benchmarks/results/gather.json`` and ``benchmarks/results/gather.png``.
+
+Kernel: ``gather_pool`` on a table much larger than the last-level cache (1M x 256 fp32 =
+1 GiB), a batch of T queries x L = H*m random rows; GB/s counts the value-row bytes the kernel
+reads (T * L * Dv * 4). Baseline: ``Tensor.copy_`` of a buffer of the same size, same torch
+threads (GB/s of bytes copied). The bare ``F.embedding_bag`` on the same rows is reported too.
+
+RPC: real ``ultramem-dist serve-shard`` processes (1 kernel thread each) answering the product
+client (``GatherClient``: split, encode, fan out, decode, sum/concat), one call in flight;
+baseline: a bare grpc.aio echo server process (raw bytes, no protobuf, no work) that gets
+requests of the same serialized size and answers replies of the same size, fanned out to the
+same number of echo processes with the same grpc.aio client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, today  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+ECHO_METHOD = "/bench.Echo/Echo"
+MAX_MSG = 64 << 20
+CLI = [sys.executable, "-c", "from ultramem_dist.cli import main; main()"]
+
+
+# ------------------------------------------------------------------------------ kernel
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_kernel(n_rows: int, dv: int, tokens: int, reps: int) -> dict:
+    from ultramem_dist.kernels import gather_pool
+
+    E, hc, L = 4, 2, 160  # released config: H=2, m=80, E=4, h_c=2
+    g = torch.Generator().manual_seed(0)
+    table = torch.empty(n_rows, dv)
+    table.normal_(generator=g)
+    idx = torch.randint(0, n_rows, (tokens, L), generator=g)
+    blk = torch.randint(0, E, (tokens, L), generator=g)
+    w = torch.randn(tokens, L, hc, generator=g)
+    nbytes = tokens * L * dv * 4
+    t_gather = _median_time(lambda: gather_pool(table, idx, blk, w, E), reps)
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    t_copy = _median_time(lambda: dst.copy_(src), reps)
+    flat = idx.reshape(-1)
+    offsets = torch.arange(0, tokens * L, L)
+    psw = w[..., 0].reshape(-1).contiguous()
+    t_bag = _median_time(
+        lambda: F.embedding_bag(flat, table, offsets, mode="sum", per_sample_weights=psw), reps
+    )
+    out = {
+        "gather_gbps": round(nbytes / t_gather / 1e9, 3),
+        "memcpy_gbps": round(nbytes / t_copy / 1e9, 3),
+        "ratio": round(t_copy / t_gather, 3),
+        "embedding_bag_gbps": round(nbytes / t_bag / 1e9, 3),
+        "table": [n_rows, dv],
+        "tokens": tokens,
+        "rows_per_token": L,
+        "bytes_read": nbytes,
+        "threads": torch.get_num_threads(),
+        "gather_ms": round(t_gather * 1e3, 3),
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------ echo server
+
+
+async def _echo_server(ready_file: Path) -> None:
+    replies: dict[int, bytes] = {}
+
+    async def echo(request: bytes, context) -> bytes:
+        size = int.from_bytes(request[:8], "little")
+        reply = replies.get(size)
+        if reply is None:
+            reply = replies[size] = bytes(size)
+        return reply
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MSG),
+            ("grpc.max_send_message_length", MAX_MSG),
+        ]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    ready_file.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def _spawn(args: list[str], ready: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*args, "--ready-file", str(ready)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_ready(procs: list[tuple[subprocess.Popen, Path]]) -> list[int]:
+    ports = []
+    deadline = time.monotonic() + 120
+    for proc, ready in procs:
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args} failed to start")
+            time.sleep(0.05)
+        ports.append(json.loads(ready.read_text())["port"])
+    return ports
+
+
+# ------------------------------------------------------------------------------ rpc bench
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def _bench_config(
+    targets: list[str],
+    echo_targets: list[str],
+    table: str,
+    batches: list[int],
+    calls: int,
+    spec: dict,
+) -> list[dict]:
+    from ultramem_dist.client import GatherClient
+    from ultramem_dist.client.router import split_by_owner
+    from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+
+    client = await GatherClient.connect(",".join(targets), deadline_s=30)
+    t = client.table(table)
+    echo_channels = [
+        grpc.aio.insecure_channel(
+            e,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MSG),
+                ("grpc.max_send_message_length", MAX_MSG),
+            ],
+        )
+        for e in echo_targets
+    ]
+    echo_calls = [ch.unary_unary(ECHO_METHOD) for ch in echo_channels]
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    L = spec["heads"] * spec["topm"]
+    for batch in batches:
+        queries = []
+        for _ in range(4):
+            idx = torch.randint(0, t.n_rows, (batch, L), generator=g)
+            blk = torch.randint(0, t.expansion, (batch, L), generator=g)
+            w = torch.randn(batch, L, t.num_cores, generator=g)
+            queries.append((idx, blk, w))
+        # Echo payloads with the serialized sizes of the real per-shard requests and replies.
+        idx, blk, w = queries[0]
+        if t.sharding == "row" and len(t.rows) > 1:
+            parts = split_by_owner(idx, blk, w, [lo for lo, _ in t.rows])
+            reqs = [
+                client._request(table, p.indices, p.blocks, p.weights, p.offsets, t.n_rows)
+                for p in parts
+                if p is not None
+            ]
+        else:
+            reqs = [client._request(table, idx, blk, w, None, t.n_rows)] * len(targets)
+        echo_payloads = []
+        for k, req in enumerate(reqs):
+            width = t.cols[k][1] - t.cols[k][0]
+            reply = pb.GatherReply(table_id=table, table_version=client.version, shard_index=k)
+            reply.pooled.dtype = pb.DTYPE_FLOAT32
+            reply.pooled.shape[:] = [batch, t.expansion, width]
+            reply.pooled.data = bytes(batch * t.expansion * width * 4)
+            size = req.ByteSize()
+            payload = reply.ByteSize().to_bytes(8, "little") + bytes(max(0, size - 8))
+            echo_payloads.append(payload)
+
+        async def one_gather(i: int, queries=queries) -> float:
+            q = queries[i % len(queries)]
+            t0 = time.perf_counter()
+            await client.gather(table, *q)
+            return time.perf_counter() - t0
+
+        async def one_echo(i: int, payloads=echo_payloads) -> float:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(echo_calls[k](p, timeout=30) for k, p in enumerate(payloads)))
+            return time.perf_counter() - t0
+
+        for i in range(10):  # warm-up (connections, page cache, allocator)
+            await one_gather(i)
+            await one_echo(i)
+        gather_t, echo_t = [], []
+        for i in range(calls):  # interleave so drift hits both equally
+            gather_t.append(await one_gather(i))
+            echo_t.append(await one_echo(i))
+        p50, p99, e50 = _pct(gather_t, 0.5), _pct(gather_t, 0.99), _pct(echo_t, 0.5)
+        rows.append(
+            {
+                "batch": batch,
+                "shards": len(targets),
+                "sharding": t.sharding,
+                "p50_ms": round(p50 * 1e3, 3),
+                "p99_ms": round(p99 * 1e3, 3),
+                "echo_p50_ms": round(e50 * 1e3, 3),
+                "echo_p99_ms": round(_pct(echo_t, 0.99) * 1e3, 3),
+                "ratio_to_echo": round(p50 / e50, 3),
+                "request_bytes": sum(r.ByteSize() for r in reqs),
+                "reply_bytes": batch * t.expansion * t.out_width * 4,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    await client.close()
+    for ch in echo_channels:
+        await ch.close()
+    return rows
+
+
+def bench_rpc(n_rows: int, dv: int, batches: list[int], calls: int, workdir: Path) -> list[dict]:
+    from ultramem_dist.store import TableSpec, export_tables
+
+    spec = {"expansion": 4, "num_cores": 2, "topm": 80, "heads": 2, "d_model": 2 * dv}
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(n_rows, dv, generator=g) * 0.02
+    table = TableSpec(values=values, **spec)
+    s1, s2 = workdir / "s1", workdir / "s2"
+    export_tables({"t": table}, s1, shards=1, by="row", version="b1")
+    export_tables(
+        {"row": table, "dim": table}, s2, shards=2, by={"row": "row", "dim": "dim"}, version="b2"
+    )
+    del values, table
+    starts = []
+    for store, k in ((s1, 0), (s2, 0), (s2, 1)):
+        ready = workdir / f"ready-{store.name}-{k}"
+        args = [*CLI, "serve-shard", str(store), "--shard", str(k), "--threads", "1"]
+        starts.append((_spawn(args, ready), ready))
+    for k in range(2):
+        ready = workdir / f"ready-echo-{k}"
+        starts.append((_spawn([sys.executable, __file__, "--echo-server"], ready), ready))
+    try:
+        ports = _wait_ready(starts)
+        tgt = [f"127.0.0.1:{p}" for p in ports]
+        rows = []
+        rows += asyncio.run(_bench_config([tgt[0]], [tgt[3]], "t", batches, calls, spec))
+        rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "row", batches, calls, spec))
+        rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "dim", batches, calls, spec))
+        return rows
+    finally:
+        for proc, _ in starts:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in starts:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# ------------------------------------------------------------------------------ plot
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    configs = sorted({(r["shards"], r["sharding"]) for r in result["rpc"]})
+    for shards, sharding in configs:
+        rs = [r for r in result["rpc"] if (r["shards"], r["sharding"]) == (shards, sharding)]
+        b = [r["batch"] for r in rs]
+        (line,) = ax1.plot(
+            b, [r["p50_ms"] for r in rs], marker="o", label=f"Gather S={shards} {sharding} p50"
+        )
+        ax1.plot(
+            b,
+            [r["echo_p50_ms"] for r in rs],
+            ls="--",
+            color=line.get_color(),
+            label=f"echo S={shards} p50",
+        )
+        ax2.plot(
+            b,
+            [r["ratio_to_echo"] for r in rs],
+            marker="o",
+            color=line.get_color(),
+            label=f"S={shards} {sharding}",
+        )
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch (queries, L=160 rows each)",
+        ylabel="latency (ms)",
+        title="Remote Gather vs bare gRPC echo (loopback)",
+    )
+    ax1.legend(fontsize=7)
+    ax2.axhline(1.5, color="grey", ls=":", label="target 1.5x")
+    ax2.set(
+        xscale="log",
+        xlabel="batch",
+        ylabel="Gather p50 / echo p50",
+        title="Overhead over transport floor",
+    )
+    ax2.legend(fontsize=7)
+    k = result["kernel"]
+    fig.suptitle(
+        f"kernel: gather_pool {k['gather_gbps']} GB/s vs copy_ {k['memcpy_gbps']} GB/s "
+        f"(ratio {k['ratio']}); bare embedding_bag {k['embedding_bag_gbps']} GB/s",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default: benchmarks/results; --quick: a temp dir)",
+    )
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        asyncio.run(_echo_server(args.ready_file))
+        return
+    t0 = time.time()
+    if args.quick:
+        kernel = bench_kernel(200_000, 256, 64, 3)
+        batches, calls, rpc_rows = [1, 16, 64], 30, 65_536
+    else:
+        kernel = bench_kernel(1_000_000, 256, 512, 15)
+        batches, calls, rpc_rows = [1, 4, 16, 64, 256], 200, 262_144
+    print(json.dumps({"kernel": kernel}), flush=True)
+    with tempfile.TemporaryDirectory(prefix="gather-bench-") as tmp:
+        rpc = bench_rpc(rpc_rows, 256, batches, calls, Path(tmp))
+    result = {
+        "date": today(),
+        "machine": machine(),
+        "kernel": kernel,
+        "rpc": rpc,
+        "config": {
+            "rpc_table": [rpc_rows, 256],
+            "E": 4,
+            "h_c": 2,
+            "H": 2,
+            "m": 80,
+            "calls_per_point": calls,
+            "quick": args.quick,
+            "wall_s": round(time.time() - t0, 1),
+        },
+    }
+    out = args.out or (Path(tempfile.mkdtemp(prefix="gather-quick-")) if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gather.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "gather.png")
+    print(f"wrote {out / 'gather.json'} and gather.png in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
