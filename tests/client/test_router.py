@@ -118,3 +118,19 @@ def test_concat_single_slice_is_a_writable_copy():
     out = concat_columns([src])
     out += 1
     assert src.max() == 1
+
+
+def test_out_of_range_ids_go_to_the_edge_shards_so_the_owner_refuses_them():
+    idx = torch.tensor([[-5, 3, 15, 99]])
+    parts = split_by_owner(idx, torch.zeros_like(idx), torch.ones(1, 4, 2), [0, 10])
+    assert parts[0].indices.tolist() == [-5, 3]
+    assert parts[1].indices.tolist() == [15, 99]
+    assert parts[0].offsets.tolist() == [0, 2] and parts[1].offsets.tolist() == [0, 2]
+
+
+def test_ragged_input_is_split_with_per_shard_offsets():
+    idx = torch.tensor([1, 12, 2, 13, 14])
+    offsets = torch.tensor([0, 2, 2, 5])
+    parts = split_by_owner(idx, torch.zeros_like(idx), torch.ones(5, 1), [0, 10], offsets=offsets)
+    assert parts[0].indices.tolist() == [1, 2] and parts[0].offsets.tolist() == [0, 1, 1, 2]
+    assert parts[1].indices.tolist() == [12, 13, 14] and parts[1].offsets.tolist() == [0, 1, 1, 3]

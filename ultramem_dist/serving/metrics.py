@@ -33,5 +33,14 @@ class ShardMetrics:
         )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Start the HTTP exporter on ``port`` (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+        """Start the HTTP exporter on ``port`` (a daemon thread); :meth:`close` stops it."""
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            server, thread = http
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            self._http = None

@@ -73,6 +73,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        self._metrics.close()
 
     def _build_info(self) -> pb.InfoReply:
         m = self._shard.manifest
