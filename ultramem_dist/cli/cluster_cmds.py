@@ -159,11 +159,10 @@ def roll(
 @app.command()
 def down(address: str | None = typer.Option(None, help=ADDRESS_HELP)) -> None:
     """Stop every deployment and the registry (and the local Ray cluster `up` started)."""
-    from ultramem_dist.cluster.local import local_cluster_running, stop_local_cluster
+    from ultramem_dist.cluster.local import local_cluster_started, stop_local_cluster
 
-    if address is None and not local_cluster_running():
+    if address is None and not local_cluster_started():
         console.print("nothing is running")
-        stop_local_cluster()
         return
     _connect(address)
     n = _deployer().down()

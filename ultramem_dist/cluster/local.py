@@ -28,12 +28,9 @@ def _ray_cli() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
-def local_cluster_running() -> bool:
-    try:
-        out = subprocess.run([_ray_cli(), "status"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0
+def local_cluster_started() -> bool:
+    """Whether ``up`` started a local Ray head that has not been stopped by ``down``."""
+    return state_file().is_file()
 
 
 def start_local_cluster(num_cpus: int | None = None) -> None:
@@ -59,18 +56,28 @@ def stop_local_cluster() -> bool:
     return True
 
 
+def _init(address: str) -> None:
+    ray.init(address=address, namespace="ultramem", log_to_driver=False, logging_level="ERROR")
+
+
 def connect(address: str | None, *, start_if_missing: bool = False) -> None:
     """``ray.init`` against ``address`` ("auto", "ray://host:port", "host:port") or the
     embedded local cluster (started when ``start_if_missing``)."""
     if ray.is_initialized():
         return
-    if address is None:
-        if not local_cluster_running():
-            if not start_if_missing:
-                raise ConnectionError(
-                    "no local Ray cluster is running: start one with `ultramem-dist up STORE` "
-                    "or pass --address"
-                )
-            start_local_cluster()
-        address = "auto"
-    ray.init(address=address, namespace="ultramem", log_to_driver=False, logging_level="ERROR")
+    if address is not None:
+        _init(address)
+        return
+    if local_cluster_started():
+        try:
+            _init("auto")
+            return
+        except ConnectionError:
+            state_file().unlink(missing_ok=True)  # stale: the head is gone
+    if not start_if_missing:
+        raise ConnectionError(
+            "no local Ray cluster is running: start one with `ultramem-dist up STORE` "
+            "or pass --address"
+        )
+    start_local_cluster()
+    _init("auto")
