@@ -8,10 +8,12 @@ collector: tests report readiness with ``set_ready`` and emulate owner-reference
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
 from ultramem_kmock import (
+    FAST,
     FakeCluster,
     RunningOperator,
     eventually,
@@ -23,6 +25,10 @@ from ultramem_kmock import (
 
 async def _idle(seconds: float) -> None:
     await asyncio.sleep(seconds)
+
+
+# No periodic resync: progress must come from the change/resume handlers retrying themselves.
+NO_TIMER = dataclasses.replace(FAST, resync_seconds=3600)
 
 
 def status(c: FakeCluster, name: str = "mem") -> dict[str, Any]:
@@ -98,7 +104,7 @@ async def test_scaling_one_shard_changes_only_that_statefulset() -> None:
 
 
 async def test_version_roll_is_blue_green() -> None:
-    async with fake_cluster() as c, running_operator(c) as op:
+    async with fake_cluster() as c, running_operator(c, NO_TIMER) as op:
         await deploy_ready(c, op)
         await c.patch_valuestore("mem", {"spec": {"version": "v2"}})
         await eventually(lambda: {"mem-v2-s2-0", "mem-v2-s2-1"} <= set(c.statefulsets()),
@@ -169,7 +175,7 @@ async def test_deleted_store_leaves_only_garbage_collectable_children() -> None:
 @pytest.mark.parametrize("restart_point", ["new-layout-starting", "old-layout-draining"])
 async def test_operator_restart_mid_roll_converges(restart_point: str) -> None:
     async with fake_cluster() as c:
-        async with running_operator(c) as first:
+        async with running_operator(c, NO_TIMER) as first:
             await deploy_ready(c, first, rollout={"drainSeconds": 1})
             await c.patch_valuestore("mem", {"spec": {"version": "v2"}})
             await eventually(lambda: {"mem-v2-s2-0", "mem-v2-s2-1"} <= set(c.statefulsets()),
@@ -185,7 +191,7 @@ async def test_operator_restart_mid_roll_converges(restart_point: str) -> None:
             assert front_selects(c) == ("v1", "s2")
             for name in ("mem-v2-s2-0", "mem-v2-s2-1"):
                 c.set_ready(name)
-        async with running_operator(c) as second:
+        async with running_operator(c, NO_TIMER) as second:
             await eventually(lambda: status(c).get("phase") == "Ready"
                              and set(c.statefulsets()) == {"mem-v2-s2-0", "mem-v2-s2-1"},
                              "converged on v2 after restart", operator=second)

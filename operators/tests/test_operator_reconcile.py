@@ -220,7 +220,7 @@ def test_fresh_store_creates_statefulsets_then_services() -> None:
     assert kinds == [("create", "StatefulSet")] * 3 + [("create", "Service")] * 4
     assert world.names("Service") == {"mem", "mem-shard-0", "mem-shard-1", "mem-shard-2"}
     assert p.phase == PENDING and p.serving == ("v1", "s3")
-    assert p.wait_seconds is None  # nothing to switch: the timer refreshes readiness
+    assert p.wait_seconds == 5.0  # first start: poll until the shards are ready
 
 
 def test_steady_state_is_a_no_op_and_ready() -> None:

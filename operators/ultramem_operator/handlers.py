@@ -2,9 +2,9 @@
 
 All handlers funnel into one idempotent pass (``_reconcile``). Change handlers (create, update
 of ``spec``, resume after an operator restart) raise ``kopf.TemporaryError`` while the plan is
-waiting (new layout not ready yet, previous layout draining), so kopf re-runs them after
-``poll_seconds``; a timer re-runs the same pass every ``resync_seconds`` to refresh status and
-repair drift. Invalid specs become ``kopf.PermanentError`` plus a ``Failed`` status.
+waiting (first start, new layout not ready yet, previous layout draining), so kopf re-runs
+them after ``poll_seconds``; a timer re-runs the same pass every ``resync_seconds`` to refresh
+status and repair drift. Invalid specs become ``kopf.PermanentError`` plus a ``Failed`` status.
 """
 
 from __future__ import annotations

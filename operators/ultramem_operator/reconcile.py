@@ -344,6 +344,8 @@ def _plan_standalone(
         nothing_ready = all(s.ready == 0 for s in shards)
         phase = PENDING if nothing_ready and previous_phase in (None, PENDING, FAILED) else DEGRADED
         reason = "ShardsStarting" if phase == PENDING else "ShardsUnavailable"
+        if phase == PENDING:  # first start: keep polling so Ready shows up promptly
+            wait = poll_seconds
         short = [str(s.index) for s in shards if s.ready < s.desired]
         message = f"{version}/{layout}: shard(s) {', '.join(short)} below desired replicas"
     return Plan(target=target, serving=serving, phase=phase, reason=reason, message=message,

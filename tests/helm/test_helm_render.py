@@ -1,0 +1,352 @@
+"""Rendered chart: lint, mode exclusivity, and the fields production depends on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from ultramem_chart import CHART, FULLNAME, NAMESPACE, Rendered, helm, render, variant_names
+
+GRPC, METRICS = 50051, 9090
+BUILTIN_HARDENING = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                     "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def shard_statefulsets(r: Rendered) -> list[dict[str, Any]]:
+    return [s for s in r.kind("StatefulSet")
+            if s["metadata"]["labels"].get("app.kubernetes.io/component") == "value-shard"]
+
+
+def container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
+    (c,) = [c for c in pod_spec["containers"] if c["name"] == name]
+    return c
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# ----------------------------------------------------------------------------- lint
+@pytest.mark.parametrize("variant", ["default", "standalone", "gpu-ray", "ray-no-operator",
+                                     "standalone-operator", "keda"])
+def test_lint_strict_has_no_errors(variant: str) -> None:
+    from ultramem_chart import variant_values
+
+    report = helm.lint(str(CHART), values=variant_values(variant), strict=True,
+                       kube_version="v1.30.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+# ----------------------------------------------------------------------------- modes
+def test_modes_never_render_together(variants: dict[str, Rendered]) -> None:
+    for name, r in variants.items():
+        mode = r.values.get("mode", "ray")
+        if mode == "standalone":
+            assert r.kind("RayCluster") == [], name
+        else:
+            assert shard_statefulsets(r) == [], name
+            assert len(r.kind("RayCluster")) == 1, name
+
+
+def test_every_variant_renders_notes_with_the_endpoints(variants: dict[str, Rendered]) -> None:
+    for name, r in variants.items():
+        assert f"helm test um -n {NAMESPACE}" in r.notes, name
+        if r.values.get("mode") == "standalone":
+            assert f"{FULLNAME}-shard-0.{NAMESPACE}.svc:{GRPC}" in r.notes, name
+        else:
+            assert f"ray://{FULLNAME}.{NAMESPACE}.svc:10001" in r.notes, name
+
+
+# ----------------------------------------------------------------------------- standalone
+@pytest.mark.parametrize(("variant", "expected"), [
+    ("standalone", [2, 2, 2, 2]),
+    ("one-shard", [1]),
+    ("eight-shards", [4, 2, 2, 2, 2, 2, 2, 3]),
+])
+def test_one_statefulset_per_shard_with_its_replicas(variant: str, expected: list[int],
+                                                     variants: dict[str, Rendered]) -> None:
+    r = variants[variant]
+    sts = {s["metadata"]["name"]: s for s in shard_statefulsets(r)}
+    assert sorted(sts) == sorted(f"{FULLNAME}-shard-{k}" for k in range(len(expected)))
+    for k, replicas in enumerate(expected):
+        s = sts[f"{FULLNAME}-shard-{k}"]
+        assert s["spec"]["replicas"] == replicas
+        (c,) = s["spec"]["template"]["spec"]["containers"]
+        assert c["command"] == [
+            "ultramem-dist", "serve-shard", "/var/lib/ultramem/store", "--shard", str(k),
+            "--host", "0.0.0.0", "--port", str(GRPC), "--metrics-port", str(METRICS),
+            "--version", "v1",
+        ]
+    assert len(r.kind("PodDisruptionBudget")) == len(expected)
+    headless = [s for s in r.kind("Service") if s["spec"].get("clusterIP") == "None"]
+    assert len(headless) == len(expected)
+
+
+def test_selectors_probes_and_ports_agree(variants: dict[str, Rendered]) -> None:
+    for name in ("standalone", "eight-shards", "gpu-standalone", "autoscaling"):
+        r = variants[name]
+        services = r.kind("Service")
+        for sts in shard_statefulsets(r):
+            pod = sts["spec"]["template"]
+            labels = pod["metadata"]["labels"]
+            assert selects(sts["spec"]["selector"]["matchLabels"], labels)
+            c = container(pod["spec"], "shard")
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert ports == {"grpc": GRPC, "metrics": METRICS}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe]["grpc"] == {"port": ports["grpc"], "service": ""}, probe
+            shard = labels["ultramem.io/shard"]
+            headless = r.get("Service", f"{FULLNAME}-shard-{shard}")
+            assert headless["spec"]["clusterIP"] == "None"
+            assert selects(headless["spec"]["selector"], labels)
+            assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
+            svc_ports = {p["name"]: p for p in headless["spec"]["ports"]}
+            assert svc_ports["grpc"]["port"] == GRPC and svc_ports["grpc"]["targetPort"] == "grpc"
+            assert svc_ports["metrics"]["targetPort"] == "metrics"
+            pdb = r.get("PodDisruptionBudget", f"{FULLNAME}-shard-{shard}")
+            assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
+            front = r.get("Service", FULLNAME)
+            assert front["spec"]["type"] == "ClusterIP"
+            assert selects(front["spec"]["selector"], labels)
+            netpol = r.kind("NetworkPolicy")
+            if netpol:
+                assert selects(netpol[0]["spec"]["podSelector"]["matchLabels"], labels)
+            others = [s for s in services if s["metadata"]["name"] not in (
+                FULLNAME, headless["metadata"]["name"])]
+            assert not any(selects(s["spec"]["selector"], labels) for s in others), name
+
+
+def test_gpu_workers_request_gpus_on_gpu_nodes(variants: dict[str, Rendered]) -> None:
+    for name in ("gpu-standalone", "gpu-ray"):
+        pods = [(owner, spec) for owner, spec in variants[name].pod_templates()
+                if "shard" in owner or "value-shard" in owner]
+        assert pods, name
+        for owner, spec in pods:
+            c = spec["containers"][0]
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1, owner
+            assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, owner
+            assert spec["tolerations"][0]["key"] == "nvidia.com/gpu", owner
+            assert c["image"].endswith(":0.1.0-cuda"), owner
+
+
+def test_every_container_is_hardened_and_bounded(variants: dict[str, Rendered]) -> None:
+    for name, r in variants.items():
+        for owner, spec in r.pod_templates():
+            psc = spec["securityContext"]
+            assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001, owner
+            assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, owner
+            for c in [*spec.get("initContainers", []), *spec["containers"]]:
+                where = f"{name}: {owner}/{c['name']}"
+                assert BUILTIN_HARDENING.items() <= c["securityContext"].items(), where
+                assert c["resources"].get("requests"), where
+                assert c["resources"].get("limits", {}).get("memory"), where
+                mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+                assert "/tmp" in mounts, f"{where}: read-only root needs a writable /tmp"
+
+
+def test_autoscaling_renders_one_hpa_per_shard_and_leaves_replicas_to_it(
+    variants: dict[str, Rendered],
+) -> None:
+    r = variants["autoscaling"]
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in r.kind("HorizontalPodAutoscaler")}
+    sts = shard_statefulsets(r)
+    assert set(hpas) == {s["metadata"]["name"] for s in sts}
+    for s in sts:
+        assert "replicas" not in s["spec"]
+        h = hpas[s["metadata"]["name"]]
+        assert (h["spec"]["minReplicas"], h["spec"]["maxReplicas"]) == (2, 6)
+    keda = variants["keda"]
+    assert keda.kind("HorizontalPodAutoscaler") == []
+    assert len(keda.kind("ScaledObject")) == 4
+    assert all(v.kind("ScaledObject") == [] for n, v in variants.items() if n != "keda")
+
+
+def test_network_policy_admits_only_clients_operator_tests_and_prometheus(
+    variants: dict[str, Rendered],
+) -> None:
+    assert variants["netpol-off"].kind("NetworkPolicy") == []
+    (np,) = variants["standalone"].kind("NetworkPolicy")
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    clients, prometheus = np["spec"]["ingress"]
+    peers = [p["podSelector"]["matchLabels"] for p in clients["from"]]
+    assert {"ultramem.io/client": "true"} in peers
+    assert {"app.kubernetes.io/name": "ultramem", "app.kubernetes.io/instance": "um",
+            "app.kubernetes.io/component": "helm-test"} in peers
+    assert any(p.get("app.kubernetes.io/component") == "operator" for p in peers)
+    assert clients["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert prometheus["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert prometheus["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"}
+    test_pod = variants["standalone"].kind("Pod")[0]
+    assert selects(peers[1], test_pod["metadata"]["labels"])
+    (ray_np,) = variants["ray-no-operator"].kind("NetworkPolicy")
+    assert ray_np["spec"]["ingress"][0]["from"][0]["namespaceSelector"] == {
+        "matchLabels": {"ultramem.io/clients": "true"}}
+    assert ray_np["spec"]["ingress"][-1]["from"] == [
+        {"podSelector": {"matchLabels": {"ray.io/cluster": FULLNAME}}}]
+
+
+def test_service_monitor_scrapes_the_metrics_port_of_shard_services(
+    variants: dict[str, Rendered],
+) -> None:
+    assert variants["standalone"].kind("ServiceMonitor") == []
+    for name in ("eight-shards", "ray-eight-shards"):
+        r = variants[name]
+        (sm,) = r.kind("ServiceMonitor")
+        assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+        assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+        matched = [s for s in r.kind("Service")
+                   if selects(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+        assert matched, name
+        for svc in matched:
+            assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}, name
+    assert variants["eight-shards"].kind("ServiceMonitor")[0]["metadata"]["labels"][
+        "release"] == "prometheus"
+
+
+# ----------------------------------------------------------------------------- ray
+def test_ray_cluster_hosts_one_shard_replica_per_worker(variants: dict[str, Rendered]) -> None:
+    r = variants["ray-eight-shards"]
+    (rc,) = r.kind("RayCluster")
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    assert group["groupName"] == "value-shard"
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 8 * 3
+    assert group["rayStartParams"]["resources"] == '"{\\"ultramem_shard_slot\\": 1}"'
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    worker_labels = group["template"]["metadata"]["labels"]
+    (pdb,) = r.kind("PodDisruptionBudget")
+    assert selects({k: v for k, v in pdb["spec"]["selector"]["matchLabels"].items()
+                    if not k.startswith("ray.io/")}, worker_labels)
+    headless = r.get("Service", f"{FULLNAME}-shards")
+    assert headless["spec"]["selector"]["ray.io/cluster"] == FULLNAME
+    front = r.get("Service", FULLNAME)
+    assert front["spec"]["selector"] == {"ray.io/cluster": FULLNAME, "ray.io/node-type": "head"}
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "client", "containerPort": 10001} in head["ports"]
+    gpu = variants["gpu-ray"].kind("RayCluster")[0]
+    assert gpu["spec"]["enableInTreeAutoscaling"] is True
+    gpu_group = gpu["spec"]["workerGroupSpecs"][0]
+    assert (gpu_group["minReplicas"], gpu_group["replicas"], gpu_group["maxReplicas"]) == (
+        8, 10, 18)
+
+
+def test_ray_mode_places_actors_through_the_operator_or_a_hook_job(
+    variants: dict[str, Rendered],
+) -> None:
+    (vs,) = variants["default"].kind("ValueStore")
+    assert vs["spec"]["runtime"] == "ray" and vs["spec"]["ray"]["clusterName"] == FULLNAME
+    assert variants["default"].kind("Job") == []
+    hook = variants["ray-no-operator"].get("Job", f"{FULLNAME}-place-shards")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    c = hook["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][:4] == ["ultramem-dist", "up", "/var/lib/ultramem/store", "--shards"]
+    args = dict(zip(c["command"][3::2], c["command"][4::2], strict=False))
+    assert args["--replicas"] == "2" and args["--address"] == "auto"
+    assert args["--host"] == "node" and args["--resource"] == "ultramem_shard_slot=1"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RAY_ADDRESS"]["value"] == f"ray://{FULLNAME}-head-svc.{NAMESPACE}.svc:10001"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth"
+    rc = variants["ray-no-operator"].kind("RayCluster")[0]
+    assert rc["spec"]["authOptions"] == {"mode": "token", "secretName": "ray-auth"}
+
+
+# ----------------------------------------------------------------------------- operator
+def test_operator_rbac_is_least_privilege(variants: dict[str, Rendered]) -> None:
+    r = variants["default"]
+    (role,) = r.kind("Role")
+    assert r.kind("ClusterRole") == []
+    granted = {(g, res): set(rule["verbs"]) for rule in role["rules"]
+               for g in rule["apiGroups"] for res in rule["resources"]}
+    assert granted == {
+        ("ultramem.io", "valuestores"): {"get", "list", "watch", "patch"},
+        ("ultramem.io", "valuestores/status"): {"get", "patch"},
+        ("apps", "statefulsets"): {"get", "list", "create", "patch", "delete"},
+        ("", "services"): {"get", "list", "create", "patch", "delete"},
+        ("batch", "jobs"): {"get", "list", "create", "patch", "delete"},
+        ("", "events"): {"create", "patch"},
+    }
+    assert not any("*" in v or "secrets" in res for (_, res), v in granted.items())
+    (binding,) = r.kind("RoleBinding")
+    (dep,) = r.kind("Deployment")
+    sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:3] == ["kopf", "run", "--standalone"] and f"--namespace={NAMESPACE}" in cmd
+    assert cmd[-2:] == ["-m", "ultramem_operator.main"]
+    wide = variants["cluster-wide-operator"]
+    assert len(wide.kind("ClusterRole")) == 1 and wide.kind("Role") == []
+    assert "--all-namespaces" in wide.kind("Deployment")[0]["spec"]["template"]["spec"][
+        "containers"][0]["command"]
+    assert variants["ray-no-operator"].kind("Deployment") == []
+
+
+def test_operator_managed_standalone_renders_a_valuestore_not_statefulsets(
+    variants: dict[str, Rendered],
+) -> None:
+    r = variants["standalone-operator"]
+    assert shard_statefulsets(r) == [] and r.kind("HorizontalPodAutoscaler") == []
+    (vs,) = r.kind("ValueStore")
+    assert vs["metadata"]["name"] == FULLNAME
+    assert vs["spec"]["runtime"] == "standalone"
+    assert vs["spec"]["replicaOverrides"] == {"2": 4}
+    # PDBs select the operator's pods by the labels the operator puts on them.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operators"))
+    from ultramem_operator import manifests, parse_spec
+
+    vs["metadata"]["uid"] = "u"
+    spec = parse_spec(vs)
+    for k in range(4):
+        pod_labels = manifests.statefulset(spec, k)["spec"]["template"]["metadata"]["labels"]
+        pdb = r.get("PodDisruptionBudget", f"{FULLNAME}-shard-{k}")
+        assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+        assert selects(r.kind("NetworkPolicy")[0]["spec"]["podSelector"]["matchLabels"],
+                       pod_labels)
+        svc_labels = manifests.shard_service(spec, k, "v1", "s4")["metadata"]["labels"]
+        assert selects({"ultramem.io/store": FULLNAME, "ultramem.io/endpoint": "shard"},
+                       svc_labels)
+
+
+# ----------------------------------------------------------------------------- helm test
+def test_helm_test_pod_checks_health_then_runs_a_real_lookup(
+    variants: dict[str, Rendered],
+) -> None:
+    pod = variants["standalone"].get("Pod", f"{FULLNAME}-test-gather")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (health,) = pod["spec"]["initContainers"]
+    assert "grpc_health.v1" in health["command"][2]
+    targets = ",".join(f"{FULLNAME}-shard-{k}.{NAMESPACE}.svc:{GRPC}" for k in range(4))
+    assert health["command"][3] == targets
+    lookup = pod["spec"]["containers"][0]["command"]
+    assert lookup[:4] == ["ultramem-dist", "lookup", "--target", targets]
+    assert lookup[4:8] == ["--table", "mem0", "--random", "8"]
+    ray_pod = variants["default"].get("Pod", f"{FULLNAME}-test-gather")
+    script = ray_pod["spec"]["containers"][0]["command"][2]
+    assert "ultramem-dist status" in script and "ultramem-dist lookup" in script
+    assert variants["netpol-off"].kind("Pod") == []
+
+
+@pytest.mark.parametrize("variant", variant_names())
+def test_every_object_is_namespaced_into_the_release_and_labelled(
+    variant: str, variants: dict[str, Rendered],
+) -> None:
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
+    for d in variants[variant].docs:
+        meta = d["metadata"]
+        if d["kind"] not in cluster_scoped:
+            assert meta.get("namespace") == NAMESPACE, (d["kind"], meta["name"])
+        assert meta["labels"]["app.kubernetes.io/instance"] == "um", (d["kind"], meta["name"])
+        assert len(meta["name"]) <= 63
+
+
+def test_release_names_are_truncated_to_fit_shard_object_names() -> None:
+    r = render({"mode": "standalone", "store": {"shards": 12}})
+    long = render({"mode": "standalone", "store": {"shards": 12},
+                   "fullnameOverride": "a" * 40})
+    for sts in shard_statefulsets(long):
+        # StatefulSet pods get a controller-revision-hash label "<name>-<10 chars>" (<= 63).
+        assert len(sts["metadata"]["name"]) <= 52
+    assert len(shard_statefulsets(r)) == 12
