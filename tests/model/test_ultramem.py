@@ -156,3 +156,14 @@ def test_shared_and_per_head_queries_both_work():
     sel = per_head.select(torch.randn(3, 32))
     assert sel.indices.shape == (3, 8)
     assert copy.deepcopy(per_head).cfg.shared_query is False
+
+
+def test_inference_key_cache_follows_in_place_updates():
+    layer = _layer().eval()
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        before = layer.key_scores(x)[0].clone()
+        layer.keys.mul_(-1.0)  # what an optimizer step or load_state_dict does
+        after = layer.key_scores(x)[0]
+    torch.testing.assert_close(after, -before, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.key_scores(x)[0].detach(), after)  # grad path agrees

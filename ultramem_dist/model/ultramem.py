@@ -163,14 +163,35 @@ class UltraMemLayer(nn.Module):
         cfg = self.cfg
         q = self.query(x).view(x.shape[0], -1, 2, cfg.dk)  # [T, Hq, 2, dk]
         q_row, q_col = self.q_norm_row(q[:, :, 0]), self.q_norm_col(q[:, :, 1])
-        keys = self.k_norm(self.keys)  # [H, 2, K, r, dk]
+        keys = self._normed_keys()  # [H, 2, K, r, dk]
         if cfg.shared_query:
-            s_row = torch.einsum("td,hkrd->thrk", q_row[:, 0], keys[:, 0])
-            s_col = torch.einsum("td,hkrd->thrk", q_col[:, 0], keys[:, 1])
+            # one matmul per side: [T, dk] @ [dk, H*K*r] -> [T, H, K, r] -> [T, H, r, K]
+            h, _, k, r, dk = keys.shape
+            s_row = (q_row[:, 0] @ keys[:, 0].reshape(-1, dk).t()).view(-1, h, k, r)
+            s_col = (q_col[:, 0] @ keys[:, 1].reshape(-1, dk).t()).view(-1, h, k, r)
+            s_row, s_col = s_row.transpose(2, 3), s_col.transpose(2, 3)
         else:
             s_row = torch.einsum("thd,hkrd->thrk", q_row, keys[:, 0])
             s_col = torch.einsum("thd,hkrd->thrk", q_col, keys[:, 1])
         return s_row, s_col
+
+    def _normed_keys(self) -> torch.Tensor:
+        """LayerNorm'd keys; cached while no gradient is recorded (inference), keyed on the
+        parameters' versions so an in-place update invalidates the cache."""
+        if torch.is_grad_enabled():
+            self._key_cache = None
+            return self.k_norm(self.keys)
+        stamp = (
+            self.keys._version,
+            self.k_norm.weight._version,
+            self.k_norm.bias._version,
+            self.keys.data_ptr(),
+        )
+        cache = getattr(self, "_key_cache", None)
+        if cache is None or cache[0] != stamp:
+            cache = (stamp, self.k_norm(self.keys).contiguous())
+            self._key_cache = cache
+        return cache[1]
 
     def select(self, x: torch.Tensor) -> Selection:
         """Top-m selection for ``x`` ``[T, D]`` → physical rows, IVE blocks, per-core weights."""
