@@ -34,9 +34,14 @@ def store(tmp_path_factory, model):
     export_checkpoint(ckpt, root / "store", shards=2, by="row", version="v1")
     specs = {
         layer.table_id: TableSpec(
-            values=layer.values.detach() * 2, expansion=layer.cfg.expansion,
-            num_cores=layer.cfg.num_cores, topm=layer.cfg.topm, heads=layer.cfg.heads,
-            d_model=layer.d_model, ive_perm=layer.ive_perm, layer=i,
+            values=layer.values.detach() * 2,
+            expansion=layer.cfg.expansion,
+            num_cores=layer.cfg.num_cores,
+            topm=layer.cfg.topm,
+            heads=layer.cfg.heads,
+            d_model=layer.d_model,
+            ive_perm=layer.ive_perm,
+            layer=i,
         )
         for i, layer in enumerate(model.ultramem_layers())
     }
@@ -46,8 +51,13 @@ def store(tmp_path_factory, model):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
-             logging_level="ERROR")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace=NAMESPACE,
+        logging_level="ERROR",
+    )
     deployer = Deployer(PlacementOptions(drain_s=1.5))
     yield deployer
     deployer.down()
@@ -172,9 +182,10 @@ def test_reshard_two_to_three_under_traffic_loses_nothing(deployed, model):
 def test_roll_to_a_new_version_never_mixes_versions(deployed, model, store):
     sel = _selection(model)
     ref = model.ultramem_layers()[0].pool_local(sel).detach()
-    with ClusterValueStore() as backend, Traffic(
-        backend, sel, {"v1": ref, "v2": 2 * ref}
-    ) as traffic:
+    with (
+        ClusterValueStore() as backend,
+        Traffic(backend, sel, {"v1": ref, "v2": 2 * ref}) as traffic,
+    ):
         time.sleep(0.3)
         deployed.roll(store / "store", version="v2")
         time.sleep(1.0)
