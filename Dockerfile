@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1
+# ultramem-dist image: shard servers (`serve-shard`), Ray head/workers (KubeRay), the `up`
+# placement Job, `helm test`, and the ValueStore operator (`kopf run -m ultramem_operator.main`).
+#
+#   CPU (default):
+#     docker build -t ghcr.io/ultramem/ultramem-dist:0.1.0 .
+#   CUDA:
+#     docker build -t ghcr.io/ultramem/ultramem-dist:0.1.0-cuda \
+#       --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+
+ARG TORCH_VERSION=2.13.0
+# CPU wheels by default; a CUDA build points this at the matching CUDA wheel index.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/ultramem/operators \
+    HOME=/tmp
+
+# python:3.11-slim has Python and bash (KubeRay starts Ray through bash); the CUDA runtime
+# images have neither Python nor venv, so install them there (Ubuntu 24.04: Python 3.12).
+RUN set -eux; \
+    if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+        apt-get update; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 python3-venv ca-certificates; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version'; \
+    python3 -m venv "$VIRTUAL_ENV"; \
+    pip install --upgrade pip
+
+WORKDIR /opt/ultramem
+
+# torch first, from its own index (the CPU wheel unless TORCH_INDEX_URL says otherwise), in a
+# layer of its own so code changes do not re-download it.
+RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
+
+# The package with the operator extra (kopf); torch==2.13.0 is already satisfied.
+COPY pyproject.toml README.md ./
+COPY ultramem_dist ./ultramem_dist
+COPY operators/ultramem_operator ./operators/ultramem_operator
+RUN pip install ".[operator]" \
+    && pip check \
+    && python -c "import torch, ultramem_dist, ultramem_operator; print('torch', torch.__version__)" \
+    && ultramem-dist --help >/dev/null
+
+# Non-root; the chart runs it with a read-only root filesystem and an emptyDir at /tmp.
+RUN groupadd --system --gid 10001 ultramem \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --shell /usr/sbin/nologin ultramem
+USER 10001:10001
+
+EXPOSE 50051 9090
+CMD ["ultramem-dist", "--help"]
