@@ -6,6 +6,7 @@ import copy
 import datetime as dt
 from typing import Any
 
+import operator_path  # noqa: F401  (puts operators/ on sys.path)
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import kmock
 import kopf
+import operator_path  # noqa: F401  (puts operators/ on sys.path)
 from kmock._internal import enums
 from ultramem_operator.handlers import OperatorConfig, register
 from ultramem_operator.kube import KubeApi

@@ -9,8 +9,15 @@ from typing import Any
 
 import jsonschema
 import pytest
+import ultramem_chart
 import yaml
 from ultramem_chart import CHART, OUR_CRD, REPO, strict_schema
+
+
+@pytest.fixture(scope="module")
+def valuestore_schema() -> dict[str, Any]:
+    return ultramem_chart.valuestore_schema()
+
 
 EXAMPLES = sorted((REPO / "operators" / "examples").glob("*.yaml"))
 

@@ -5,7 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from ultramem_chart import CHART, FULLNAME, NAMESPACE, Rendered, helm, render, variant_names
+from ultramem_chart import (
+    CHART,
+    FULLNAME,
+    NAMESPACE,
+    Rendered,
+    all_variants,
+    helm,
+    render,
+    variant_names,
+)
+
+
+@pytest.fixture(scope="module")
+def variants() -> dict[str, Rendered]:
+    return all_variants()
+
 
 GRPC, METRICS = 50051, 9090
 BUILTIN_HARDENING = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,

@@ -9,7 +9,24 @@ from typing import Any
 
 import jsonschema
 import pytest
-from ultramem_chart import Rendered, strict_schema
+import ultramem_chart
+from ultramem_chart import Rendered, all_variants, strict_schema
+
+
+@pytest.fixture(scope="module")
+def variants() -> dict[str, Rendered]:
+    return all_variants()
+
+
+@pytest.fixture(scope="module")
+def kuberay_schema() -> dict[str, Any]:
+    return ultramem_chart.kuberay_schema()
+
+
+@pytest.fixture(scope="module")
+def valuestore_schema() -> dict[str, Any]:
+    return ultramem_chart.valuestore_schema()
+
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

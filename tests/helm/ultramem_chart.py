@@ -109,3 +109,31 @@ def strict_schema(schema: Any) -> Any:
             and not out.get("x-kubernetes-preserve-unknown-fields")):
         out["additionalProperties"] = False
     return out
+
+
+# ---------------------------------------------------------------------------- shared data
+# Plain cached functions rather than conftest fixtures: a tests/helm/conftest.py would be
+# importable as "conftest" and shadow tests/conftest.py for the other test folders.
+@functools.cache
+def all_variants() -> dict[str, Rendered]:
+    """Every ci/ variant, rendered once per test session."""
+    return {name: render_variant(name) for name in variant_names()}
+
+
+@functools.cache
+def _kuberay_schema() -> dict[str, Any] | None:
+    return load_crd_schema(KUBERAY_CRD, "v1") if KUBERAY_CRD.is_file() else None
+
+
+def kuberay_schema() -> dict[str, Any]:
+    """The KubeRay RayCluster v1 openAPIV3Schema, or skip the calling test."""
+    schema = _kuberay_schema()
+    if schema is None:
+        pytest.skip(f"KubeRay RayCluster CRD not found at {KUBERAY_CRD} (../shared/schemas is "
+                    "test data kept outside the repository); RayCluster schema checks skipped")
+    return schema
+
+
+@functools.cache
+def valuestore_schema() -> dict[str, Any]:
+    return load_crd_schema(OUR_CRD, "v1alpha1")
