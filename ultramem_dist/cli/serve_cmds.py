@@ -32,6 +32,23 @@ def serve_shard_cmd(
     ready_file: Path | None = typer.Option(
         None, "--ready-file", help="Write {port, pid} JSON here once serving."
     ),
+    max_message_bytes: int = typer.Option(
+        64 << 20, "--max-message-bytes", min=1, help="Largest request/reply gRPC accepts (bytes)."
+    ),
+    max_concurrent_streams: int | None = typer.Option(
+        None, "--max-concurrent-streams", min=1, help="Concurrent calls per client connection."
+    ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate (TLS on)."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    tls_client_ca: Path | None = typer.Option(
+        None, "--tls-client-ca", help="PEM CA that signs client certificates (mutual TLS)."
+    ),
+    auth_token_file: Path | None = typer.Option(
+        None, "--auth-token-file", help="Bearer tokens ('TOKEN [tables=ID,...]' per line)."
+    ),
+    health_port: int | None = typer.Option(
+        None, "--health-port", min=0, max=65535, help="Plaintext grpc.health.v1-only port."
+    ),
 ) -> None:
     """Serve shard K of STORE over gRPC until SIGTERM (then drain gracefully)."""
     from ultramem_dist.errors import StoreError
@@ -52,9 +69,18 @@ def serve_shard_cmd(
             torch_threads=threads,
             kernel_workers=kernel_workers,
             metrics_port=metrics_port,
+            max_message_bytes=max_message_bytes,
+            max_concurrent_streams=max_concurrent_streams,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            auth_token_file=auth_token_file,
+            health_port=health_port,
         )
         asyncio.run(serve(cfg, ready_file))
     except StoreError as exc:
+        fail(f"refusing to serve: {exc}", 2)
+    except ValueError as exc:  # bad TLS files, token file or option combination
         fail(f"refusing to serve: {exc}", 2)
     except OSError as exc:
         fail(f"cannot start the shard server: {exc}", 1)
@@ -62,6 +88,51 @@ def serve_shard_cmd(
 
 def _client_error(exc: Exception) -> str:
     return str(exc).rstrip(".") + "."
+
+
+def read_client_token(path: Path) -> str:
+    """The bearer token of a client token file: the first word of its first non-comment line
+    (a one-line server token file works as is)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the auth token file {path}: {exc}") from None
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            return words[0]
+    raise ValueError(f"the auth token file {path} holds no token")
+
+
+def client_channel_options(
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_server_name: str | None = None,
+    auth_token_file: Path | None = None,
+    **extra: object,
+):  # -> ChannelOptions (imported lazily to keep the CLI start fast)
+    """ChannelOptions from the client-side security flags shared by several commands."""
+    from ultramem_dist.client import ChannelOptions
+
+    token = read_client_token(auth_token_file) if auth_token_file is not None else None
+    return ChannelOptions(
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_server_name=tls_server_name,
+        auth_token=token,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+TLS_CA_OPT = typer.Option(None, "--tls-ca", help="PEM CA that signed the shard certificates.")
+TLS_CERT_OPT = typer.Option(None, "--tls-cert", help="PEM client certificate (mutual TLS).")
+TLS_KEY_OPT = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert.")
+TLS_NAME_OPT = typer.Option(
+    None, "--tls-server-name", help="Name the shard certificates carry (default: target host)."
+)
+TOKEN_OPT = typer.Option(None, "--auth-token-file", help="File holding the bearer token.")
 
 
 @app.command("lookup")
@@ -72,6 +143,11 @@ def lookup_cmd(
     version: str | None = typer.Option(None, "--version", help="Expected table version."),
     timeout: float = typer.Option(5.0, "--timeout", min=0.001, help="Deadline (seconds)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random queries."),
+    tls_ca: Path | None = TLS_CA_OPT,
+    tls_cert: Path | None = TLS_CERT_OPT,
+    tls_key: Path | None = TLS_KEY_OPT,
+    tls_server_name: str | None = TLS_NAME_OPT,
+    auth_token_file: Path | None = TOKEN_OPT,
 ) -> None:
     """Run a real Gather with random valid queries and print a summary of the result."""
     import torch
@@ -79,9 +155,20 @@ def lookup_cmd(
     from ultramem_dist.client import GatherClient
     from ultramem_dist.errors import UltraMemError
 
+    try:
+        options = client_channel_options(
+            tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file
+        )
+    except ValueError as exc:
+        fail(str(exc), 2)
+
     async def run() -> dict:
         client = await GatherClient.connect(
-            target, version=version, deadline_s=timeout, connect_timeout_s=timeout
+            target,
+            version=version,
+            deadline_s=timeout,
+            connect_timeout_s=timeout,
+            options=options,
         )
         async with client:
             t = client.table(table)
@@ -118,6 +205,11 @@ def lookup_cmd(
 def info_cmd(
     target: str = typer.Option(..., "--target", help="HOST:PORT[,HOST:PORT...] of the shards."),
     timeout: float = typer.Option(5.0, "--timeout", min=0.001, help="Deadline (seconds)."),
+    tls_ca: Path | None = TLS_CA_OPT,
+    tls_cert: Path | None = TLS_CERT_OPT,
+    tls_key: Path | None = TLS_KEY_OPT,
+    tls_server_name: str | None = TLS_NAME_OPT,
+    auth_token_file: Path | None = TOKEN_OPT,
 ) -> None:
     """Print every target's Info (shard index, version, layout, limits) as JSON lines."""
     from google.protobuf.json_format import MessageToDict
@@ -126,10 +218,17 @@ def info_cmd(
     from ultramem_dist.client.channels import split_targets
     from ultramem_dist.errors import UltraMemError
 
+    try:
+        options = client_channel_options(
+            tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file
+        )
+    except ValueError as exc:
+        fail(str(exc), 2)
+
     async def run() -> list[dict]:
         out = []
         for t in split_targets(target):
-            reply = await fetch_info(t, timeout_s=timeout)
+            reply = await fetch_info(t, timeout_s=timeout, options=options)
             out.append({"target": t, **MessageToDict(reply, preserving_proto_field_name=True)})
         return out
 

@@ -5,6 +5,12 @@ All replicas of one shard share ONE channel whose target lists every replica add
 replicas and skips failed ones, and the ``retryPolicy`` transparently re-sends a call that got
 UNAVAILABLE (replica died mid-call) to another replica, within the call's deadline. No
 hand-written retry loops. Host names are resolved once, when the channel is created.
+
+Security (see docs/reliability.md): ``tls``/``tls_ca`` make the channel verify the server's
+certificate (against ``tls_server_name``, default: the host name of the first replica as given);
+``tls_cert``/``tls_key`` add a client certificate (mutual TLS); ``auth_token`` sends
+``authorization: Bearer <token>`` with every call (as gRPC call credentials over TLS; over
+plaintext only to loopback addresses).
 """
 
 from __future__ import annotations
@@ -13,11 +19,20 @@ import ipaddress
 import json
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 
-__all__ = ["ChannelOptions", "make_channel", "parse_target", "replica_target", "split_targets"]
+__all__ = [
+    "ChannelOptions",
+    "is_loopback_target",
+    "make_channel",
+    "parse_target",
+    "replica_target",
+    "split_targets",
+]
 
 SERVICE = "ultramem.v1.GatherPool"
 
@@ -36,6 +51,47 @@ class ChannelOptions:
     keepalive_timeout_ms: int = 10_000
     retry_buffer_bytes: int = 64 << 20
     """Requests up to this size stay replayable (gRPC's default, 256 KiB, is too small)."""
+    max_reconnect_backoff_ms: int | None = None
+    """Cap of the backoff between reconnect attempts to a failed replica (``None`` = gRPC's
+    default, 120 s). A small cap puts a restarted replica back into rotation sooner."""
+    tls: bool = False
+    """Speak TLS; implied by any ``tls_*`` file. Without ``tls_ca`` the system roots apply."""
+    tls_ca: str | Path | None = None
+    """PEM CA bundle that signed the servers' certificates."""
+    tls_cert: str | Path | None = None
+    """PEM client certificate chain (mutual TLS); needs ``tls_key``."""
+    tls_key: str | Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_server_name: str | None = None
+    """Name the server certificate must carry (default: the first replica's host as given)."""
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token sent with every call (``authorization: Bearer <token>``)."""
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("auth_token is empty")
+
+    @property
+    def secure(self) -> bool:
+        """Whether channels speak TLS."""
+        return bool(self.tls or self.tls_ca or self.tls_cert)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """TLS credentials (plus the bearer token as call credentials, if any)."""
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(self.tls_ca, "CA") if self.tls_ca else None,
+            private_key=_read_pem(self.tls_key, "client key") if self.tls_key else None,
+            certificate_chain=_read_pem(self.tls_cert, "client certificate")
+            if self.tls_cert
+            else None,
+        )
+        if self.auth_token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(self.auth_token.strip())
+            )
+        return creds
 
     def service_config(self) -> str:
         return json.dumps(
@@ -72,7 +128,36 @@ class ChannelOptions:
             opts.append(("grpc.service_config", self.service_config()))
         else:
             opts.append(("grpc.lb_policy_name", "round_robin"))
+        if self.max_reconnect_backoff_ms is not None:
+            backoff = max(1, self.max_reconnect_backoff_ms)
+            opts.append(("grpc.max_reconnect_backoff_ms", backoff))
+            opts.append(("grpc.initial_reconnect_backoff_ms", min(backoff, 1000)))
+            opts.append(("grpc.min_reconnect_backoff_ms", min(backoff, 1000)))
         return opts
+
+
+def _read_pem(path: str | Path, what: str) -> bytes:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS {what} file {p}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"the TLS {what} file {p} is not PEM (no '-----BEGIN' line)")
+    return data
+
+
+class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every unary call (plaintext loopback only)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token.strip()}")
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), self._header)
+        return await continuation(client_call_details._replace(metadata=metadata), request)
 
 
 def split_targets(spec: str | Sequence[str]) -> list[str]:
@@ -117,6 +202,25 @@ def replica_target(replicas: Sequence[str]) -> str:
     return "ipv6:" + ",".join(f"[{a}]:{p}" for a, p in resolved)
 
 
+def is_loopback_target(target: str) -> bool:
+    """True if ``host:port`` resolves to a loopback address (127.0.0.0/8 or ::1)."""
+    return _resolve(parse_target(target)[0]).is_loopback
+
+
 def make_channel(replicas: Sequence[str], options: ChannelOptions) -> grpc.aio.Channel:
-    """An insecure ``grpc.aio`` channel load-balancing over ``replicas``."""
-    return grpc.aio.insecure_channel(replica_target(replicas), options=options.grpc_options())
+    """A ``grpc.aio`` channel load-balancing over ``replicas`` (TLS if ``options.secure``)."""
+    target = replica_target(replicas)
+    opts = options.grpc_options()
+    if options.secure:
+        name = options.tls_server_name or parse_target(replicas[0])[0]
+        opts.append(("grpc.ssl_target_name_override", name))
+        return grpc.aio.secure_channel(target, options.channel_credentials(), options=opts)
+    interceptors = None
+    if options.auth_token:
+        if not all(is_loopback_target(r) for r in replicas):
+            raise ValueError(
+                "refusing to send a bearer token in cleartext to a non-loopback address; "
+                "enable TLS (tls_ca / --tls-ca)"
+            )
+        interceptors = [_BearerToken(options.auth_token)]
+    return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)

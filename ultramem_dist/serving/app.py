@@ -16,9 +16,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
-from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving.config import ServerConfig
 from ultramem_dist.serving.metrics import ShardMetrics
+from ultramem_dist.serving.security import (
+    BearerTokenInterceptor,
+    TokenPolicy,
+    add_hardened_gather_pool,
+    server_credentials,
+)
 from ultramem_dist.serving.servicer import GatherPoolServicer
 from ultramem_dist.serving.validate import Limits
 from ultramem_dist.store.reader import load_shard
@@ -38,14 +43,20 @@ class ShardServer:
         servicer: GatherPoolServicer,
         health: health_aio.HealthServicer,
         cfg: ServerConfig,
+        health_server: grpc.aio.Server | None = None,
     ) -> None:
         self.grpc_server = server
         self.servicer = servicer
         self.health = health
         self.cfg = cfg
+        self.health_server = health_server
+        """Plaintext health-only server (``cfg.health_port``), or ``None``."""
+        self.health_port: int | None = None
 
     async def start(self) -> None:
         await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -55,6 +66,8 @@ class ShardServer:
         if self.cfg.drain_s:
             await asyncio.sleep(self.cfg.drain_s)
         await self.grpc_server.stop(self.cfg.grace_s if grace is None else grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.servicer.close()
 
     async def wait_for_termination(self) -> None:
@@ -79,8 +92,11 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
         kernel_workers=cfg.kernel_workers,
         metrics=metrics,
     )
-    server = grpc.aio.server(options=cfg.grpc_options())
-    pb_grpc.add_GatherPoolServicer_to_server(servicer, server)
+    interceptors = []
+    if cfg.auth_token_file is not None:
+        interceptors.append(BearerTokenInterceptor(TokenPolicy.from_file(cfg.auth_token_file)))
+    server = grpc.aio.server(options=cfg.grpc_options(), interceptors=interceptors)
+    add_hardened_gather_pool(servicer, server)  # undecodable bytes -> INVALID_ARGUMENT
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -91,12 +107,26 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
         ),
         server,
     )
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert is not None and cfg.tls_key is not None:
+        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+    health_server = health_port = None
+    if cfg.health_port is not None:
+        health_server = grpc.aio.server(options=cfg.grpc_options())
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_port = health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+        if health_port == 0:
+            raise OSError(f"could not bind the health port {cfg.host}:{cfg.health_port}")
     if cfg.metrics_port is not None:
         metrics.serve(cfg.metrics_port, cfg.host)
-    return ShardServer(server, servicer, health, cfg), port
+    shard_server = ShardServer(server, servicer, health, cfg, health_server)
+    shard_server.health_port = health_port
+    return shard_server, port
 
 
 async def serve(cfg: ServerConfig, ready_file: Path | None = None) -> None:
@@ -113,7 +143,14 @@ async def serve(cfg: ServerConfig, ready_file: Path | None = None) -> None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
         tmp.write_text(
             json.dumps(
-                {"port": port, "pid": os.getpid(), "shard": cfg.shard, "version": manifest.version}
+                {
+                    "port": port,
+                    "pid": os.getpid(),
+                    "shard": cfg.shard,
+                    "version": manifest.version,
+                    "health_port": server.health_port,
+                    "tls": cfg.tls_cert is not None,
+                }
             )
         )
         os.replace(tmp, ready_file)

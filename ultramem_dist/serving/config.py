@@ -48,6 +48,21 @@ class ServerConfig:
     """``torch.set_num_threads`` for the kernel; ``None`` leaves torch's default."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (``None`` = off)."""
+    max_concurrent_streams: int | None = None
+    """Per-connection cap on concurrent calls (``grpc.max_concurrent_streams``); ``None`` keeps
+    gRPC's default. Calls above the cap wait in the client until a stream frees up."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the gRPC port; with ``tls_key`` the port speaks TLS only."""
+    tls_key: Path | None = None
+    """PEM private key matching ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token_file: Path | None = None
+    """Bearer-token file (:mod:`ultramem_dist.serving.security`); GatherPool calls then need
+    ``authorization: Bearer <token>``. Health and reflection stay open."""
+    health_port: int | None = None
+    """Also serve ``grpc.health.v1`` (only) in plaintext on this port, for probes that cannot
+    speak TLS (kubelet gRPC probes); ``None`` = off."""
 
     def __post_init__(self) -> None:
         self.store = Path(self.store)
@@ -62,6 +77,17 @@ class ServerConfig:
             raise ValueError("grace_s and drain_s must be >= 0")
         if self.kernel_workers < 0:
             raise ValueError("kernel_workers must be >= 0")
+        if self.max_concurrent_streams is not None and self.max_concurrent_streams < 1:
+            raise ValueError("max_concurrent_streams must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel arguments of the server (explicit message limits and keepalive)."""
@@ -74,4 +100,8 @@ class ServerConfig:
             ("grpc.http2.min_ping_interval_without_data_ms", self.min_client_ping_interval_ms),
             ("grpc.http2.max_ping_strikes", 2),
             ("grpc.so_reuseport", 0),
-        ]
+        ] + (
+            [("grpc.max_concurrent_streams", self.max_concurrent_streams)]
+            if self.max_concurrent_streams is not None
+            else []
+        )
