@@ -221,3 +221,4 @@ async def test_ray_runtime_places_actors_with_a_job() -> None:
         c.complete_job("mem-up-v1-s4-r2")
         await eventually(lambda: status(c).get("phase") == "Ready", "phase Ready", operator=op)
         assert status(c)["servingVersion"] == "v1"
+        assert status(c)["endpoints"]["front"] == "ray://umem-head-svc.ml.svc:10001"

@@ -7,7 +7,6 @@ planner always patches complete sub-objects (pod templates, selectors, port list
 
 from __future__ import annotations
 
-import asyncio
 import os
 import ssl
 import tempfile
@@ -47,6 +46,7 @@ class KubeApi:
         self._keepalive = keepalive
         self._refresh = refresh
         self._session: aiohttp.ClientSession | None = None
+        self._retired: list[aiohttp.ClientSession] = []
         self._tempfiles: list[str] = []
 
     @property
@@ -62,14 +62,16 @@ class KubeApi:
         self._info = info
 
     def _drop_session(self) -> None:
-        if self._session is not None and not self._session.closed:
-            asyncio.get_event_loop().create_task(self._session.close())
+        if self._session is not None:
+            self._retired.append(self._session)  # closed in close(); in-flight calls finish
         self._session = None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in [*self._retired, self._session]:
+            if session is not None and not session.closed:
+                await session.close()
+        self._retired.clear()
+        self._session = None
         for path in self._tempfiles:
             try:
                 os.unlink(path)

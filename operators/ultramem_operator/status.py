@@ -67,11 +67,15 @@ def get_condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | 
 
 
 def endpoints(spec: ValueStoreSpec) -> dict[str, Any]:
+    """Where clients connect: per-shard headless Services, or the RayCluster's Ray Client."""
     domain = f"{spec.namespace}.svc"
+    if spec.runtime == "ray":
+        return {"front": f"ray://{spec.ray_cluster}-head-svc.{domain}:{spec.ray_client_port}",
+                "shards": []}
     return {
         "front": f"{manifests.front_service_name(spec.name)}.{domain}:{GRPC_PORT}",
         "shards": [f"{manifests.shard_service_name(spec.name, k)}.{domain}:{GRPC_PORT}"
-                   for k in range(spec.shards)] if spec.runtime == "standalone" else [],
+                   for k in range(spec.shards)],
     }
 
 

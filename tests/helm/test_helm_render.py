@@ -279,7 +279,7 @@ def test_operator_rbac_is_least_privilege(variants: dict[str, Rendered]) -> None
         ("apps", "statefulsets"): {"get", "list", "create", "patch", "delete"},
         ("", "services"): {"get", "list", "create", "patch", "delete"},
         ("batch", "jobs"): {"get", "list", "create", "patch", "delete"},
-        ("", "events"): {"create", "patch"},
+        ("", "events"): {"create"},
     }
     assert not any("*" in v or "secrets" in res for (_, res), v in granted.items())
     (binding,) = r.kind("RoleBinding")
