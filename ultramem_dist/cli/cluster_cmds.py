@@ -38,6 +38,9 @@ def up(
     host: str = typer.Option(
         "127.0.0.1", help='Interface shard servers bind; "node" = each Ray node\'s IP.'
     ),
+    port: int = typer.Option(
+        0, help="Fixed gRPC port of every replica (one replica per node/pod); 0 = free ports."
+    ),
     num_cpus: float = typer.Option(0.0, help="CPUs reserved per replica."),
     num_gpus: float = typer.Option(0.0, help="GPUs per replica (kernel runs on CUDA)."),
     resource: list[str] = typer.Option([], help="Custom resource NAME=AMOUNT (repeatable)."),
@@ -73,6 +76,7 @@ def up(
 def status(
     address: str | None = typer.Option(None, help=ADDRESS_HELP),
     window: float = typer.Option(1.0, help="Seconds over which QPS is measured."),
+    as_json: bool = typer.Option(False, "--json", help="Print the registry snapshot as JSON."),
 ) -> None:
     """Shards, replicas, endpoints, health and QPS of every deployment."""
     _connect(address)
@@ -81,36 +85,99 @@ def status(
         first = deployer.status()
     except LookupError as exc:
         fail(str(exc), code=1)
+    if as_json:
+        import json
+
+        active = first["deployments"].get(first["active"] or "", {})
+        first["active_endpoints"] = sorted(
+            rec["endpoint"] for reps in active.get("replicas", {}).values() for rec in reps.values()
+        )
+        typer.echo(json.dumps(first, indent=2, sort_keys=True, default=str))
+        return
     time.sleep(window)
     console.print(status_table(first, deployer.status(), window))
 
 
 def status_table(first: dict, second: dict, window: float):  # noqa: ANN201
-    """A rich table of two registry snapshots taken ``window`` seconds apart (for QPS)."""
+    """A rich table of two registry snapshots taken ``window`` seconds apart: QPS and median
+    Gather latency (``p50ms``) over the window, from each replica's server metrics."""
+    from rich import box
     from rich.table import Table
 
     from ultramem_dist.cluster.health import check_health
 
-    table = Table(title=f"ultramem-dist — active deployment: {second['active']}")
-    for col in ("version", "state", "shard", "replica", "endpoint", "health", "restarts",
-                "requests", "QPS"):
-        table.add_column(col, no_wrap=col in ("endpoint", "version"))
+    table = Table(
+        title=f"ultramem-dist — active deployment: {second['active']}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        show_edge=False,
+    )
+    headers = {"shard": "shd", "replica": "rep", "restarts": "rst", "requests": "reqs"}
+    for col in (
+        "version",
+        "state",
+        "shard",
+        "replica",
+        "endpoint",
+        "health",
+        "restarts",
+        "requests",
+        "QPS",
+        "p50ms",
+    ):
+        table.add_column(
+            headers.get(col, col),
+            no_wrap=col != "version",  # a long version folds; every other cell stays whole
+            overflow="fold",
+            justify="right" if col in ("requests", "QPS", "p50ms") else "left",
+        )
     for dep_id, dep in second["deployments"].items():
+        table.add_section()
+        first_row = True  # version and state are printed once per deployment
         for shard, reps in sorted(dep["replicas"].items()):
             for r, rec in sorted(reps.items()):
                 info = rec.get("info", {})
                 before = (
-                    first["deployments"].get(dep_id, {}).get("replicas", {}).get(shard, {})
-                    .get(r, {}).get("info", {}).get("requests", 0.0)
+                    first["deployments"]
+                    .get(dep_id, {})
+                    .get("replicas", {})
+                    .get(shard, {})
+                    .get(r, {})
+                    .get("info", {})
                 )
-                qps = (info.get("requests", 0.0) - before) / window if info else 0.0
+                qps = (info.get("requests", 0.0) - before.get("requests", 0.0)) / window
                 health = check_health(rec["endpoint"]) if rec.get("alive") else "DEAD"
                 table.add_row(
-                    dep["version"], dep["state"], str(shard), str(r), rec["endpoint"],
-                    health, str(info.get("restarts", rec.get("restarts", 0))),
-                    f"{info.get('requests', 0):.0f}", f"{qps:.1f}",
+                    dep["version"] if first_row else "",
+                    dep["state"] if first_row else "",
+                    str(shard),
+                    str(r),
+                    rec["endpoint"],
+                    health,
+                    str(info.get("restarts", rec.get("restarts", 0))),
+                    f"{info.get('requests', 0):.0f}",
+                    f"{qps:.1f}",
+                    _window_p50_ms(before, info),
                 )
+                first_row = False
     return table
+
+
+def _window_p50_ms(before: dict, after: dict) -> str:
+    """Median latency (ms) of the Gather calls between two ``ShardActor.info()`` snapshots;
+    ``-`` when no call succeeded in between (or the replica restarted: counters went down)."""
+    from ultramem_dist.serving.metrics import histogram_quantile
+
+    now = after.get("latency_buckets")
+    if not now:
+        return "-"
+    prev = {le: c for le, c in before.get("latency_buckets") or []}
+    delta = [[le, c - prev.get(le, 0.0)] for le, c in now]
+    if any(c < 0 for _, c in delta):
+        delta = now
+    p50 = histogram_quantile(delta, 0.5)
+    return "-" if p50 is None else f"{p50 * 1e3:.2f}"
 
 
 @app.command()

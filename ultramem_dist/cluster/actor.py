@@ -31,6 +31,8 @@ class ShardSpec:
     replica: int
     host: str = "127.0.0.1"
     """Interface to bind and advertise; ``"node"`` means this Ray node's IP address."""
+    port: int = 0
+    """Fixed gRPC port (one replica per node, e.g. one per Kubernetes pod); 0 = a free port."""
     torch_threads: int = 1
     """Kernel threads per replica (keep replicas from oversubscribing a node's cores)."""
     server: dict[str, Any] = field(default_factory=dict)
@@ -69,8 +71,11 @@ class ShardActor:
                 self.spec.deployment_id, self.spec.shard, self.spec.replica
             )
         )
-        ports = [int(previous.rsplit(":", 1)[1])] if previous else []
-        ports.append(0)
+        if self.spec.port:
+            ports = [self.spec.port]  # fixed: probes and Services point at it
+        else:
+            ports = [int(previous.rsplit(":", 1)[1])] if previous else []
+            ports.append(0)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="shard-grpc"
@@ -112,17 +117,24 @@ class ShardActor:
         )
 
     def info(self) -> dict[str, Any]:
-        """Endpoint, pid, device and counters of this replica."""
+        """Endpoint, pid, device and counters of this replica.
+
+        From the server's metrics: ``requests`` and ``errors`` (Gather calls, cumulative) and
+        the successful Gather latency histogram (``latency_count``, ``latency_sum_s``,
+        ``latency_buckets`` as ``[[upper_bound_s, cumulative_count], ...]``) plus its median
+        ``latency_p50_ms`` since start; two snapshots give the rates over a window.
+        """
         servicer = self._server.servicer
         metrics = getattr(servicer, "metrics", None)
         requests = errors = 0.0
+        latency: dict[str, Any] = {}
         if metrics is not None:
-            for metric in metrics.requests.collect():
-                for sample in metric.samples:
-                    if sample.name.endswith("_total"):
-                        requests += sample.value
-                        if sample.labels.get("code") != "OK":
-                            errors += sample.value
+            from ultramem_dist.serving.metrics import histogram_quantile
+
+            latency = metrics.snapshot("Gather")
+            requests, errors = latency.pop("requests"), latency.pop("errors")
+            p50 = histogram_quantile(latency["latency_buckets"], 0.5)
+            latency["latency_p50_ms"] = None if p50 is None else p50 * 1e3
         return {
             **asdict(self.spec),
             "endpoint": self.endpoint,
@@ -131,6 +143,7 @@ class ShardActor:
             "restarts": self.restarts,
             "requests": requests,
             "errors": errors,
+            **latency,
         }
 
     def stop(self, grace_s: float = 2.0) -> None:

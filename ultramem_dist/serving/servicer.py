@@ -16,7 +16,12 @@ from ultramem_dist.errors import UltraMemError
 from ultramem_dist.kernels import gather_pool
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
-from ultramem_dist.serving.metrics import ShardMetrics
+from ultramem_dist.serving.metrics import (
+    ShardMetrics,
+    call_code,
+    gather_reply_bytes,
+    gather_request_bytes,
+)
 from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
 from ultramem_dist.store.manifest import SCHEMA_VERSION
 from ultramem_dist.store.reader import ShardSlice
@@ -65,10 +70,24 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             else None
         )
         self._info = self._build_info()
+        self._info_bytes = self._info.ByteSize()
+        m = shard.manifest
+        self._metrics.set_table_version(
+            m.version,
+            model_id=m.model_id,
+            config_hash=m.config_hash,
+            shard=shard.shard,
+            num_shards=m.num_shards,
+        )
 
     @property
     def shard(self) -> ShardSlice:
         return self._shard
+
+    @property
+    def metrics(self) -> ShardMetrics:
+        """This server's Prometheus metrics (read them; the servicer records them)."""
+        return self._metrics
 
     def close(self) -> None:
         if self._executor is not None:
@@ -129,6 +148,25 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
     ) -> pb.GatherReply:
         start = time.perf_counter()
+        self._metrics.begin("Gather")
+        reply = None
+        try:
+            reply = await self._gather(request, context)
+            return reply
+        finally:
+            code = call_code(context, reply is not None)
+            self._metrics.end(
+                "Gather",
+                code,
+                time.perf_counter() - start,
+                gather_request_bytes(request) if code == "OK" else request.ByteSize(),
+                gather_reply_bytes(reply) if reply is not None else 0,
+            )
+
+    async def _gather(
+        self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GatherReply:
+        start = time.perf_counter()
         table = request.table_id if request.table_id in self._shard.tables else "?"
         try:
             if self._executor is None:
@@ -154,4 +192,9 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
     async def Info(  # noqa: N802 (gRPC method name)
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.InfoReply:
+        start = time.perf_counter()
+        self._metrics.begin("Info")
+        self._metrics.end(
+            "Info", "OK", time.perf_counter() - start, request.ByteSize(), self._info_bytes
+        )
         return self._info
