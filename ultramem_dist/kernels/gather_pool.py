@@ -11,23 +11,33 @@ where the table's columns are split into *segments* ``s`` and each segment belon
 core (``core(s)``).  For an unsharded table with ``h_c`` cores there are ``h_c`` segments of
 width ``Dv / h_c``; a dimension-sharded slice has the segments that intersect its column range.
 
-Implementation: the table ``[rows, nseg * w]`` (equal-width segments) is viewed as
-``[rows * nseg, w]`` so that (row, segment) is one contiguous embedding row.  Each lookup entry
-becomes ``nseg`` entries ``row * nseg + s`` weighted by its core's score; entries are stably sorted
-by bag key ``(token, block, segment)`` and reduced by a single
-``torch.nn.functional.embedding_bag(mode="sum", per_sample_weights=...)`` call, which reads
-exactly the bytes of the selected rows once.  Unequal segments (a dimension shard boundary that
-cuts a core slice unevenly) fall back to one ``embedding_bag`` per segment.
+Implementation (one ``torch.nn.functional.embedding_bag(mode="sum", per_sample_weights=...)``
+call, which reads every selected row once):
+
+1. Entries are stably grouped by bag key ``token * E + block`` (a radix sort through numpy when
+   the keys fit 16 bits, else ``torch.sort``); entries keep their original order inside a bag.
+2. Equal-width segments: the table ``[rows, nseg * w]`` is viewed as ``[rows * nseg, w]`` so that
+   (row, segment) is one contiguous embedding row, and every entry becomes ``nseg`` entries
+   ``row * nseg + s`` weighted by its core's score, laid out token by token as
+   ``(token, segment, block)`` bags; the ``[T, nseg, E, w]`` result is transposed to
+   ``[T, E, nseg * w]``.  A token's rows are read for its first segment and re-read from cache
+   for the next.  ``sum_segments`` keeps all segments of an entry in its ``(token, block)`` bag.
+3. Unequal segments (a dimension shard boundary that cuts a core slice unevenly) use the same
+   layout over full-width rows and keep each segment's columns of its own bags: never a copy of
+   the table (a column slice of the table would be, inside ``embedding_bag``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = ["ColumnSegment", "column_segments", "gather_pool"]
+
+_RADIX_KEYS = 1 << 16  # numpy's stable argsort is a radix sort for 16-bit keys
 
 
 @dataclass(frozen=True)
@@ -61,27 +71,33 @@ def column_segments(col_lo: int, col_hi: int, dv: int, num_cores: int) -> tuple[
     return tuple(segs)
 
 
-def _bag_order(keys: torch.Tensor, num_bags: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable permutation that groups entries by bag key, and the bag offsets."""
-    order = torch.sort(keys, stable=True).indices
-    counts = torch.bincount(keys, minlength=num_bags)
-    offsets = torch.zeros(num_bags, dtype=torch.long, device=keys.device)
-    torch.cumsum(counts[:-1], 0, out=offsets[1:])
-    return order, offsets
+def _stable_order(keys: np.ndarray, num_keys: int) -> np.ndarray:
+    """Stable permutation that groups ``keys`` (ints in ``[0, num_keys)``) in ascending order."""
+    if num_keys <= _RADIX_KEYS:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    return np.argsort(keys, kind="stable")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """An integer tensor as an int64 numpy array (a view when it already is one on the CPU)."""
+    return t.detach().cpu().numpy().astype(np.int64, copy=False)
 
 
 def _weighted_bag(
     table: torch.Tensor,
-    idx: torch.Tensor,
-    bag_offsets: torch.Tensor,
+    idx: np.ndarray,
+    bag_offsets: np.ndarray,
     weights: torch.Tensor,
 ) -> torch.Tensor:
     """``embedding_bag`` sum; a table stored in another dtype is converted row by row (only the
     gathered rows), so half-precision storage accumulates in the weights' precision."""
+    dev = table.device
+    idx_t = torch.from_numpy(idx).to(dev)
+    off_t = torch.from_numpy(bag_offsets).to(dev)
     if table.dtype != weights.dtype:
-        table = table.index_select(0, idx).to(weights.dtype)
-        idx = torch.arange(idx.numel(), device=idx.device)
-    return F.embedding_bag(idx, table, bag_offsets, mode="sum", per_sample_weights=weights)
+        table = table.index_select(0, idx_t).to(weights.dtype)
+        idx_t = torch.arange(idx.size, device=dev)
+    return F.embedding_bag(idx_t, table, off_t, mode="sum", per_sample_weights=weights)
 
 
 def gather_pool(
@@ -116,63 +132,94 @@ def gather_pool(
     if table.dim() != 2:
         raise ValueError(f"table must be 2-D [rows, cols], got shape {tuple(table.shape)}")
     num_cores = weights.shape[-1]
+    cols = table.shape[1]
     if segments is None:
-        segments = column_segments(0, table.shape[1], table.shape[1], num_cores)
+        segments = column_segments(0, cols, cols, num_cores)
     if offsets is None:
         if indices.dim() != 2:
             raise ValueError(f"dense indices must be [T, L], got shape {tuple(indices.shape)}")
         num_tokens, per_token = indices.shape
-        token = torch.arange(num_tokens, device=indices.device).repeat_interleave(per_token)
     else:
-        num_tokens = offsets.numel() - 1
-        lengths = offsets[1:] - offsets[:-1]
-        token = torch.repeat_interleave(torch.arange(num_tokens, device=indices.device), lengths)
-    flat_idx = indices.reshape(-1).long()
-    flat_blk = blocks.reshape(-1).long()
-    flat_w = weights.reshape(-1, num_cores)
-    out_dtype = weights.dtype
-    widths = {s.width for s in segments}
+        num_tokens, per_token = offsets.numel() - 1, 0
     nseg = len(segments)
-    contiguous = (
-        len(widths) == 1
+    width = segments[0].width
+    equal = (
+        all(s.width == width for s in segments)
         and segments[0].start == 0
-        and segments[-1].stop == table.shape[1]
+        and segments[-1].stop == cols
         and all(a.stop == b.start for a, b in zip(segments, segments[1:], strict=False))
         and table.is_contiguous()
     )
-    if flat_idx.numel() == 0:
-        width = segments[0].width if sum_segments else table.shape[1]
-        return torch.zeros(num_tokens, num_blocks, width, dtype=out_dtype, device=table.device)
+    nnz = indices.numel()
+    if nnz == 0:
+        out_w = width if sum_segments else cols
+        return torch.zeros(num_tokens, num_blocks, out_w, dtype=weights.dtype, device=table.device)
+    if sum_segments and not equal:
+        raise ValueError("sum_segments needs equal-width segments covering the table")
+    # Index bookkeeping is integer work on a few thousand entries: numpy does it with a
+    # fraction of torch's per-call overhead. Weights stay torch (one differentiable gather).
+    flat_w = weights.reshape(-1)  # entry j, core c -> j * num_cores + c
+    idx = _np(indices).reshape(-1)
+    blk = _np(blocks).reshape(-1)
+    num_bags = num_tokens * num_blocks
 
-    if contiguous:
-        width = segments[0].width
-        view = table.view(table.shape[0] * nseg, width)
-        seg_ids = torch.arange(nseg, device=table.device)
-        seg_cores = torch.tensor([s.core for s in segments], device=table.device)
-        ent_idx = (flat_idx[:, None] * nseg + seg_ids[None, :]).reshape(-1)
-        ent_w = flat_w[:, seg_cores].reshape(-1)
-        bag = token * num_blocks + flat_blk
-        if sum_segments:
-            ent_bag = bag.repeat_interleave(nseg)
-            num_bags = num_tokens * num_blocks
-        else:
-            ent_bag = (bag[:, None] * nseg + seg_ids[None, :]).reshape(-1)
-            num_bags = num_tokens * num_blocks * nseg
-        order, bag_offsets = _bag_order(ent_bag, num_bags)
-        pooled = _weighted_bag(view, ent_idx[order], bag_offsets, ent_w[order])
-        if sum_segments:
-            return pooled.view(num_tokens, num_blocks, width)
-        return pooled.view(num_tokens, num_blocks, nseg * width)
+    # 1. group entries by bag key token * E + block (tokens are already contiguous runs)
+    if offsets is None:
+        key = blk.reshape(num_tokens, per_token) + (np.arange(num_tokens) * num_blocks)[:, None]
+        key = key.reshape(-1)
+        lengths = offs = None
+    else:
+        offs = _np(offsets)
+        lengths = np.diff(offs)
+        tok = np.repeat(np.arange(num_tokens), lengths)
+        key = tok * num_blocks + blk
+    order = _stable_order(key, num_bags)
+    bag_start = np.zeros(num_bags, dtype=np.int64)
+    np.cumsum(np.bincount(key, minlength=num_bags)[:-1], out=bag_start[1:])
+    idx_s = idx[order]
+    cores = np.array([s.core for s in segments], dtype=np.int64)
+    src = order * num_cores  # where each sorted entry's weights start in flat_w
 
-    # Unequal segments: one embedding_bag per segment on a column slice of the table.
-    bag = token * num_blocks + flat_blk
-    order, bag_offsets = _bag_order(bag, num_tokens * num_blocks)
-    idx_sorted = flat_idx[order]
-    parts = []
-    for seg in segments:
-        cols = table[:, seg.start : seg.stop]
-        part = _weighted_bag(cols, idx_sorted, bag_offsets, flat_w[order, seg.core])
-        parts.append(part.view(num_tokens, num_blocks, seg.width))
-    if sum_segments:
-        return torch.stack(parts).sum(0)
+    def bag(rows: torch.Tensor, ent_idx: np.ndarray, bag_off: np.ndarray, w_src: np.ndarray):
+        ent_w = flat_w.index_select(0, torch.from_numpy(w_src).to(flat_w.device))
+        return _weighted_bag(rows, ent_idx, bag_off, ent_w)
+
+    if nseg == 1 and equal:  # one core's columns: one bag per (token, block)
+        pooled = bag(table, idx_s, bag_start, src + cores[0])
+        return pooled.view(num_tokens, num_blocks, cols)
+
+    seg_ids = np.arange(nseg)
+    if equal:
+        rows, row_w, ent_idx = table.view(-1, width), width, idx_s * nseg
+    else:
+        rows, row_w, ent_idx = table, cols, idx_s
+    if sum_segments:  # 2. all segments of an entry stay in its (token, block) bag
+        ent = (ent_idx[:, None] + seg_ids).reshape(-1)
+        pooled = bag(rows, ent, bag_start * nseg, (src[:, None] + cores).reshape(-1))
+        return pooled.view(num_tokens, num_blocks, row_w)
+
+    # 2./3. a token's entries repeated once per segment: bags in (token, segment, block) order
+    if offs is None:
+        ent3 = ent_idx.reshape(num_tokens, 1, per_token)
+        ent3 = ent3 + seg_ids[:, None] if equal else np.repeat(ent3, nseg, axis=1)
+        ent = ent3.reshape(-1)
+        w_src = (src.reshape(num_tokens, 1, per_token) + cores[:, None]).reshape(-1)
+        tok_shift = np.arange(num_tokens) * ((nseg - 1) * per_token)
+        seg_shift = (seg_ids * per_token)[None, :, None]
+    else:
+        assert lengths is not None
+        tok_shift = (nseg - 1) * offs[:-1]
+        pos = (np.arange(nnz) + tok_shift[tok])[:, None] + lengths[tok][:, None] * seg_ids
+        pos = pos.reshape(-1)
+        ent = np.empty(nnz * nseg, dtype=np.int64)
+        ent[pos] = (ent_idx[:, None] + seg_ids if equal else np.repeat(ent_idx, nseg)).reshape(-1)
+        w_src = np.empty(nnz * nseg, dtype=np.int64)
+        w_src[pos] = (src[:, None] + cores).reshape(-1)
+        seg_shift = lengths[:, None, None] * seg_ids[None, :, None]
+    bag_off = bag_start.reshape(num_tokens, 1, num_blocks) + tok_shift[:, None, None] + seg_shift
+    pooled = bag(rows, ent, bag_off.reshape(-1), w_src)
+    pooled = pooled.view(num_tokens, nseg, num_blocks, row_w)
+    if equal:
+        return pooled.transpose(1, 2).reshape(num_tokens, num_blocks, cols)
+    parts = [pooled[:, k, :, s.start : s.stop] for k, s in enumerate(segments)]
     return torch.cat(parts, dim=-1)
