@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 
-.PHONY: help venv demo test test-fast lint proto bench clean
+.PHONY: help venv demo test lint proto crd-sync bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "==> installing ultramem-dist and its dependencies into $(VENV) (first run: ~2 min)"
 	@$(BIN)/pip install -q --disable-pip-version-check -U pip 2>/dev/null
-	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,bench,operator]' 2>&1 | grep -v -e "is ignored: it is neither" -e "^WARNING: Location" || true
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,bench,operator]' \
+		> $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
 	@$(BIN)/python -c "import ultramem_dist, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@touch $(STAMP)
 
@@ -28,6 +29,12 @@ test: $(STAMP) ## run the whole test suite (unit + integration, no slow benchmar
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
+
+proto: $(STAMP) ## regenerate the gRPC stubs from proto/ (never edit them by hand)
+	$(BIN)/python scripts/gen_proto.py
+
+crd-sync: ## copy the ValueStore CRD (single source: operators/crds) into the chart
+	cp operators/crds/valuestore.yaml helm/ultramem/crds/valuestore.yaml
 
 bench: $(STAMP) ## run every benchmark (minutes each); results in benchmarks/results/
 	$(BIN)/python benchmarks/quality.py

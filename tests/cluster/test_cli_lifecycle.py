@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -35,6 +36,9 @@ def test_up_status_generate_scale_down(tmp_path):
         res = _run(["status", "--window", "0.2"], env)
         assert res.returncode == 0, res.stderr
         assert res.stderr.count("SERVING") == 2
+        res = _run(["status", "--json"], env)
+        assert res.returncode == 0, res.stderr
+        assert len(json.loads(res.stdout)["active_endpoints"]) == 2
         res = _run(
             [
                 "generate",

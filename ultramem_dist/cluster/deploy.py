@@ -45,6 +45,8 @@ class PlacementOptions:
     auto = STRICT_SPREAD when the cluster has at least as many nodes as replicas, else SPREAD."""
     host: str = "127.0.0.1"
     """Interface the shard servers bind/advertise ("node" = the Ray node's IP)."""
+    port: int = 0
+    """Fixed gRPC port of every replica (needs one replica per node); 0 = free ports."""
     torch_threads: int = 1
     """Kernel threads per replica."""
     max_restarts: int = -1
