@@ -134,3 +134,21 @@ def test_ragged_input_is_split_with_per_shard_offsets():
     parts = split_by_owner(idx, torch.zeros_like(idx), torch.ones(5, 1), [0, 10], offsets=offsets)
     assert parts[0].indices.tolist() == [1, 2] and parts[0].offsets.tolist() == [0, 1, 1, 2]
     assert parts[1].indices.tolist() == [12, 13, 14] and parts[1].offsets.tolist() == [0, 1, 1, 3]
+
+
+def test_expand_targets_turns_a_multi_address_name_into_every_address(monkeypatch):
+    import socket
+
+    from ultramem_dist.client.channels import expand_targets
+
+    def fake_getaddrinfo(host, port, type=0):  # noqa: A002 - socket's own keyword
+        table = {"shards.svc": ["10.0.0.1", "10.0.0.2", "10.0.0.1"], "one.svc": ["10.0.0.9"]}
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in table[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    assert expand_targets(["shards.svc:50051", "127.0.0.1:7", "one.svc:5"]) == [
+        "10.0.0.1:50051",
+        "10.0.0.2:50051",
+        "127.0.0.1:7",
+        "one.svc:5",
+    ]

@@ -31,6 +31,7 @@ __all__ = [
     "make_channel",
     "parse_target",
     "replica_target",
+    "expand_targets",
     "split_targets",
 ]
 
@@ -166,6 +167,29 @@ def split_targets(spec: str | Sequence[str]) -> list[str]:
     out = [t.strip() for item in items for t in item.split(",") if t.strip()]
     if not out:
         raise ValueError("no target given; expected HOST:PORT[,HOST:PORT...]")
+    return out
+
+
+def expand_targets(targets: Sequence[str]) -> list[str]:
+    """Replace every ``name:port`` whose name resolves to several addresses by one target per
+    address (order kept, duplicates dropped). A Kubernetes headless Service that selects every
+    shard replica thus becomes the full replica list; ``Info`` then tells which shard each is.
+    IP literals and single-address names pass through unchanged."""
+    out: list[str] = []
+    for target in targets:
+        host, port = parse_target(target)
+        expanded = [target]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror:
+                infos = []  # reported by the connection attempt with the original name
+            addrs = list(dict.fromkeys(i[4][0] for i in infos))
+            if len(addrs) > 1:
+                expanded = [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addrs]
+        out.extend(t for t in expanded if t not in out)
     return out
 
 

@@ -22,7 +22,12 @@ import torch
 
 from ultramem_dist._private.codec import decode_tensor, encode_tensor
 from ultramem_dist._private.status import error_for
-from ultramem_dist.client.channels import ChannelOptions, make_channel, split_targets
+from ultramem_dist.client.channels import (
+    ChannelOptions,
+    expand_targets,
+    make_channel,
+    split_targets,
+)
 from ultramem_dist.client.layout import StoreLayout, TableLayout
 from ultramem_dist.client.router import concat_columns, split_by_owner, sum_partials
 from ultramem_dist.errors import (
@@ -96,6 +101,8 @@ class GatherClient:
         """
         opts = options or ChannelOptions()
         addrs = split_targets(targets)
+        if not opts.secure:  # with TLS, names must stay names (certificate host checks)
+            addrs = expand_targets(addrs)
         results = await asyncio.gather(
             *(fetch_info(t, timeout_s=connect_timeout_s, options=opts) for t in addrs),
             return_exceptions=True,
