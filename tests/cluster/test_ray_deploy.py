@@ -218,10 +218,3 @@ def test_bad_scale_requests_are_refused(deployed):
         deployed.scale_replicas(7, 2)
     with pytest.raises(ValueError, match=">= 1"):
         deployed.scale_replicas(0, 0)
-
-
-@pytest.mark.gpu
-def test_shard_runs_on_cuda_when_given_a_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device on this machine")
-    pytest.skip("GPU shard placement is exercised on GPU runners only")

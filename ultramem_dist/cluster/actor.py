@@ -90,10 +90,9 @@ class ShardActor:
                 host=host,
                 port=port,
                 torch_threads=self.spec.torch_threads,
+                device=self.device,
                 **self.spec.server,
             )
-            if "device" in ServerConfig.__dataclass_fields__:
-                cfg.device = self.device  # type: ignore[attr-defined]
             try:
                 self._server, self._port = asyncio.run_coroutine_threadsafe(
                     _start_server(cfg), self._loop

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from ultramem_dist.serving.security import (
 )
 from ultramem_dist.serving.servicer import GatherPoolServicer
 from ultramem_dist.serving.validate import Limits
-from ultramem_dist.store.reader import load_shard
+from ultramem_dist.store.reader import ShardSlice, load_shard
 
 __all__ = ["SERVICE_NAME", "ShardServer", "build_server", "serve"]
 
@@ -74,6 +75,18 @@ class ShardServer:
         await self.grpc_server.wait_for_termination()
 
 
+def shard_to_device(shard: ShardSlice, device: str) -> ShardSlice:
+    """Copy every table of ``shard`` to ``device`` (no-op on CPU, where they stay mmap'd)."""
+    if torch.device(device).type == "cpu":
+        return shard
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    tables = {
+        tid: dataclasses.replace(t, values=t.values.to(device)) for tid, t in shard.tables.items()
+    }
+    return dataclasses.replace(shard, tables=tables)
+
+
 def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
     """Load (verify + mmap) the shard and bind a server to ``cfg.host:cfg.port``.
 
@@ -83,7 +96,7 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
     """
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    shard = load_shard(cfg.store, cfg.shard, cfg.version)
+    shard = shard_to_device(load_shard(cfg.store, cfg.shard, cfg.version), cfg.device)
     metrics = ShardMetrics()
     servicer = GatherPoolServicer(
         shard,

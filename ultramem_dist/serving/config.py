@@ -48,6 +48,9 @@ class ServerConfig:
     """``torch.set_num_threads`` for the kernel; ``None`` leaves torch's default."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (``None`` = off)."""
+    device: str = "cpu"
+    """Where the shard's tables live and the kernel runs: ``cpu`` or ``cuda[:N]`` (the slice is
+    copied to the GPU once at start; replies are copied back)."""
     max_concurrent_streams: int | None = None
     """Per-connection cap on concurrent calls (``grpc.max_concurrent_streams``); ``None`` keeps
     gRPC's default. Calls above the cap wait in the client until a stream frees up."""
