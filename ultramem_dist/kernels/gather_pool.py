@@ -29,6 +29,7 @@ call, which reads every selected row once):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,10 +95,60 @@ def _weighted_bag(
     dev = table.device
     idx_t = torch.from_numpy(idx).to(dev)
     off_t = torch.from_numpy(bag_offsets).to(dev)
-    if table.dtype != weights.dtype:
-        table = table.index_select(0, idx_t).to(weights.dtype)
-        idx_t = torch.arange(idx.size, device=dev)
-    return F.embedding_bag(idx_t, table, off_t, mode="sum", per_sample_weights=weights)
+    if table.dtype == weights.dtype:
+        return F.embedding_bag(idx_t, table, off_t, mode="sum", per_sample_weights=weights)
+    if torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
+        rows = table.index_select(0, idx_t).to(weights.dtype)
+        ids = torch.arange(idx.size, device=dev)
+        return F.embedding_bag(ids, rows, off_t, mode="sum", per_sample_weights=weights)
+    return _converted_bag(table, idx, bag_offsets, weights)
+
+
+_SCRATCH = threading.local()
+_CHUNK_BYTES = 4 << 20  # converted rows per step: stays in cache, reused call after call
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer reused across calls: fresh multi-MB temporaries cost a page fault
+    per 4 KiB on every call (the allocator returns them to the OS), more than the conversion."""
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        setattr(_SCRATCH, name, buf)
+    return buf[:numel]
+
+
+def _converted_bag(
+    table: torch.Tensor, idx: np.ndarray, bag_offsets: np.ndarray, weights: torch.Tensor
+) -> torch.Tensor:
+    """Half-precision table, fp32 accumulation, no autograd: gather and convert the rows of a
+    run of whole bags into two reusable buffers, then pool them; bags never straddle runs."""
+    dev, width, nnz = table.device, table.shape[1], idx.size
+    num_bags = bag_offsets.size
+    out = torch.empty(num_bags, width, dtype=weights.dtype, device=dev)
+    per_run = max(1, _CHUNK_BYTES // (width * (table.element_size() + weights.element_size())))
+    starts = np.append(bag_offsets, nnz)
+    b0 = 0
+    while b0 < num_bags:
+        e0 = int(starts[b0])
+        # last bag boundary within per_run entries (at least one bag per run)
+        b1 = max(b0 + 1, int(np.searchsorted(starts, e0 + per_run, side="right")) - 1)
+        b1 = min(b1, num_bags)
+        e1 = int(starts[b1])
+        n = e1 - e0
+        raw = _scratch("raw", n * width, table.dtype, dev).view(n, width)
+        rows = _scratch("rows", n * width, weights.dtype, dev).view(n, width)
+        torch.index_select(table, 0, torch.from_numpy(idx[e0:e1]).to(dev), out=raw)
+        rows.copy_(raw)
+        out[b0:b1] = F.embedding_bag(
+            torch.arange(n, device=dev),
+            rows,
+            torch.from_numpy(starts[b0:b1] - e0).to(dev),
+            mode="sum",
+            per_sample_weights=weights[e0:e1],
+        )
+        b0 = b1
+    return out
 
 
 def gather_pool(
