@@ -13,6 +13,7 @@ _COMMAND_MODULES = (
     "ultramem_dist.cli.store_cmds",
     "ultramem_dist.cli.serve_cmds",
     "ultramem_dist.cli.cluster_cmds",
+    "ultramem_dist.cli.router_cmds",
 )
 
 

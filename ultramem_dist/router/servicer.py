@@ -1,0 +1,251 @@
+"""The router's ``ultramem.v1.GatherPool`` servicer: one whole table version behind one endpoint.
+
+A caller sends an ordinary ``GatherRequest`` for the WHOLE table (global row ids, every column);
+the router hands it to a :class:`~ultramem_dist.client.GatherClient` — the same fan-out/fan-in
+code Python callers use directly (row split + partial sums, or full request + column
+concatenation; replicas, retries, versions) — and answers one ``GatherReply``. Its ``Info``
+describes the table as a single shard (``shard_index`` 0 of 1, every row and column), so a
+generic client needs no sharding logic at all.
+
+The caller's deadline bounds the whole fan-out; a cancelled call cancels the shard calls.
+Requests are checked for shape and limits here; ids, block ids and weights are checked by the
+shards, whose refusals are passed on with the same status code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import torch
+
+from ultramem_dist._private.codec import decode_tensor, encode_tensor
+from ultramem_dist._private.status import status_for
+from ultramem_dist.client import GatherClient
+from ultramem_dist.errors import InvalidRequestError, UltraMemError, VersionMismatchError
+from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
+from ultramem_dist.serving.metrics import (
+    ShardMetrics,
+    call_code,
+    gather_reply_bytes,
+    gather_request_bytes,
+)
+
+__all__ = ["RouterServicer", "whole_table_info"]
+
+log = logging.getLogger(__name__)
+_INT = (torch.int32, torch.int64)
+
+
+def whole_table_info(shard_info: pb.InfoReply, max_message_bytes: int) -> pb.InfoReply:
+    """The ``Info`` of a whole table version seen as ONE shard, from any shard's ``Info``:
+    shard 0 of 1, rows ``[0, N)`` and columns ``[0, out_width)`` of every table."""
+    info = pb.InfoReply()
+    info.CopyFrom(shard_info)
+    info.shard_index = 0
+    info.num_shards = 1
+    info.max_message_bytes = max_message_bytes
+    for t in info.tables:
+        t.row_lo, t.row_hi = 0, t.n_rows
+        t.col_lo, t.col_hi = 0, t.out_width
+    return info
+
+
+def _dense_from_ragged(
+    indices: torch.Tensor, blocks: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A CSR batch as ``[T, max_len]`` tensors; padding entries are row 0, block 0 with zero
+    weights, so they add exactly nothing to any pooled sum."""
+    lengths = offsets[1:] - offsets[:-1]
+    num_tokens = lengths.numel()
+    width = int(lengths.max()) if num_tokens else 0
+    idx = torch.zeros(num_tokens, width, dtype=indices.dtype)
+    blk = torch.zeros(num_tokens, width, dtype=blocks.dtype)
+    w = torch.zeros(num_tokens, width, weights.shape[-1], dtype=weights.dtype)
+    if indices.numel():
+        token = torch.repeat_interleave(torch.arange(num_tokens), lengths)
+        col = torch.arange(indices.numel()) - offsets[:-1].repeat_interleave(lengths)
+        idx[token, col] = indices
+        blk[token, col] = blocks
+        w[token, col] = weights
+    return idx, blk, w
+
+
+class RouterServicer(pb_grpc.GatherPoolServicer):
+    """Serves a whole table version by fanning out to its shards with a ``GatherClient``."""
+
+    def __init__(
+        self,
+        client: GatherClient,
+        shard_info: pb.InfoReply,
+        *,
+        max_message_bytes: int,
+        default_deadline_s: float = 5.0,
+        metrics: ShardMetrics | None = None,
+    ) -> None:
+        self._client = client
+        self._default_deadline_s = default_deadline_s
+        self._info = whole_table_info(shard_info, max_message_bytes)
+        self._info_bytes = self._info.ByteSize()
+        self._metrics = metrics or ShardMetrics()
+        layout = client.layout
+        self._metrics.set_table_version(
+            layout.version,
+            model_id=layout.model_id,
+            config_hash=layout.config_hash,
+            shard="all",
+            num_shards=layout.num_shards,
+            role="router",
+        )
+
+    @property
+    def client(self) -> GatherClient:
+        """The fan-out client (its ``layout`` is the shards' real layout)."""
+        return self._client
+
+    @property
+    def info(self) -> pb.InfoReply:
+        """What ``Info`` answers: the whole table as one shard."""
+        return self._info
+
+    @property
+    def metrics(self) -> ShardMetrics:
+        """The router's Prometheus metrics (same names as a shard's; role="router")."""
+        return self._metrics
+
+    # -- request checks ---------------------------------------------------------------------
+
+    def _decode(
+        self, req: pb.GatherRequest
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Dense ``[T, L]`` indices, blocks, ``[T, L, h_c]`` weights and the entry count."""
+        served = self._client.version
+        if not req.table_version:
+            raise InvalidRequestError(
+                f"table_version is empty; expected the served version {served!r}"
+            )
+        if req.table_version != served:
+            raise VersionMismatchError(
+                f"requested table version {req.table_version!r}, but this router serves {served!r}"
+            )
+        t = self._client.table(req.table_id)  # TableNotFoundError -> NOT_FOUND
+        layout = self._client.layout
+        max_nnz = layout.max_batch * layout.max_per_query
+        ragged = req.HasField("offsets")
+        indices = decode_tensor(
+            req.indices,
+            name="indices",
+            dtypes=_INT,
+            max_elements=max_nnz,
+            ndims=(1,) if ragged else (2,),
+        )
+        blocks = decode_tensor(
+            req.blocks, name="blocks", dtypes=_INT, max_elements=max_nnz, ndims=(indices.dim(),)
+        )
+        if blocks.shape != indices.shape:
+            raise InvalidRequestError(
+                f"blocks: shape {list(blocks.shape)}; expected the indices shape "
+                f"{list(indices.shape)}"
+            )
+        weights = decode_tensor(
+            req.weights,
+            name="weights",
+            dtypes=(torch.float32,),
+            max_elements=max_nnz * t.num_cores,
+            ndims=(indices.dim() + 1,),
+        )
+        want = [*indices.shape, t.num_cores]
+        if list(weights.shape) != want:
+            raise InvalidRequestError(
+                f"weights: shape {list(weights.shape)}; expected {want} (indices shape + h_c)"
+            )
+        entries = indices.numel()
+        if ragged:
+            offsets = decode_tensor(
+                req.offsets,
+                name="offsets",
+                dtypes=_INT,
+                max_elements=layout.max_batch + 1,
+                ndims=(1,),
+            ).to(torch.int64)
+            nnz = indices.shape[0]
+            if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
+                raise InvalidRequestError(
+                    f"offsets: expected T + 1 CSR offsets from 0 to the number of indices ({nnz})"
+                )
+            lengths = offsets[1:] - offsets[:-1]
+            if lengths.numel() and int(lengths.min()) < 0:
+                raise InvalidRequestError("offsets: decreasing; expected non-decreasing offsets")
+            if lengths.numel() and int(lengths.max()) > layout.max_per_query:
+                raise InvalidRequestError(
+                    f"offsets: a query has {int(lengths.max())} entries; expected at most "
+                    f"{layout.max_per_query} per query"
+                )
+            indices, blocks, weights = _dense_from_ragged(indices, blocks, weights, offsets)
+        return indices, blocks, weights, entries
+
+    # -- RPCs ----------------------------------------------------------------------------------
+
+    async def Gather(  # noqa: N802 (gRPC method name)
+        self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GatherReply:
+        start = time.perf_counter()
+        self._metrics.begin("Gather")
+        reply = None
+        try:
+            reply = await self._gather(request, context)
+            return reply
+        finally:
+            code = call_code(context, reply is not None)
+            self._metrics.end(
+                "Gather",
+                code,
+                time.perf_counter() - start,
+                gather_request_bytes(request) if code == "OK" else request.ByteSize(),
+                gather_reply_bytes(reply) if reply is not None else 0,
+            )
+
+    async def _gather(
+        self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GatherReply:
+        start = time.perf_counter()
+        table = request.table_id if request.table_id in self._client.layout.tables else "?"
+        remaining = context.time_remaining()
+        timeout = self._default_deadline_s if remaining is None else remaining
+        try:
+            indices, blocks, weights, entries = self._decode(request)
+            pooled = await self._client.gather(
+                request.table_id, indices, blocks, weights, timeout_s=timeout
+            )
+        except UltraMemError as exc:
+            code = status_for(exc)
+            if code == grpc.StatusCode.UNAVAILABLE and remaining is not None:
+                left = context.time_remaining()
+                if left is not None and left <= 0:  # the caller's own deadline ran out
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+            self._metrics.requests.labels(table, code.name).inc()
+            await context.abort(code, f"router: {exc}")
+        except Exception as exc:  # never crash the router on a bad request or reply
+            log.exception("router Gather failed")
+            self._metrics.requests.labels(table, "INTERNAL").inc()
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"router: internal error ({type(exc).__name__}: {exc})",
+            )
+        reply = pb.GatherReply(
+            table_id=request.table_id, table_version=self._client.version, shard_index=0
+        )
+        encode_tensor(pooled, reply.pooled)
+        self._metrics.entries.labels(table).inc(entries)
+        self._metrics.requests.labels(table, "OK").inc()
+        self._metrics.latency.labels(table).observe(time.perf_counter() - start)
+        return reply
+
+    async def Info(  # noqa: N802 (gRPC method name)
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InfoReply:
+        self._metrics.begin("Info")
+        self._metrics.end("Info", "OK", 0.0, request.ByteSize(), self._info_bytes)
+        return self._info
