@@ -90,6 +90,8 @@ def split_by_owner(
 
 def sum_partials(partials: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
     """Sum of row shards' partial pools (zeros of ``shape`` if no shard had entries)."""
+    if len(partials) == 1:
+        return partials[0].clone()  # writable copy of the reply's read-only view
     out = torch.zeros(tuple(shape), dtype=torch.float32)
     for p in partials:
         out += p
