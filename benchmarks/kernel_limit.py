@@ -1,0 +1,396 @@
+"""Gather-pool kernel vs the memory limit: GB/s of value rows read vs ``Tensor.copy_``.
+
+Usage::
+
+    python benchmarks/kernel_limit.py            # full run (~3 minutes on 2 cores)
+    python benchmarks/kernel_limit.py --quick    # smaller tables, fewer reps, no torch.compile
+
+Writes ``benchmarks/results/kernel_limit.json`` and ``kernel_limit.png`` (``--quick``: a temp
+directory unless ``--out`` is given).
+
+Workload: T queries x L = 160 rows (H = 2, m = 80), E = 4 IVE blocks, h_c = 2 MCS cores over a
+``rows x 256`` table (an unsharded table: two 128-wide core segments). GB/s counts the bytes of
+value rows the kernel must read (``T * L * 256 * itemsize``); the memcpy baseline copies the same
+number of bytes with ``Tensor.copy_`` from the table itself — rotating through a cold table, or
+re-reading a warm one — so cold is compared with cold and warm with warm.
+
+Tables: *cold* (1 Mi rows: 1 GiB fp32, 512 MiB bf16/fp16 — far beyond the 32 MiB L3) and *warm*
+(4 Ki rows: 4 MiB fp32, inside L3). Variants, every one checked against a float64 reference:
+
+* ``gather_pool`` — the product kernel (index bookkeeping + one ``embedding_bag``);
+* ``bag_only`` — the same single ``embedding_bag`` call on entries prepared in advance (the
+  kernel minus its bookkeeping: what the bookkeeping costs);
+* ``sorted_rows`` — entries additionally sorted by row inside every bag, sort included
+  (does address order buy locality?); ``sorted_rows_bag`` — its bag call alone;
+* ``gather_then_bmm`` — materialise the rows (``index_select``), then two batched matmuls with
+  one-hot block x core weights (no sort at all);
+* ``compiled`` (full run only) — ``torch.compile`` of a dense reduction formulation;
+* half tables: ``gather_pool`` converts only the gathered rows and accumulates in fp32; also
+  ``half_native_bag`` — ``embedding_bag`` in the storage dtype with weights rounded to it (lossy;
+  checked with a half-precision tolerance and marked ``exact: false``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, today, write_json  # noqa: E402
+
+from ultramem_dist.kernels import gather_pool  # noqa: E402
+
+E, HC, L, DV = 4, 2, 160, 256
+SEG = DV // HC
+TOL = {  # exact variants: (rtol, atol) vs the float64 reference
+    "exact": (1e-4, 1e-4),
+}
+LOSSY_REL = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
+"""Lossy variants: max |error| as a fraction of max |reference| (half-precision rounding)."""
+
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def make_inputs(n_rows: int, batch: int, seed: int) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randint(0, n_rows, (batch, L), generator=g),
+        torch.randint(0, E, (batch, L), generator=g),
+        torch.randn(batch, L, HC, generator=g),
+    )
+
+
+def reference(table: torch.Tensor, x: Inputs) -> torch.Tensor:
+    """float64 ``out[t, e, core c cols] = sum_l [blk == e] * w[l, c] * row(l)[core c cols]``."""
+    idx, blk, w = x
+    t = idx.shape[0]
+    rows = table.index_select(0, idx.reshape(-1)).double().view(t, L, HC, SEG)
+    onehot = F.one_hot(blk, E).double()  # [T, L, E]
+    out = torch.einsum("tle,tlc,tlcw->tecw", onehot, w.double(), rows)
+    return out.reshape(t, E, DV)
+
+
+def prepared_entries(x: Inputs, sort_rows: bool) -> tuple[torch.Tensor, ...]:
+    """Entries of one ``embedding_bag`` over the ``[rows * 2, 128]`` view, (token, block,
+    segment) bags; with ``sort_rows`` the entries of every bag are in ascending row order."""
+    idx, blk, w = x
+    t = idx.shape[0]
+    seg = torch.arange(HC)
+    bag = (torch.arange(t)[:, None] * E + blk).reshape(-1)
+    ent_idx = (idx.reshape(-1, 1) * HC + seg).reshape(-1)
+    ent_bag = (bag[:, None] * HC + seg).reshape(-1)
+    ent_w = w.reshape(-1)
+    key = ent_bag * (1 << 40) + ent_idx if sort_rows else ent_bag
+    order = torch.sort(key, stable=True).indices
+    offsets = torch.zeros(t * E * HC, dtype=torch.long)
+    torch.cumsum(torch.bincount(ent_bag, minlength=t * E * HC)[:-1], 0, out=offsets[1:])
+    return ent_idx[order], offsets, ent_w[order].contiguous()
+
+
+def bag_call(table: torch.Tensor, prep: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    ent_idx, offsets, ent_w = prep
+    view = table.view(-1, SEG)
+    if table.dtype != ent_w.dtype:  # what the product kernel does for half storage
+        view = view.index_select(0, ent_idx).to(ent_w.dtype)
+        ent_idx = torch.arange(ent_idx.numel())
+    out = F.embedding_bag(ent_idx, view, offsets, mode="sum", per_sample_weights=ent_w)
+    return out.view(-1, E, DV)
+
+
+def sorted_rows_full(table: torch.Tensor, x: Inputs) -> torch.Tensor:
+    return bag_call(table, prepared_entries(x, sort_rows=True))
+
+
+def gather_then_bmm(table: torch.Tensor, x: Inputs) -> torch.Tensor:
+    idx, blk, w = x
+    t = idx.shape[0]
+    rows = table.index_select(0, idx.reshape(-1)).to(w.dtype).view(t, L, DV)
+    onehot = F.one_hot(blk, E).to(w.dtype).transpose(1, 2)  # [T, E, L]
+    parts = [
+        torch.bmm(onehot * w[:, None, :, c], rows[:, :, c * SEG : (c + 1) * SEG]) for c in range(HC)
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def half_native_bag(table: torch.Tensor, prep: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    ent_idx, offsets, ent_w = prep
+    out = F.embedding_bag(
+        ent_idx, table.view(-1, SEG), offsets, mode="sum", per_sample_weights=ent_w.to(table.dtype)
+    )
+    return out.view(-1, E, DV).float()
+
+
+def dense_reduction(
+    table: torch.Tensor, idx: torch.Tensor, blk: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """Sort-free formulation for ``torch.compile``: a reduction over L of gathered rows."""
+    t = idx.shape[0]
+    rows = table[idx].view(t, L, 1, HC, SEG).to(w.dtype)
+    onehot = (blk[..., None] == torch.arange(E, device=blk.device)).to(w.dtype)  # [T, L, E]
+    ww = onehot[..., None] * w[:, :, None, :]  # [T, L, E, HC]
+    return (ww[..., None] * rows).sum(1).reshape(t, E, DV)
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+class Memcpy:
+    """``copy_`` of ``nbytes`` taken from ``table``: rotating chunks (cold) or the whole warm
+    table again and again (it stays in cache)."""
+
+    def __init__(self, table: torch.Tensor, nbytes: int) -> None:
+        self.src = table.view(-1).view(torch.uint8)
+        self.nbytes = nbytes
+        self.chunk = min(nbytes, self.src.numel())
+        self.dst = torch.empty(self.chunk, dtype=torch.uint8)
+        self.pos = 0
+
+    def __call__(self) -> None:
+        left = self.nbytes
+        while left > 0:
+            n = min(left, self.chunk)
+            if self.pos + n > self.src.numel():
+                self.pos = 0
+            self.dst[:n].copy_(self.src[self.pos : self.pos + n])
+            self.pos += n
+            left -= n
+
+
+def bench_table(
+    name: str,
+    table: torch.Tensor,
+    batches: list[int],
+    threads: list[int],
+    reps: int,
+    compiled: Callable[..., torch.Tensor] | None,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    dtype = table.dtype
+    itemsize = table.element_size()
+    for batch in batches:
+        x = make_inputs(table.shape[0], batch, seed=batch)
+        ref = reference(table, x)
+        prep = prepared_entries(x, sort_rows=False)
+        prep_sorted = prepared_entries(x, sort_rows=True)
+        variants: dict[str, tuple[Callable[[], torch.Tensor], bool]] = {
+            "gather_pool": (lambda x=x: gather_pool(table, *x, E), True),
+            "bag_only": (lambda p=prep: bag_call(table, p), True),
+            "sorted_rows": (lambda x=x: sorted_rows_full(table, x), True),
+            "sorted_rows_bag": (lambda p=prep_sorted: bag_call(table, p), True),
+            "gather_then_bmm": (lambda x=x: gather_then_bmm(table, x), True),
+        }
+        if dtype != torch.float32:
+            variants["half_native_bag"] = (lambda p=prep: half_native_bag(table, p), False)
+        if compiled is not None and dtype == torch.float32:
+            variants["compiled"] = (lambda x=x: compiled(table, *x), True)
+        nbytes = batch * L * DV * itemsize
+        memcpy = Memcpy(table, nbytes)
+        checks: dict[str, dict[str, Any]] = {}
+        scale = float(ref.abs().max())
+        for v, (fn, exact) in variants.items():  # correctness first (and warm-up)
+            got = fn().double()
+            err = float((got - ref).abs().max())
+            if exact:
+                rtol, atol = TOL["exact"]
+                torch.testing.assert_close(
+                    got, ref, rtol=rtol, atol=atol, msg=lambda m, v=v: f"{v}: {m}"
+                )
+            elif err > LOSSY_REL[dtype] * scale:
+                raise AssertionError(f"{v}: max error {err:.3g} vs output scale {scale:.3g}")
+            checks[v] = {"exact": exact, "max_abs_err": round(err, 7)}
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            names = ["memcpy", *variants] if n_threads == threads[0] else ["memcpy", "gather_pool"]
+            fns: dict[str, Callable[[], object]] = {"memcpy": memcpy}
+            fns.update({v: variants[v][0] for v in names if v != "memcpy"})
+            for fn in fns.values():
+                fn()
+            samples: dict[str, list[float]] = {v: [] for v in names}
+            for _ in range(reps):  # interleaved: drift on a shared machine hits all alike
+                for v in names:
+                    samples[v].append(median_ms(fns[v], 1)[0])
+            memcpy_ms = statistics.median(samples["memcpy"])
+            for v in names:
+                ms = statistics.median(samples[v])
+                rows.append(
+                    {
+                        "table": name,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "table_mib": round(table.numel() * itemsize / 2**20, 1),
+                        "batch": batch,
+                        "threads": n_threads,
+                        "variant": v,
+                        "ms": round(ms, 3),
+                        "min_ms": round(min(samples[v]), 3),
+                        "gbps": round(nbytes / ms / 1e6, 2),
+                        "vs_memcpy": round(memcpy_ms / ms, 3),
+                        "bytes": nbytes,
+                        **checks.get(v, {}),
+                    }
+                )
+            print(
+                f"{name:4s} {str(dtype):15s} T={batch:4d} threads={n_threads}: "
+                + ", ".join(f"{r['variant']} {r['gbps']}" for r in rows[-len(names) :]),
+                flush=True,
+            )
+    torch.set_num_threads(threads[0])
+    return rows
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["threads"] == 1]
+    batch = max(r["batch"] for r in rows)
+    groups = sorted({(r["table"], r["dtype"]) for r in rows if r["batch"] == batch})
+    variants = [
+        "memcpy",
+        "gather_pool",
+        "bag_only",
+        "sorted_rows",
+        "sorted_rows_bag",
+        "gather_then_bmm",
+        "half_native_bag",
+        "compiled",
+    ]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(variants)
+    for k, v in enumerate(variants):
+        xs, ys = [], []
+        for i, grp in enumerate(groups):
+            r = [x for x in rows if (x["table"], x["dtype"]) == grp and x["batch"] == batch]
+            r = [x for x in r if x["variant"] == v]
+            if r:
+                xs.append(i + (k - len(variants) / 2) * width + width / 2)
+                ys.append(r[0]["gbps"])
+        if xs:
+            ax.bar(xs, ys, width, label=v)
+    ax.set_xticks(range(len(groups)), [f"{t} {d}" for t, d in groups])
+    ax.set_ylabel("GB/s of value rows read (1 thread)")
+    ax.set_title(
+        f"gather-pool vs copy_ on the same bytes, T={batch} x {L} rows, E={E}, h_c={HC}, "
+        f"Dv={DV} ({result['date']})",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> Path:
+    """``write_json`` into benchmarks/results, or the same payload into ``out`` (``--quick``
+    without ``--out``: a fresh temp directory, so smoke runs never overwrite real results)."""
+    if out is None and not quick:
+        return write_json(name, payload).parent
+    out = out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
+    out.mkdir(parents=True, exist_ok=True)
+    full = {"date": today(), "machine": machine(), **payload}
+    (out / name).write_text(json.dumps(full, indent=2) + "\n")
+    return out
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in rows:
+        if r["variant"] != "gather_pool":
+            continue
+        key = f"{r['table']}_{r['dtype']}_T{r['batch']}_threads{r['threads']}"
+        best = max(
+            (
+                x
+                for x in rows
+                if (x["table"], x["dtype"], x["batch"], x["threads"])
+                == (r["table"], r["dtype"], r["batch"], r["threads"])
+                and x["variant"] != "memcpy"
+                and x.get("exact", True)
+            ),
+            key=lambda x: x["gbps"],
+        )
+        out[key] = {
+            "gather_pool_gbps": r["gbps"],
+            "gather_pool_vs_memcpy": r["vs_memcpy"],
+            "fastest_exact_variant": best["variant"],
+            "fastest_gbps": best["gbps"],
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small tables, few reps")
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    args = parser.parse_args()
+    t0 = time.time()
+    load = os.getloadavg()
+    if args.quick:
+        cold_rows, batches, threads, reps = 1 << 18, [16, 256], [1], 3
+    else:
+        cold_rows, batches, threads, reps = 1 << 20, [16, 256], [1, 2], 11
+    warm_rows = 4096
+    torch.set_num_threads(threads[0])
+    compiled = None
+    compile_s = None
+    if not args.quick:
+        tc = time.time()
+        compiled = torch.compile(dense_reduction, dynamic=True)
+        w = torch.randn(warm_rows, DV)
+        compiled(w, *make_inputs(warm_rows, batches[-1], 0))  # compile once, outside timing
+        compile_s = round(time.time() - tc, 1)
+    g = torch.Generator().manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    for name, n in (("warm", warm_rows), ("cold", cold_rows)):
+        base = torch.empty(n, DV)
+        base.normal_(generator=g)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            table = base if dtype == torch.float32 else base.to(dtype)
+            rows += bench_table(name, table, batches, threads, reps, compiled)
+            del table
+        del base
+    result = {
+        "rows": rows,
+        "summary": summarize(rows),
+        "config": {
+            "E": E,
+            "h_c": HC,
+            "rows_per_query": L,
+            "dv": DV,
+            "cold_rows": cold_rows,
+            "warm_rows": warm_rows,
+            "batches": batches,
+            "threads": threads,
+            "reps": reps,
+            "compile_s": compile_s,
+            "quick": args.quick,
+            "loadavg_start": [round(x, 2) for x in load],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "wall_s": round(time.time() - t0, 1),
+        },
+    }
+    out = save(result, "kernel_limit.json", args.out, args.quick)
+    plot(json.loads((out / "kernel_limit.json").read_text()), out / "kernel_limit.png")
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out / 'kernel_limit.json'} and kernel_limit.png in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
