@@ -214,10 +214,16 @@ async def test_invalid_spec_fails_then_recovers_when_fixed() -> None:
 
 async def test_ray_runtime_places_actors_with_a_job() -> None:
     async with fake_cluster() as c, running_operator(c) as op:
-        await c.create_valuestore(valuestore(runtime="ray", ray={"clusterName": "umem"},
-                                             shards=4, replicas=2))
+        await c.create_valuestore(valuestore(
+            runtime="ray", shards=4, replicas=2,
+            ray={"clusterName": "umem", "port": 50051,
+                 "replicaResources": {"ultramem_shard_slot": 1}}))
         await eventually(lambda: "mem-up-v1-s4-r2" in c.jobs(), "placement Job", operator=op)
         assert not c.statefulsets()
+        (up,) = c.jobs()["mem-up-v1-s4-r2"]["spec"]["template"]["spec"]["containers"]
+        cmd = up["command"]
+        assert cmd[cmd.index("--port") + 1] == "50051"
+        assert cmd[cmd.index("--resource") + 1] == "ultramem_shard_slot=1"
         c.complete_job("mem-up-v1-s4-r2")
         await eventually(lambda: status(c).get("phase") == "Ready", "phase Ready", operator=op)
         assert status(c)["servingVersion"] == "v1"

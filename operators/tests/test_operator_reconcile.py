@@ -148,6 +148,8 @@ def test_layout_names_the_shard_count_and_sharding() -> None:
         ({"runtime": "ray"}, "clusterName"),
         ({"runtime": "ray", "ray": {"clusterName": "rc"}, "replicaOverrides": {"0": 2}},
          "standalone"),
+        ({"runtime": "ray", "ray": {"clusterName": "rc", "port": 70000}}, "spec.ray.port"),
+        ({"runtime": "ray", "ray": {"clusterName": "rc", "port": "50051"}}, "spec.ray.port"),
         ({"imagePullPolicy": "Sometimes"}, "imagePullPolicy"),
         ({"podLabels": {"ultramem.io/store": "x"}}, "podLabels"),
     ],
@@ -430,12 +432,30 @@ def test_ray_runtime_creates_a_placement_job_running_up() -> None:
     (c,) = action.body["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["ultramem-dist", "up", "/var/lib/ultramem/store", "--shards", "4",
                             "--replicas", "3", "--address", "auto", "--version", "v1",
-                            "--by", "row", "--host", "node", "--num-gpus", "1",
-                            "--resource", "ultramem_shard_slot=1"]
+                            "--by", "row", "--host", "node", "--port", str(GRPC_PORT),
+                            "--num-gpus", "1", "--resource", "ultramem_shard_slot=1"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["RAY_ADDRESS"] == "ray://umem-head-svc.ml.svc:10001"
     assert env["RAY_AUTH_MODE"] == "token"
     assert p.phase == PENDING and p.wait_seconds is not None
+
+
+def ray_port_of(spec: ValueStoreSpec) -> str | None:
+    cmd = manifests.up_command(spec)
+    return cmd[cmd.index("--port") + 1] if "--port" in cmd else None
+
+
+def test_ray_runtime_binds_a_fixed_port_only_with_one_replica_per_worker() -> None:
+    # replicaResources (one slot per worker) -> the standalone gRPC port by default.
+    assert ray_port_of(ray_spec()) == str(GRPC_PORT) == "50051"
+    # No per-replica resource: several replicas may share a worker, so free ports by default.
+    bare = make(runtime="ray", ray={"clusterName": "umem"})
+    assert bare.ray_port == 0 and ray_port_of(bare) is None
+    # Explicit values win both ways.
+    assert ray_port_of(make(runtime="ray", ray={"clusterName": "umem", "port": 6000})) == "6000"
+    assert ray_port_of(make(runtime="ray", ray={
+        "clusterName": "umem", "port": 0, "replicaResources": {"ultramem_shard_slot": 1}})) is None
+    assert make().ray_port == 0  # standalone ignores it
 
 
 def test_ray_runtime_retires_old_jobs_after_the_new_placement_succeeds() -> None:

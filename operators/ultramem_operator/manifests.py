@@ -168,6 +168,8 @@ def up_command(spec: ValueStoreSpec) -> list[str]:
         "--by", spec.sharding,
         "--host", "node",
     ]
+    if spec.ray_port:
+        cmd += ["--port", str(spec.ray_port)]
     if spec.ray_num_cpus is not None:
         cmd += ["--num-cpus", _num(spec.ray_num_cpus)]
     if spec.ray_num_gpus:

@@ -81,6 +81,8 @@ class ValueStoreSpec:
     runtime: str = "standalone"
     ray_cluster: str | None = None
     ray_client_port: int = 10001
+    ray_port: int = 0
+    """Fixed gRPC port of every shard replica actor (``up --port``); 0 = free ports."""
     ray_auth_secret: tuple[str, str] | None = None
     ray_num_cpus: float | None = None
     ray_num_gpus: float | None = None
@@ -223,7 +225,7 @@ def parse_spec(body: Mapping[str, Any], default_image: str | None = None) -> Val
             "spec.replicaOverrides needs runtime standalone (ray places equal replicas)")
 
     ray = spec.get("ray") or {}
-    ray_cluster, ray_port, ray_auth = None, 10001, None
+    ray_cluster, ray_client_port, ray_auth, ray_port = None, 10001, None, 0
     ray_cpus: float | None = None
     ray_gpus: float | None = None
     ray_resources: dict[str, float] = {}
@@ -231,7 +233,7 @@ def parse_spec(body: Mapping[str, Any], default_image: str | None = None) -> Val
         if not isinstance(ray, Mapping) or not ray.get("clusterName"):
             raise InvalidSpec("runtime ray needs spec.ray.clusterName")
         ray_cluster = str(ray["clusterName"])
-        ray_port = _int(ray.get("clientPort", 10001), "spec.ray.clientPort", 1, 65535)
+        ray_client_port = _int(ray.get("clientPort", 10001), "spec.ray.clientPort", 1, 65535)
         secret = ray.get("authSecret")
         if secret:
             ray_auth = (str(secret["name"]), str(secret.get("key") or "auth_token"))
@@ -241,6 +243,10 @@ def parse_spec(body: Mapping[str, Any], default_image: str | None = None) -> Val
             amount = _number(value, f"spec.ray.replicaResources[{key}]")
             if amount is not None:
                 ray_resources[str(key)] = amount
+        # A fixed port needs one replica per worker, which only replicaResources (e.g.
+        # ultramem_shard_slot: 1, offered once per worker) can guarantee: default to it then.
+        default_port = GRPC_PORT if ray_resources else 0
+        ray_port = _int(ray.get("port", default_port), "spec.ray.port", 0, 65535)
 
     image = spec.get("image") or default_image or ""
     if not image:
@@ -270,7 +276,8 @@ def parse_spec(body: Mapping[str, Any], default_image: str | None = None) -> Val
         table=spec.get("table") or None,
         runtime=runtime,
         ray_cluster=ray_cluster,
-        ray_client_port=ray_port,
+        ray_client_port=ray_client_port,
+        ray_port=ray_port,
         ray_auth_secret=ray_auth,
         ray_num_cpus=ray_cpus,
         ray_num_gpus=ray_gpus,

@@ -85,6 +85,8 @@ BASE = yaml.safe_load((REPO / "operators" / "examples" / "valuestore-standalone.
         {"store": {"path": "relative"}},
         {"store": {"pvc": {}}},
         {"rollout": {"drainSeconds": -1}},
+        {"runtime": "ray", "ray": {"clusterName": "rc", "port": 70000}},
+        {"runtime": "ray", "ray": {"clusterName": "rc", "port": "50051"}},
         {"resources": {"requests": {"cpu": True}}},
         {"shard": 3},  # unknown field (pruned by the API server, rejected by strict clients)
     ],
