@@ -1,0 +1,88 @@
+'use strict';
+// Lookups against live servers: through the router and directly to the shards (row and dim
+// layouts read from Info), compared with values computed in Python by the shared kernel.
+//
+// The pytest harness (tests/runtimes/test_node_client.py) starts the servers and sets:
+//   ULTRAMEM_ROUTER    HOST:PORT of `ultramem-dist serve-router`
+//   ULTRAMEM_SHARDS    HOST:PORT,... of the shard servers
+//   ULTRAMEM_EXPECTED  JSON file: version, queries and expected outputs per table
+// Without them these tests are skipped (the unit tests still run).
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const { GatherPoolClient, status } = require('..');
+
+const { ULTRAMEM_ROUTER: ROUTER, ULTRAMEM_SHARDS: SHARDS, ULTRAMEM_EXPECTED: EXPECTED } = process.env;
+const skip = !(ROUTER && SHARDS && EXPECTED)
+  && 'set ULTRAMEM_ROUTER, ULTRAMEM_SHARDS and ULTRAMEM_EXPECTED (tests/runtimes/test_node_client.py does)';
+const expected = skip ? null : JSON.parse(fs.readFileSync(EXPECTED, 'utf8'));
+
+function assertClose(actual, want, what) {
+  assert.deepEqual(actual.shape, want.shape, `${what}: shape`);
+  assert.equal(actual.data.length, want.values.length, `${what}: size`);
+  for (let i = 0; i < want.values.length; i += 1) {
+    const tol = 1e-5 + 1e-4 * Math.abs(want.values[i]);
+    if (Math.abs(actual.data[i] - want.values[i]) > tol) {
+      assert.fail(`${what}: element ${i} is ${actual.data[i]}, expected ${want.values[i]}`);
+    }
+  }
+}
+
+function query(q) {
+  return { indices: q.indices, blocks: q.blocks, weights: q.weights, numTokens: q.num_tokens };
+}
+
+test('through the router: one endpoint, the whole table', { skip }, async (t) => {
+  const client = await GatherPoolClient.connect(ROUTER);
+  t.after(() => client.close());
+  const [info] = client.infos();
+  assert.equal(info.shard_index, 0);
+  assert.equal(info.num_shards, 1);
+  assert.equal(client.version, expected.version);
+  for (const [tableId, q] of Object.entries(expected.tables)) {
+    const layout = client.table(tableId);
+    assert.deepEqual(layout.rows, [[0, layout.nRows]]);
+    assert.deepEqual(layout.cols, [[0, layout.outWidth]]);
+    const out = await client.gather(tableId, query(q));
+    assertClose(out, q.expected, `router ${tableId}`);
+  }
+});
+
+test('direct to the shards: layout from Info, split and join in Node', { skip }, async (t) => {
+  const client = await GatherPoolClient.connect(SHARDS);
+  t.after(() => client.close());
+  assert.equal(client.numShards, expected.num_shards);
+  assert.equal(client.version, expected.version);
+  for (const [tableId, q] of Object.entries(expected.tables)) {
+    const layout = client.table(tableId);
+    assert.equal(layout.sharding, q.sharding, `${tableId}: sharding read from Info`);
+    const out = await client.gather(tableId, query(q));
+    assertClose(out, q.expected, `direct ${tableId}`);
+  }
+});
+
+test('refusals carry the gRPC status codes', { skip }, async (t) => {
+  const router = await GatherPoolClient.connect(ROUTER);
+  const direct = await GatherPoolClient.connect(SHARDS);
+  t.after(() => { router.close(); direct.close(); });
+  const [tableId, q] = Object.entries(expected.tables)[0];
+  // a version the servers do not serve
+  for (const client of [router, direct]) {
+    client.version = 'not-a-version';
+    await assert.rejects(client.gather(tableId, query(q)), (err) => err.code === status.FAILED_PRECONDITION);
+    client.version = expected.version;
+  }
+  // an unknown table, asked of the router with a hand-made request
+  router.tables.nope = { ...router.table(tableId), tableId: 'nope' };
+  await assert.rejects(router.gather('nope', query(q)), (err) => err.code === status.NOT_FOUND);
+  // a row id past the end of the table
+  const bad = { ...query(q), indices: Int32Array.from(q.indices, (v, i) => (i === 0 ? 1e9 : v)) };
+  await assert.rejects(router.gather(tableId, bad), (err) => err.code === status.INVALID_ARGUMENT);
+  await assert.rejects(direct.gather(tableId, bad), (err) => err.code === status.INVALID_ARGUMENT);
+  // a deadline that has already passed
+  await assert.rejects(
+    router.gather(tableId, query(q), { deadlineMs: -1 }),
+    (err) => err.code === status.DEADLINE_EXCEEDED,
+  );
+});
