@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -9,12 +10,17 @@ from ultramem_chart import (
     CHART,
     FULLNAME,
     NAMESPACE,
+    REPO,
     Rendered,
     all_variants,
     helm,
     render,
     variant_names,
 )
+
+if str(REPO / "operators") not in sys.path:  # ultramem_operator ships in the image only
+    sys.path.insert(0, str(REPO / "operators"))
+from ultramem_operator import manifests, parse_spec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,8 @@ def test_every_variant_renders_notes_with_the_endpoints(variants: dict[str, Rend
         if r.values.get("mode") == "standalone":
             assert f"{FULLNAME}-shard-0.{NAMESPACE}.svc:{GRPC}" in r.notes, name
         else:
-            assert f"ray://{FULLNAME}.{NAMESPACE}.svc:10001" in r.notes, name
+            assert f"--target {FULLNAME}-shards.{NAMESPACE}.svc:{GRPC}" in r.notes, name
+            assert "status --json" in r.notes and "ray://" not in r.notes, name
 
 
 # ----------------------------------------------------------------------------- standalone
@@ -195,11 +202,13 @@ def test_network_policy_admits_only_clients_operator_tests_and_prometheus(
         "kubernetes.io/metadata.name": "monitoring"}
     test_pod = variants["standalone"].kind("Pod")[0]
     assert selects(peers[1], test_pod["metadata"]["labels"])
-    (ray_np,) = variants["ray-no-operator"].kind("NetworkPolicy")
+    ray_np = variants["ray-no-operator"].get("NetworkPolicy", f"{FULLNAME}-shards")
     assert ray_np["spec"]["ingress"][0]["from"][0]["namespaceSelector"] == {
         "matchLabels": {"ultramem.io/clients": "true"}}
     assert ray_np["spec"]["ingress"][-1]["from"] == [
         {"podSelector": {"matchLabels": {"ray.io/cluster": FULLNAME}}}]
+    assert [n["metadata"]["name"] for n in variants["standalone"].kind("NetworkPolicy")] == [
+        f"{FULLNAME}-shards"]  # the Ray head policy is ray mode only
 
 
 def test_service_monitor_scrapes_the_metrics_port_of_shard_services(
@@ -235,8 +244,6 @@ def test_ray_cluster_hosts_one_shard_replica_per_worker(variants: dict[str, Rend
                     if not k.startswith("ray.io/")}, worker_labels)
     headless = r.get("Service", f"{FULLNAME}-shards")
     assert headless["spec"]["selector"]["ray.io/cluster"] == FULLNAME
-    front = r.get("Service", FULLNAME)
-    assert front["spec"]["selector"] == {"ray.io/cluster": FULLNAME, "ray.io/node-type": "head"}
     head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "client", "containerPort": 10001} in head["ports"]
     gpu = variants["gpu-ray"].kind("RayCluster")[0]
@@ -244,6 +251,147 @@ def test_ray_cluster_hosts_one_shard_replica_per_worker(variants: dict[str, Rend
     gpu_group = gpu["spec"]["workerGroupSpecs"][0]
     assert (gpu_group["minReplicas"], gpu_group["replicas"], gpu_group["maxReplicas"]) == (
         8, 10, 18)
+
+
+RAY_VARIANTS = ["default", "gpu-ray", "ray-no-operator", "ray-eight-shards"]
+
+
+def kuberay_pods(rc: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(head, value-shard worker) pod labels as KubeRay sets them: the template's labels plus
+    ray.io/cluster, ray.io/node-type and ray.io/group."""
+    name = rc["metadata"]["name"]
+    head = {**rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"],
+            "ray.io/cluster": name, "ray.io/node-type": "head", "ray.io/group": "headgroup"}
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    worker = {**group["template"]["metadata"]["labels"], "ray.io/cluster": name,
+              "ray.io/node-type": "worker", "ray.io/group": group["groupName"]}
+    return head, worker
+
+
+def port_number(port: int | str, c: dict[str, Any]) -> int:
+    """A Service targetPort / NetworkPolicy port (number or container port name) as a number."""
+    if isinstance(port, int):
+        return port
+    (found,) = [p["containerPort"] for p in c["ports"] if p["name"] == port]
+    return found
+
+
+def check_ray_ports(r: Rendered, grpc: int) -> None:
+    """Placement, worker container, readiness probe, Services and NetworkPolicies agree."""
+    (rc,) = r.kind("RayCluster")
+    head_labels, worker_labels = kuberay_pods(rc)
+    worker_pod = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    worker = container(worker_pod, "ray-worker")
+    head = container(rc["spec"]["headGroupSpec"]["template"]["spec"], "ray-head")
+    assert {p["name"]: p["containerPort"] for p in worker["ports"]} == {
+        "grpc": grpc, "metrics": 8080}
+    # Readiness only, on the replica's port; liveness stays KubeRay's raylet check and there
+    # is no startup probe (it would restart workers that host no replica yet).
+    assert worker["readinessProbe"]["grpc"] == {"port": grpc, "service": ""}
+    assert "livenessProbe" not in worker and "startupProbe" not in worker
+
+    # Placement: `up --port` binds that same port (hook Job, or the operator's Job).
+    jobs = r.kind("Job")
+    if jobs:
+        (job,) = jobs
+        cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    else:
+        (vs,) = r.kind("ValueStore")
+        assert vs["spec"]["ray"]["port"] == grpc
+        cmd = manifests.up_command(parse_spec({**vs, "metadata": {**vs["metadata"], "uid": "u"}}))
+    assert cmd[cmd.index("--port") + 1] == str(grpc)
+    assert cmd[cmd.index("--resource") + 1] == "ultramem_shard_slot=1"
+
+    # Services: the headless one and the front both select the workers (never the head) and
+    # forward the gRPC port; nothing exposes the Ray Client port any more.
+    headless = r.get("Service", f"{FULLNAME}-shards")
+    front = r.get("Service", FULLNAME)
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is False
+    assert front["spec"]["type"] == "ClusterIP" and "clusterIP" not in front["spec"]
+    for svc in (headless, front):
+        assert selects(svc["spec"]["selector"], worker_labels), svc["metadata"]["name"]
+        assert not selects(svc["spec"]["selector"], head_labels), svc["metadata"]["name"]
+        (port,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+        assert port["port"] == grpc and port_number(port["targetPort"], worker) == grpc
+        assert port["appProtocol"] == "grpc"
+    assert {p["name"] for p in front["spec"]["ports"]} == {"grpc"}
+    client_port = port_number("client", head)
+    assert not any(p["port"] == client_port for svc in r.kind("Service")
+                   for p in svc["spec"]["ports"])
+
+    policies = {n["metadata"]["name"]: n["spec"] for n in r.kind("NetworkPolicy")}
+    if not policies:
+        return
+    # Workers: clients only on the gRPC port, Prometheus only on metrics, the cluster on all.
+    shards = policies[f"{FULLNAME}-shards"]
+    assert selects(shards["podSelector"]["matchLabels"], worker_labels)
+    assert not selects(shards["podSelector"]["matchLabels"], head_labels)
+    clients, prometheus, cluster = shards["ingress"]
+    assert [port_number(p["port"], worker) for p in clients["ports"]] == [grpc]
+    assert {"ultramem.io/client": "true"} in [f["podSelector"]["matchLabels"]
+                                              for f in clients["from"]]
+    assert [port_number(p["port"], worker) for p in prometheus["ports"]] == [8080]
+    assert "ports" not in cluster
+    assert [f["podSelector"]["matchLabels"] for f in cluster["from"]] == [
+        {"ray.io/cluster": FULLNAME}]
+    assert selects(cluster["from"][0]["podSelector"]["matchLabels"], head_labels)
+    # Head: its cluster on all ports, placement pods on the Ray Client port, Prometheus.
+    head_np = policies[f"{FULLNAME}-ray-head"]
+    assert selects(head_np["podSelector"]["matchLabels"], head_labels)
+    assert not selects(head_np["podSelector"]["matchLabels"], worker_labels)
+    own, placement, scrape = head_np["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": FULLNAME}}}]}
+    assert [port_number(p["port"], head) for p in placement["ports"]] == [client_port]
+    assert [port_number(p["port"], head) for p in scrape["ports"]] == [8080]
+    (placement_peer,) = placement["from"]  # clients only with networkPolicy.rayClientAccess
+    if jobs:
+        job_pod_labels = jobs[0]["spec"]["template"]["metadata"]["labels"]
+    else:
+        (vs,) = r.kind("ValueStore")
+        job = manifests.placement_job(parse_spec({**vs, "metadata": {**vs["metadata"],
+                                                                      "uid": "u"}}))
+        job_pod_labels = job["spec"]["template"]["metadata"]["labels"]
+        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"][
+            "containers"][0]["env"]}
+        assert env["RAY_ADDRESS"].endswith(f"-head-svc.{NAMESPACE}.svc:{client_port}")
+    assert selects(placement_peer["podSelector"]["matchLabels"], job_pod_labels)
+
+
+@pytest.mark.parametrize("variant", RAY_VARIANTS)
+def test_ray_ports_agree_between_placement_workers_services_and_policies(
+    variant: str, variants: dict[str, Rendered],
+) -> None:
+    check_ray_ports(variants[variant], GRPC)
+
+
+def test_ray_ports_follow_the_grpc_port_value() -> None:
+    check_ray_ports(render({"ports": {"grpc": 6000, "metrics": 9090}}), 6000)
+    check_ray_ports(render({"ports": {"grpc": 6000, "metrics": 9090},
+                            "operator": {"enabled": False}, "valueStore": {"create": False}}),
+                    6000)
+
+
+def test_ray_client_port_is_opened_to_clients_only_on_request() -> None:
+    r = render({"networkPolicy": {"rayClientAccess": True}})
+    head_np = r.get("NetworkPolicy", f"{FULLNAME}-ray-head")
+    peers = [f["podSelector"]["matchLabels"] for f in head_np["spec"]["ingress"][1]["from"]]
+    assert {"ultramem.io/client": "true"} in peers
+    assert head_np["spec"]["ingress"][1]["ports"] == [{"port": 10001, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(("budget", "min_available"), [(1, 7), (3, 5), ("25%", 6), ("0%", 8)])
+def test_ray_pdb_counts_serving_workers_with_min_available(budget: int | str,
+                                                           min_available: int) -> None:
+    # KubeRay's RayCluster has no scale subresource: the eviction API accepts only an integer
+    # minAvailable for its pods. Ready = hosting a SERVING replica; idle workers stay evictable.
+    r = render({"podDisruptionBudget": {"maxUnavailable": budget}})
+    (pdb,) = r.kind("PodDisruptionBudget")
+    assert "maxUnavailable" not in pdb["spec"]
+    assert pdb["spec"]["minAvailable"] == min_available  # 4 shards x 2 replicas - budget
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    _, worker_labels = kuberay_pods(r.kind("RayCluster")[0])
+    assert selects(pdb["spec"]["selector"]["matchLabels"], worker_labels)
 
 
 def test_ray_mode_places_actors_through_the_operator_or_a_hook_job(
@@ -259,6 +407,7 @@ def test_ray_mode_places_actors_through_the_operator_or_a_hook_job(
     args = dict(zip(c["command"][3::2], c["command"][4::2], strict=False))
     assert args["--replicas"] == "2" and args["--address"] == "auto"
     assert args["--host"] == "node" and args["--resource"] == "ultramem_shard_slot=1"
+    assert args["--port"] == str(GRPC)
     env = {e["name"]: e for e in c["env"]}
     assert env["RAY_ADDRESS"]["value"] == f"ray://{FULLNAME}-head-svc.{NAMESPACE}.svc:10001"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth"
@@ -306,12 +455,6 @@ def test_operator_managed_standalone_renders_a_valuestore_not_statefulsets(
     assert vs["spec"]["runtime"] == "standalone"
     assert vs["spec"]["replicaOverrides"] == {"2": 4}
     # PDBs select the operator's pods by the labels the operator puts on them.
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operators"))
-    from ultramem_operator import manifests, parse_spec
-
     vs["metadata"]["uid"] = "u"
     spec = parse_spec(vs)
     for k in range(4):
@@ -338,10 +481,29 @@ def test_helm_test_pod_checks_health_then_runs_a_real_lookup(
     lookup = pod["spec"]["containers"][0]["command"]
     assert lookup[:4] == ["ultramem-dist", "lookup", "--target", targets]
     assert lookup[4:8] == ["--table", "mem0", "--random", "8"]
-    ray_pod = variants["default"].get("Pod", f"{FULLNAME}-test-gather")
-    script = ray_pod["spec"]["containers"][0]["command"][2]
-    assert "ultramem-dist status" in script and "ultramem-dist lookup" in script
     assert variants["netpol-off"].kind("Pod") == []
+
+
+@pytest.mark.parametrize("variant", ["default", "ray-no-operator", "gpu-ray"])
+def test_ray_helm_test_pod_looks_up_through_the_headless_service(
+    variant: str, variants: dict[str, Rendered],
+) -> None:
+    r = variants[variant]
+    pod = r.get("Pod", f"{FULLNAME}-test-gather")
+    assert "initContainers" not in pod["spec"]
+    (c,) = pod["spec"]["containers"]
+    headless = r.get("Service", f"{FULLNAME}-shards")
+    (grpc,) = [p for p in headless["spec"]["ports"] if p["name"] == "grpc"]
+    assert c["command"] == [
+        "ultramem-dist", "lookup",
+        "--target", f"{headless['metadata']['name']}.{NAMESPACE}.svc:{grpc['port']}",
+        "--table", "mem0", "--random", "8", "--timeout", "10",
+    ]
+    # No Ray access (no RAY_ADDRESS, no auth token) and no parsing of `status` text.
+    assert [e["name"] for e in c["env"]] == ["HOME"]
+    (np,) = [n for n in r.kind("NetworkPolicy") if n["metadata"]["name"].endswith("-shards")]
+    peers = [peer["podSelector"]["matchLabels"] for peer in np["spec"]["ingress"][0]["from"]]
+    assert any(selects(sel, pod["metadata"]["labels"]) for sel in peers)
 
 
 @pytest.mark.parametrize("variant", variant_names())
