@@ -12,7 +12,7 @@ import threading
 import grpc
 import pytest
 import torch
-from conftest import make_table_spec, random_queries
+from conftest import REPO, make_table_spec, random_queries
 from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -123,3 +123,32 @@ def test_list_describe_and_call_through_reflection_only(endpoints, kind):
     data = torch.frombuffer(bytearray(base64.b64decode(pooled["data"])), dtype=torch.float32)
     want = gather_pool(SPEC.values, idx, blk, w, SPEC.expansion)
     torch.testing.assert_close(data.view(shape), want, atol=1e-6, rtol=1e-5)
+
+
+def test_the_documented_grpcurl_request_works(endpoints):
+    """The ``request.json`` shown in docs/runtimes.md, sent as-is (version filled in) through
+    reflection-only descriptors, pools exactly what the kernel computes."""
+    doc = (REPO / "docs" / "runtimes.md").read_text()
+    block = doc[doc.index('```json\n{\n  "table_id"') + len("```json\n") :]
+    payload = json.loads(block[: block.index("```")].replace("<table_version from Info>", "v1"))
+    with grpc.insecure_channel(endpoints["router"]) as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        method = pool.FindServiceByName(SERVICE).methods_by_name["Gather"]
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        reply_cls = message_factory.GetMessageClass(method.output_type)
+        rpc = channel.unary_unary(
+            f"/{SERVICE}/Gather",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=reply_cls.FromString,
+        )
+        reply = rpc(json_format.Parse(json.dumps(payload), request_cls()), timeout=10)
+    got = torch.frombuffer(bytearray(reply.pooled.data), dtype=torch.float32)
+    want = gather_pool(
+        SPEC.values,
+        torch.tensor([[5, 17]]),
+        torch.tensor([[0, 3]]),
+        torch.tensor([[[1.0, 0.5], [-1.0, 0.25]]]),
+        SPEC.expansion,
+    )
+    assert list(reply.pooled.shape) == [1, SPEC.expansion, 16]
+    torch.testing.assert_close(got.view(want.shape), want, atol=1e-7, rtol=1e-6)
