@@ -312,9 +312,11 @@ class GatherClient:
             raise
         for task in pending:
             task.cancel()
-        for task in tasks:  # first failure in shard order; never a partial result
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                if pending:
-                    await asyncio.gather(*pending, return_exceptions=True)
-                raise task.exception()  # type: ignore[misc]
+        # every finished task's exception is retrieved (no "never retrieved" noise from GC)
+        failures = [t.exception() for t in tasks if t.done() and not t.cancelled()]
+        first = next((e for e in failures if e is not None), None)
+        if first is not None:  # first failure in shard order; never a partial result
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            raise first
         return [task.result() for task in tasks]

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 _STORAGE_PB = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class _DeadlinePassed(Exception):
+    """The caller's deadline passed before the shard started the work (the work is skipped)."""
+
+
 def run_kernel(q: GatherQuery) -> torch.Tensor:
     """The shard's answer for a validated query: ``[T, E, cols]`` or merged ``[T, cols]``."""
     t = q.table
@@ -144,6 +148,17 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         self._metrics.entries.labels(request.table_id).inc(q.indices.numel())
         return reply
 
+    @staticmethod
+    def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+        """The caller's deadline (propagated by gRPC) as a ``time.monotonic()`` instant."""
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _gather_if_live(self, request: pb.GatherRequest, deadline: float | None) -> pb.GatherReply:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _DeadlinePassed
+        return self._gather_sync(request)
+
     async def Gather(  # noqa: N802 (gRPC method name)
         self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
     ) -> pb.GatherReply:
@@ -168,12 +183,21 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
     ) -> pb.GatherReply:
         start = time.perf_counter()
         table = request.table_id if request.table_id in self._shard.tables else "?"
+        deadline = self._deadline_of(context)
         try:
             if self._executor is None:
-                reply = self._gather_sync(request)
-            else:
+                reply = self._gather_if_live(request, deadline)
+            else:  # a call may wait for a kernel thread: re-check its deadline when it starts
                 loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(self._executor, self._gather_sync, request)
+                reply = await loop.run_in_executor(
+                    self._executor, self._gather_if_live, request, deadline
+                )
+        except _DeadlinePassed:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"shard {self._shard.shard}: the caller's deadline passed before the work "
+                "started; skipped",
+            )
         except UltraMemError as exc:
             code = status_for(exc)
             self._metrics.requests.labels(table, code.name).inc()
