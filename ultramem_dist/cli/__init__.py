@@ -14,6 +14,7 @@ _COMMAND_MODULES = (
     "ultramem_dist.cli.serve_cmds",
     "ultramem_dist.cli.cluster_cmds",
     "ultramem_dist.cli.router_cmds",
+    "ultramem_dist.cli.reliability_cmds",
 )
 
 
