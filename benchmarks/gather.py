@@ -403,6 +403,7 @@ def main() -> None:
         asyncio.run(_echo_server(args.ready_file))
         return
     t0 = time.time()
+    load_before = os.getloadavg()[0]
     if args.quick:
         kernel = bench_kernel(200_000, 256, 64, 3)
         batches, calls, rpc_rows = [1, 16, 64], 30, 65_536
@@ -426,6 +427,8 @@ def main() -> None:
             "calls_per_point": calls,
             "quick": args.quick,
             "wall_s": round(time.time() - t0, 1),
+            # 1-minute load average: other jobs on a shared machine inflate every number
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
     }
     out = args.out or (Path(tempfile.mkdtemp(prefix="gather-quick-")) if args.quick else RESULTS)
