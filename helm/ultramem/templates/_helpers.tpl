@@ -128,7 +128,87 @@ ultramem.io/store: {{ include "ultramem.fullname" . }}
 {{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) -}}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" -}}
 {{- end -}}
+{{- if and (or .Values.tls.enabled .Values.auth.tokenSecretName) (not (include "ultramem.helmShards" .)) -}}
+{{- fail "tls.enabled / auth.tokenSecretName are wired for mode=standalone with standalone.managedBy=helm only" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
+{{- fail "tls.enabled needs tls.secretName (a Secret with tls.crt, tls.key and ca.crt)" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (eq (int .Values.tls.healthPort) (int .Values.ports.grpc)) -}}
+{{- fail "tls.healthPort must differ from ports.grpc" -}}
+{{- end -}}
 {{- $_ := include "ultramem.storeRoot" . -}}
+{{- end -}}
+
+{{/* serve-shard flags for TLS and bearer tokens (files from the mounted Secrets). */}}
+{{- define "ultramem.serverSecurityArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert
+- /etc/ultramem/tls/tls.crt
+- --tls-key
+- /etc/ultramem/tls/tls.key
+{{- if .Values.tls.mutual }}
+- --tls-client-ca
+- /etc/ultramem/tls/ca.crt
+{{- end }}
+- --health-port
+- {{ .Values.tls.healthPort | quote }}
+{{- end }}
+{{- if .Values.auth.tokenSecretName }}
+- --auth-token-file
+- {{ printf "/etc/ultramem/auth/%s" .Values.auth.tokenKey }}
+{{- end }}
+{{- end -}}
+
+{{/* lookup/loadtest client flags matching the server's security. */}}
+{{- define "ultramem.clientSecurityArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-ca
+- /etc/ultramem/tls/ca.crt
+{{- if .Values.tls.mutual }}
+- --tls-cert
+- /etc/ultramem/tls/tls.crt
+- --tls-key
+- /etc/ultramem/tls/tls.key
+{{- end }}
+{{- with .Values.tls.serverName }}
+- --tls-server-name
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- if .Values.auth.tokenSecretName }}
+- --auth-token-file
+- {{ printf "/etc/ultramem/auth/%s" .Values.auth.tokenKey }}
+{{- end }}
+{{- end -}}
+
+{{/* Secret volumes (and their mounts) for TLS material and the token file. */}}
+{{- define "ultramem.securityVolumes" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if .Values.auth.tokenSecretName }}
+- name: auth
+  secret:
+    secretName: {{ .Values.auth.tokenSecretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{- define "ultramem.securityMounts" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/ultramem/tls
+  readOnly: true
+{{- end }}
+{{- if .Values.auth.tokenSecretName }}
+- name: auth
+  mountPath: /etc/ultramem/auth
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Volumes / mounts for the store and a writable /tmp. */}}
@@ -177,7 +257,7 @@ ultramem.io/store: {{ include "ultramem.fullname" . }}
 
 {{- define "ultramem.grpcProbe" -}}
 grpc:
-  port: {{ .root.Values.ports.grpc }}
+  port: {{ if .root.Values.tls.enabled }}{{ .root.Values.tls.healthPort }}{{ else }}{{ .root.Values.ports.grpc }}{{ end }}
   service: ""
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ default 2 .probe.timeoutSeconds }}
