@@ -259,13 +259,13 @@ def gather_pool(
         seg_shift = (seg_ids * per_token)[None, :, None]
     else:
         assert lengths is not None
+        # sorted entry j still belongs to token tok[j]: a second stable (radix) sort of the
+        # (entry, segment) pairs by (token, segment) lays every token out as [nseg, n_t]
+        perm = _stable_order((tok[:, None] * nseg + seg_ids).reshape(-1), num_tokens * nseg)
+        ent = ent_idx[:, None] + seg_ids if equal else np.repeat(ent_idx[:, None], nseg, 1)
+        ent = ent.reshape(-1)[perm]
+        w_src = (src[:, None] + cores).reshape(-1)[perm]
         tok_shift = (nseg - 1) * offs[:-1]
-        pos = (np.arange(nnz) + tok_shift[tok])[:, None] + lengths[tok][:, None] * seg_ids
-        pos = pos.reshape(-1)
-        ent = np.empty(nnz * nseg, dtype=np.int64)
-        ent[pos] = (ent_idx[:, None] + seg_ids if equal else np.repeat(ent_idx, nseg)).reshape(-1)
-        w_src = np.empty(nnz * nseg, dtype=np.int64)
-        w_src[pos] = (src[:, None] + cores).reshape(-1)
         seg_shift = lengths[:, None, None] * seg_ids[None, :, None]
     bag_off = bag_start.reshape(num_tokens, 1, num_blocks) + tok_shift[:, None, None] + seg_shift
     pooled = bag(rows, ent, bag_off.reshape(-1), w_src)
