@@ -218,3 +218,23 @@ def test_bad_scale_requests_are_refused(deployed):
         deployed.scale_replicas(7, 2)
     with pytest.raises(ValueError, match=">= 1"):
         deployed.scale_replicas(0, 0)
+
+
+def test_fixed_port_replicas_bind_the_requested_port(cluster, store, model):
+    """`up --port P` (one replica per node, as in the Kubernetes chart) binds exactly P."""
+    import socket
+
+    from ultramem_dist.store.export import export_checkpoint
+
+    export_checkpoint(store / "ckpt", store / "store1", shards=1, by="row", version="one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fixed = Deployer(PlacementOptions(drain_s=0.5, port=port))
+    fixed.up(store / "store1", replicas=1)
+    dep = fixed.active()
+    assert dep["replicas"][0][0]["endpoint"] == f"127.0.0.1:{port}"
+    sel = _selection(model)
+    with ClusterValueStore() as backend:
+        got = backend.submit("mem0", sel).result(timeout=10)
+    torch.testing.assert_close(got, model.ultramem_layers()[0].pool_local(sel).detach())

@@ -60,9 +60,16 @@ def up(
         fail("--resource takes NAME=AMOUNT and --label takes KEY=VALUE")
     if not store.is_dir():
         fail(f"store directory {store} does not exist (create it with `ultramem-dist export`)")
+    if not 0 <= port <= 65535:
+        fail(f"--port must be in 0..65535, not {port}")
     _connect(address, start=True)
     deployer = _deployer(
-        host, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, label_selector=labels
+        host,
+        port=port,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=resources,
+        label_selector=labels,
     )
     t0 = time.perf_counter()
     try:

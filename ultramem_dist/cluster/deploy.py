@@ -113,6 +113,7 @@ class Deployer:
             shard,
             replica,
             host=p.host,
+            port=p.port,
             torch_threads=p.torch_threads,
             server=dict(p.server),
         )
