@@ -153,6 +153,8 @@ class ShardFleet:
             *self.extra_args,
         ]  # fmt: skip
         with open(rep.log, "ab") as logf:
+            logf.write(f"=== start {rep.starts + 1} of {rep.name} ===\n".encode())
+            logf.flush()
             rep.proc = subprocess.Popen(
                 cmd,
                 stdout=logf,
@@ -247,7 +249,9 @@ class ShardFleet:
 
     @staticmethod
     def tail(rep: Replica, n: int = 2000) -> str:
+        """The end of the replica's log since its latest start."""
         try:
-            return rep.log.read_text(errors="replace")[-n:]
+            text = rep.log.read_text(errors="replace")
         except OSError:
             return ""
+        return text[text.rfind("=== start ") :][-n:]
