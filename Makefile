@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 
-.PHONY: help venv demo test lint proto crd-sync bench clean
+.PHONY: help venv demo test lint proto crd-sync bench bench-quick clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,8 +36,16 @@ proto: $(STAMP) ## regenerate the gRPC stubs from proto/ (never edit them by han
 crd-sync: ## copy the ValueStore CRD (single source: operators/crds) into the chart
 	cp operators/crds/valuestore.yaml helm/ultramem/crds/valuestore.yaml
 
-bench: $(STAMP) ## run every benchmark (minutes each); results in benchmarks/results/
-	$(BIN)/python benchmarks/quality.py
+BENCHMARKS := gather kernel_limit service_compare shard_scaling router_hop overlap decode_scaling \
+	loadtest chaos fuzz quality
+
+bench: $(STAMP) ## run every benchmark (about an hour on 2 cores); JSON + PNG in benchmarks/results/
+	@set -e; for b in $(BENCHMARKS); do echo "==> benchmarks/$$b.py"; \
+		$(BIN)/python benchmarks/$$b.py; done
+
+bench-quick: $(STAMP) ## smoke-run every benchmark with --quick (a few minutes)
+	@set -e; for b in $(BENCHMARKS); do echo "==> benchmarks/$$b.py --quick"; \
+		$(BIN)/python benchmarks/$$b.py --quick; done
 
 clean: ## remove the venv and generated artifacts
 	rm -rf $(VENV) $(ARTIFACTS)

@@ -12,6 +12,16 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def quick_mode() -> Path:
+    """For ``--quick`` smoke runs: send results to a temporary directory instead of
+    benchmarks/results, so a smoke run never overwrites measured numbers."""
+    import tempfile
+
+    global RESULTS
+    RESULTS = Path(tempfile.mkdtemp(prefix="bench-quick-"))
+    return RESULTS
+
+
 def machine() -> str:
     """One line describing where the numbers were measured."""
     cpu = platform.processor() or platform.machine()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-from common import plot_path, write_json  # noqa: E402
+from common import plot_path, quick_mode, write_json  # noqa: E402
 
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
 from ultramem_dist.model import MemoryLM, load_pretrained, preset, save_pretrained  # noqa: E402
@@ -63,7 +63,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="smoke run; results to a temp dir")
     args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.rounds = 12, 1
+        print(f"--quick: results go to {quick_mode()}")
     torch.set_num_threads(1)  # the model thread; shards get the other core
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint

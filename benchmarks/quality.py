@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import plot_path, write_json  # noqa: E402
+from common import plot_path, quick_mode, write_json  # noqa: E402
 
 from ultramem_dist.model import MemoryLM, MoEConfig, PKMConfig, preset  # noqa: E402
 from ultramem_dist.train import Corpus, TrainConfig, train  # noqa: E402
@@ -60,7 +60,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--models", default="dense,pkm,moe,ultramem")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--quick", action="store_true", help="smoke run; results to a temp dir")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.seq_len = 12, 64
+        print(f"--quick: results go to {quick_mode()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     corpus = Corpus.stdlib()
