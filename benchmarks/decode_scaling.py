@@ -19,11 +19,14 @@ heads, d_ff = 1024, byte vocabulary) with
   value parameters at every scale (1.05 M * s).
 
 Each decode step (one new token for every sequence of the batch, KV cache on) is timed after an
-untimed prefill of a 4-token prompt; ``ms_per_token`` is the median time of one step (for the
-whole batch). ``local`` uses the model's own tables; ``remote`` serves the UltraMem tables from
-an ``ultramem-dist serve-shard`` process through :class:`~ultramem_dist.client.RemoteValueStore`,
-with the skip-layer overlap (lookup issued at block a, collected after block b). Model and shard
-each use one torch thread. Every (model, mode) is timed in interleaved rounds.
+untimed prefill of a 4-token prompt; ``ms_per_token`` is the median over rounds of the median
+step time of a round (one step = one token for the whole batch). ``local`` uses the model's own
+tables; ``remote`` serves the UltraMem tables from an ``ultramem-dist serve-shard`` process
+through :class:`~ultramem_dist.client.RemoteValueStore`, with the skip-layer overlap (lookup
+issued at block a, collected after block b). Model and shard each use one torch thread. All
+scales are built (and their shard servers started) up front and timed round-robin, every round
+visiting every (scale, model, mode), so drift in the load of a
+shared machine cannot masquerade as a scaling trend.
 """
 
 from __future__ import annotations
@@ -152,81 +155,98 @@ class ShardProcess:
                 self.proc.wait()
 
 
-def bench_scale(
-    scale: int, batches: list[int], steps: dict[int, int], rounds: int, remote: bool, tmp: Path
+def bench_all(
+    scales: list[int],
+    batches: list[int],
+    steps: dict[int, int],
+    rounds: int,
+    remote: bool,
+    tmp: Path,
 ) -> list[dict[str, Any]]:
+    """Build every scale's models (and shard servers) first, then time them round-robin: each
+    round visits every (scale, model, mode) once, so load drift hits all scales alike."""
     from ultramem_dist.client import RemoteValueStore
     from ultramem_dist.store.export import export_checkpoint
 
     max_seq = PROMPT + max(steps.values()) + 1
-    torch.manual_seed(scale)
-    models: dict[tuple[str, str], MemoryLM] = {}
-    params: dict[str, dict[str, int]] = {}
-    for kind in ("ultramem", "moe"):
-        m = MemoryLM(make_config(kind, scale, max_seq)).eval()
-        models[(kind, "local")] = m
-        params[kind] = m.param_counts()
-    shard: ShardProcess | None = None
-    store: RemoteValueStore | None = None
+    models: dict[tuple[int, str, str], MemoryLM] = {}
+    params: dict[tuple[int, str], dict[str, int]] = {}
+    shards: dict[int, ShardProcess] = {}
+    stores: list[RemoteValueStore] = []
+    counters: dict[int, ExpertCounter] = {}
     rows: list[dict[str, Any]] = []
     try:
-        if remote:
-            um = models[("ultramem", "local")]
-            ckpt = save_pretrained(um, tmp / f"ckpt-x{scale}")
-            export_checkpoint(ckpt, tmp / f"store-x{scale}", shards=1, by="row", version="b")
-            shard = ShardProcess(tmp / f"store-x{scale}", tmp)
+        for s in scales:
+            torch.manual_seed(s)
+            for kind in ("ultramem", "moe"):
+                m = MemoryLM(make_config(kind, s, max_seq)).eval()
+                models[(s, kind, "local")] = m
+                params[(s, kind)] = m.param_counts()
+            counters[s] = ExpertCounter(models[(s, "moe", "local")])
+            if remote:
+                ckpt = save_pretrained(models[(s, "ultramem", "local")], tmp / f"ckpt-x{s}")
+                export_checkpoint(ckpt, tmp / f"store-x{s}", shards=1, by="row", version="b")
+                shards[s] = ShardProcess(tmp / f"store-x{s}", tmp)
+        for s, shard in shards.items():
             store = RemoteValueStore(shard.target(), deadline_s=60)
-            rm = copy.deepcopy(um)
+            stores.append(store)
+            rm = copy.deepcopy(models[(s, "ultramem", "local")])
             rm.drop_value_tables()
             rm.set_value_backend(store)
-            models[("ultramem", "remote")] = rm
-        counter = ExpertCounter(models[("moe", "local")])
+            models[(s, "ultramem", "remote")] = rm
         for batch in batches:
             prompt = torch.randint(
                 0, 256, (batch, PROMPT), generator=torch.Generator().manual_seed(7)
             )
-            n = steps[batch]
-            if remote:  # the remote model must compute what the local one does
-                _, want = decode_ms(models[("ultramem", "local")], prompt, 2)
-                _, got = decode_ms(models[("ultramem", "remote")], prompt, 2)
+            for s in shards:  # the remote model must compute what the local one does
+                _, want = decode_ms(models[(s, "ultramem", "local")], prompt, 2)
+                _, got = decode_ms(models[(s, "ultramem", "remote")], prompt, 2)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            samples: dict[tuple[str, str], list[float]] = {k: [] for k in models}
             for m in models.values():  # warm-up
-                decode_ms(m, prompt, 2)
-            counter.take()
-            experts: list[float] = []
-            for _ in range(rounds):
-                for key, m in models.items():
-                    samples[key].append(decode_ms(m, prompt, n)[0])
-                    if key[0] == "moe":
-                        e = counter.take()
+                decode_ms(m, prompt, 1)
+            for c in counters.values():
+                c.take()
+            samples: dict[tuple[int, str, str], list[float]] = {k: [] for k in models}
+            experts: dict[int, list[float]] = {s: [] for s in scales}
+            keys = list(models)
+            for rnd in range(rounds):
+                for key in keys if rnd % 2 == 0 else keys[::-1]:
+                    samples[key].append(decode_ms(models[key], prompt, steps[batch])[0])
+                    if key[1] == "moe":
+                        e = counters[key[0]].take()
                         if e is not None:
-                            experts.append(e)
-            for (kind, mode), ts in samples.items():
+                            experts[key[0]].append(e)
+            for (s, kind, mode), ts in samples.items():
+                ms = statistics.median(ts)
+                p = params[(s, kind)]
                 row: dict[str, Any] = {
                     "model": kind,
-                    "sparse_scale": scale,
+                    "sparse_scale": s,
                     "batch": batch,
                     "mode": mode,
-                    "ms_per_token": round(statistics.median(ts), 3),
-                    "ms_per_seq_token": round(statistics.median(ts) / batch, 4),
-                    "sparse_params": params[kind]["sparse"],
-                    "activated_params": params[kind]["activated"],
-                    "total_params": params[kind]["total"],
+                    "ms_per_token": round(ms, 3),
+                    "ms_per_seq_token": round(ms / batch, 4),
+                    "rounds_ms": [round(t, 3) for t in ts],
+                    "sparse_params": p["sparse"],
+                    "activated_params": p["activated"],
+                    "total_params": p["total"],
                 }
                 if kind == "moe":
-                    row["n_experts"] = 2 * scale
-                    if experts:
-                        row["distinct_experts_per_moe_block"] = round(statistics.mean(experts), 2)
+                    row["n_experts"] = 2 * s
+                    if experts[s]:
+                        row["distinct_experts_per_moe_block"] = round(
+                            statistics.mean(experts[s]), 2
+                        )
                 else:
-                    row["value_rows_per_layer"] = make_config(kind, scale, 8).ultramem.n_rows
+                    row["value_rows_per_layer"] = make_config(kind, s, 8).ultramem.n_rows
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-        counter.remove()
+                print(json.dumps({k: v for k, v in row.items() if k != "rounds_ms"}), flush=True)
     finally:
-        if store is not None:
+        for c in counters.values():
+            c.remove()
+        for store in stores:
             store.close()
-        if shard is not None:
+        for shard in shards.values():
             shard.stop()
     return rows
 
@@ -260,6 +280,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = result["rows"]
     batches = sorted({r["batch"] for r in rows})
@@ -290,8 +311,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ylabel="ms per decode step",
             title=f"batch {batch}",
         )
-        ax.set_xticks([r for r in sorted({r["sparse_scale"] for r in rows})])
-        ax.set_xticklabels([str(s) for s in sorted({r["sparse_scale"] for r in rows})])
+        scales = sorted({r["sparse_scale"] for r in rows})
+        ax.set_xticks(scales, [str(s) for s in scales])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     fig.suptitle(
@@ -322,18 +344,16 @@ def main() -> None:
     parser.add_argument("--no-remote", action="store_true", help="local decoding only")
     args = parser.parse_args()
     if args.quick:
-        scales, batches, rounds = [1, 16], [1, 16], 1
-        steps = {1: 8, 16: 6}
+        scales, batches, rounds = [1, 16], [1, 16], 2
+        steps = {1: 6, 16: 4}
     else:
-        scales, batches, rounds = [1, 2, 4, 8, 16], [1, 16, 256], 3
-        steps = {1: 24, 16: 12, 256: 4}
+        scales, batches, rounds = [1, 2, 4, 8, 16], [1, 16, 256], 5
+        steps = {1: 16, 16: 8, 256: 3}
     torch.set_num_threads(1)
     t0 = time.time()
     load = os.getloadavg()
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="decode-bench-") as tmp:
-        for s in scales:
-            rows += bench_scale(s, batches, steps, rounds, not args.no_remote, Path(tmp))
+        rows = bench_all(scales, batches, steps, rounds, not args.no_remote, Path(tmp))
     result = {
         "rows": rows,
         "summary": summarize(rows),

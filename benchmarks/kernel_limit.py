@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, today, write_json  # noqa: E402
 
 from ultramem_dist.kernels import gather_pool  # noqa: E402
+from ultramem_dist.kernels.gather_pool import _weighted_bag  # noqa: E402  (its inner call)
 
 E, HC, L, DV = 4, 2, 160, 256
 SEG = DV // HC
@@ -101,10 +102,10 @@ def prepared_entries(x: Inputs, sort_rows: bool) -> tuple[torch.Tensor, ...]:
 def bag_call(table: torch.Tensor, prep: tuple[torch.Tensor, ...]) -> torch.Tensor:
     ent_idx, offsets, ent_w = prep
     view = table.view(-1, SEG)
-    if table.dtype != ent_w.dtype:  # what the product kernel does for half storage
-        view = view.index_select(0, ent_idx).to(ent_w.dtype)
-        ent_idx = torch.arange(ent_idx.numel())
-    out = F.embedding_bag(ent_idx, view, offsets, mode="sum", per_sample_weights=ent_w)
+    if table.dtype != ent_w.dtype:  # the product kernel's half-storage path (fp32 accumulation)
+        out = _weighted_bag(view, ent_idx.numpy(), offsets.numpy(), ent_w)
+    else:
+        out = F.embedding_bag(ent_idx, view, offsets, mode="sum", per_sample_weights=ent_w)
     return out.view(-1, E, DV)
 
 

@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/service_compare.py            # full run (~3 minutes on 2 cores)
     python benchmarks/service_compare.py --quick    # smaller table, short windows (smoke run)
+    python benchmarks/service_compare.py --shard-args --kernel-workers 0   # server options
 
 Writes ``benchmarks/results/service_compare.json`` and ``service_compare.png`` (``--quick``: a
 temp directory unless ``--out`` is given).
@@ -15,8 +16,10 @@ loopback, all servers with one kernel thread:
 * ``grpc_shard`` — an ``ultramem-dist serve-shard`` process answered through the product client
   (:class:`~ultramem_dist.client.GatherClient`: encode, call, check, decode);
 * ``ray_actor`` — a plain (sync) Ray actor holding the same mmap'd shard; its method calls the
-  same kernel (``gather_pool``) on the tensors it is passed and returns the pooled tensor; driven
-  with ``ray.get`` / ``ray.wait``;
+  same kernel (``gather_pool``) and returns the pooled tensor; driven with ``ray.get`` /
+  ``ray.wait``. Tensors travel as numpy arrays (``torch.from_numpy`` views on both sides): passing
+  torch tensors through Ray costs ~6 ms more per call on this machine, so the baseline gets the
+  fast transport (no request validation either: the bare kernel call);
 * ``ray_serve_grpc`` — a Ray Serve deployment with a ``Gather`` method (decode + validate + the
   same kernel + encode, the shard server's code) behind Ray Serve's gRPC proxy
   (``gRPCOptions(grpc_servicer_functions=[...add_GatherPoolServicer_to_server])``), called with
@@ -204,11 +207,21 @@ def _ray_classes() -> tuple[Any, Any]:
             torch.set_num_threads(1)
             self.table = load_shard(store, 0).tables[TABLE]
 
-        def gather(self, idx: torch.Tensor, blk: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        def gather(self, idx: Any, blk: Any, w: Any) -> Any:
+            """numpy in, numpy out: Ray moves ndarrays far cheaper than torch tensors (whose
+            pickling added ~6 ms per call here), so the baseline gets the fast transport."""
             from ultramem_dist.kernels import gather_pool
 
             t = self.table
-            return gather_pool(t.values, idx, blk, w, t.entry.expansion, segments=t.segments)
+            out = gather_pool(
+                t.values,
+                torch.from_numpy(idx),
+                torch.from_numpy(blk),
+                torch.from_numpy(w),
+                t.entry.expansion,
+                segments=t.segments,
+            )
+            return out.numpy()
 
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
     class GatherDeployment:
@@ -293,29 +306,35 @@ class RayPaths:
         self.ray.shutdown()
 
 
+def ray_actor_call(actor: Any, q: Query) -> Any:
+    """Submit one lookup: the query tensors go as numpy views (zero-copy on this side)."""
+    return actor.gather.remote(q[0].numpy(), q[1].numpy(), q[2].numpy())
+
+
 def ray_actor_window(actor: Any, queries: list[Query], inflight: int, calls: int) -> list[float]:
-    """Latencies of ``calls`` actor calls with ``inflight`` outstanding (``ray.wait`` driven)."""
+    """Latencies of ``calls`` actor calls with ``inflight`` outstanding (``ray.wait`` driven);
+    each reply becomes a tensor (``torch.from_numpy``, no copy) like the other paths' replies."""
     import ray
 
     lat: list[float] = []
     if inflight == 1:
         for i in range(calls):
             t0 = time.perf_counter()
-            ray.get(actor.gather.remote(*queries[i % len(queries)]))
+            torch.from_numpy(ray.get(ray_actor_call(actor, queries[i % len(queries)])))
             lat.append(time.perf_counter() - t0)
         return lat
     pending: dict[Any, float] = {}
     sent = 0
     while sent < min(inflight, calls):
-        pending[actor.gather.remote(*queries[sent % len(queries)])] = time.perf_counter()
+        pending[ray_actor_call(actor, queries[sent % len(queries)])] = time.perf_counter()
         sent += 1
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            ray.get(ref)
+            torch.from_numpy(ray.get(ref))
             lat.append(time.perf_counter() - pending.pop(ref))
             if sent < calls:
-                pending[actor.gather.remote(*queries[sent % len(queries)])] = time.perf_counter()
+                pending[ray_actor_call(actor, queries[sent % len(queries)])] = time.perf_counter()
                 sent += 1
     return lat
 
@@ -439,7 +458,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     window_s: dict[tuple[str, int, int], float] = {}
     sizes: dict[int, dict[str, int]] = {}
     try:
-        procs.spawn([*CLI, "serve-shard", str(store), "--shard", "0", "--threads", "1"], "shard")
+        shard_cmd = [*CLI, "serve-shard", str(store), "--shard", "0", "--threads", "1"]
+        procs.spawn([*shard_cmd, *args.shard_args], "shard")
         procs.spawn([sys.executable, __file__, "--echo-server"], "echo")
         shard_port, echo_port = procs.ports()
         paths = list(args.paths)
@@ -455,7 +475,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             want = reference(store, queries[0])
             got = {"grpc_shard": loop.run(clients.shard_call(0))}
             if ray_paths is not None and "ray_actor" in paths:
-                got["ray_actor"] = ray_paths.ray.get(ray_paths.actor.gather.remote(*queries[0]))
+                got["ray_actor"] = torch.from_numpy(
+                    ray_paths.ray.get(ray_actor_call(ray_paths.actor, queries[0]))
+                )
             if ray_paths is not None and "ray_serve_grpc" in paths:
                 got["ray_serve_grpc"] = loop.run(clients.serve_call(0))
             for name, out in got.items():
@@ -545,6 +567,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = result["rows"]
     batches = sorted({r["batch"] for r in rows})
@@ -581,6 +604,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ylabel="calls / s",
             title=f"throughput, T={batch}",
         )
+        ticks = sorted({r["inflight"] for r in rows})
+        for ax in (ax1, ax2):
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax1.legend(fontsize=7)
         ax2.legend(fontsize=7)
     fig.suptitle(f"Gather paths on loopback, 2-core CPU ({result['date']})", fontsize=9)
@@ -605,6 +632,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small table, short windows")
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument(
+        "--shard-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="extra serve-shard options (last on the line), e.g. --shard-args --kernel-workers 0",
+    )
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -617,7 +650,7 @@ def main() -> None:
             [16],
             [1, 8],
             1,
-            60,
+            40,
         )
     else:
         args.rows, args.batches, args.inflight, args.rounds, args.calls = (
@@ -645,6 +678,7 @@ def main() -> None:
             "rounds": args.rounds,
             "calls_per_window": args.calls,
             "server_threads": 1,
+            "shard_args": args.shard_args,
             "quick": args.quick,
             "loadavg_start": [round(x, 2) for x in load],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
