@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, today, write_json  # noqa: E402
 
 from ultramem_dist.reliability.loadtest import LoadTestConfig, run_loadtest  # noqa: E402
-from ultramem_dist.reliability.procs import ShardFleet  # noqa: E402
+from ultramem_dist.reliability.procs import ShardFleet, cpu_seconds  # noqa: E402
 from ultramem_dist.reliability.synthetic import make_synthetic_store  # noqa: E402
 
 
@@ -42,6 +43,12 @@ def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> P
     path = out / name
     path.write_text(json.dumps({"date": today(), "machine": machine(), **payload}, indent=2) + "\n")
     return path
+
+
+def _cpu(fleet: ShardFleet) -> tuple[float, float]:
+    """(this process's CPU seconds, all shard processes' CPU seconds)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime, sum(cpu_seconds(r.pid) for r in fleet.replicas if r.pid)
 
 
 def main() -> None:
@@ -70,7 +77,9 @@ def main() -> None:
             if warmup > 0:  # connections, page cache, allocator: not recorded
                 asyncio.run(run_loadtest(LoadTestConfig(duration_s=warmup, **base)))
             load_start = os.getloadavg()
+            cpu0 = _cpu(fleet)
             res = asyncio.run(run_loadtest(LoadTestConfig(duration_s=duration, **base)))
+            cpu1 = _cpu(fleet)
     load_after = os.getloadavg()
     ratio = res.p99_ms / res.p50_ms if res.p50_ms > 0 else float("inf")
     payload = {
@@ -99,6 +108,12 @@ def main() -> None:
             "warmup_s": warmup,
             "server": "ultramem-dist serve-shard --threads 1 (inline kernel), 127.0.0.1",
             "client": "one asyncio process, GatherClient, every answer verified",
+        },
+        "cpu_s": {  # where the 2 cores went during the measured run
+            "load_generator": round(cpu1[0] - cpu0[0], 1),
+            "shard_servers": round(cpu1[1] - cpu0[1], 1),
+            "wall": res.duration_s,
+            "cores": os.cpu_count(),
         },
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_at_start": [round(x, 2) for x in load_start],

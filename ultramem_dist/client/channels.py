@@ -52,6 +52,11 @@ class ChannelOptions:
     keepalive_timeout_ms: int = 10_000
     retry_buffer_bytes: int = 64 << 20
     """Requests up to this size stay replayable (gRPC's default, 256 KiB, is too small)."""
+    health_check: bool = True
+    """Client-side health checking (gRFC A17): round robin sends calls only to replicas whose
+    ``grpc.health.v1`` status for the GatherPool service is SERVING, so a draining replica
+    (SIGTERM: NOT_SERVING first) gets no new calls before it closes its port. A server without
+    the Health service counts as healthy."""
     max_reconnect_backoff_ms: int | None = None
     """Cap of the backoff between reconnect attempts to a failed replica (``None`` = gRPC's
     default, 120 s). A small cap puts a restarted replica back into rotation sooner."""
@@ -95,23 +100,26 @@ class ChannelOptions:
         return creds
 
     def service_config(self) -> str:
-        return json.dumps(
-            {
-                "loadBalancingConfig": [{"round_robin": {}}],
-                "methodConfig": [
-                    {
-                        "name": [{"service": SERVICE}],
-                        "retryPolicy": {
-                            "maxAttempts": max(2, self.max_attempts),
-                            "initialBackoff": f"{self.initial_backoff_s}s",
-                            "maxBackoff": f"{self.max_backoff_s}s",
-                            "backoffMultiplier": 2,
-                            "retryableStatusCodes": ["UNAVAILABLE"],
-                        },
-                    }
-                ],
-            }
-        )
+        config: dict[str, object] = {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE}],
+                    "retryPolicy": {
+                        "maxAttempts": max(2, self.max_attempts),
+                        "initialBackoff": f"{self.initial_backoff_s}s",
+                        "maxBackoff": f"{self.max_backoff_s}s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+            if self.max_attempts > 1
+            else [],
+        }
+        if self.health_check:
+            config["healthCheckConfig"] = {"serviceName": SERVICE}
+        return json.dumps(config)
 
     def grpc_options(self) -> list[tuple[str, object]]:
         opts: list[tuple[str, object]] = [
@@ -125,7 +133,7 @@ class ChannelOptions:
             # One connection per channel even if another channel targets the same address.
             ("grpc.use_local_subchannel_pool", 1),
         ]
-        if self.max_attempts > 1:
+        if self.max_attempts > 1 or self.health_check:
             opts.append(("grpc.service_config", self.service_config()))
         else:
             opts.append(("grpc.lb_policy_name", "round_robin"))

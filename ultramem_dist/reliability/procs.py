@@ -2,14 +2,13 @@
 
 Each replica keeps its port across restarts (like a StatefulSet pod or a restarted Ray actor), so
 clients' channels reconnect to it without any reconfiguration. Children get ``SIGTERM`` if the
-harness dies (Linux ``PR_SET_PDEATHSIG``) and :meth:`ShardFleet.stop` always reaps them: no
-stray processes.
+harness dies (Linux ``PR_SET_PDEATHSIG``, set by a tiny launcher that then ``exec``s the CLI —
+not by ``preexec_fn``, which is unsafe in a process with gRPC threads) and
+:meth:`ShardFleet.stop` always reaps them: no stray processes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -22,9 +21,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Replica", "ShardFleet", "free_port", "served_ok_requests", "serve_shard_command"]
+__all__ = [
+    "Replica",
+    "ShardFleet",
+    "cpu_seconds",
+    "free_port",
+    "serve_shard_command",
+    "served_ok_requests",
+]
 
-_PR_SET_PDEATHSIG = 1
+# Runs in the child: ask for SIGTERM when the harness dies, make sure it has not died already,
+# then become the real command.
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,9 +59,11 @@ def serve_shard_command() -> list[str]:
     return [sys.executable, "-c", "from ultramem_dist.cli import main; main()"]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a Linux process has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def served_ok_requests(metrics_port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> float:
@@ -139,6 +158,11 @@ class ShardFleet:
     def _spawn(self, rep: Replica) -> None:
         rep.ready_file.unlink(missing_ok=True)
         cmd = [
+            *(
+                [sys.executable, "-c", _LAUNCHER, str(os.getpid())]
+                if sys.platform == "linux"
+                else []
+            ),
             *serve_shard_command(),
             "serve-shard",
             str(self.store),
@@ -161,7 +185,6 @@ class ShardFleet:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         rep.starts += 1
 
