@@ -12,6 +12,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
+from ultramem_dist.cluster.health import check_health  # noqa: E402
 from ultramem_dist.cluster.registry import NAMESPACE  # noqa: E402
 from ultramem_dist.errors import UltraMemError  # noqa: E402
 from ultramem_dist.model import MemoryLM, preset, save_pretrained  # noqa: E402
@@ -208,7 +209,12 @@ def test_scale_one_shard_and_dead_single_replica_gives_clear_error(deployed, mod
         backend.submit("mem0", sel).result(timeout=10)
         (rep,) = deployed.active()["replicas"][1]
         victim = ray.get_actor(f"ultramem-{dep['deployment_id']}-s1-r{rep}", namespace=NAMESPACE)
+        endpoint = deployed.active()["replicas"][1][rep]["endpoint"]
         ray.kill(victim, no_restart=True)
+        deadline = time.monotonic() + 30  # ray.kill is asynchronous: wait until it is gone
+        while check_health(endpoint, timeout_s=0.5) != "UNREACHABLE":
+            assert time.monotonic() < deadline, "killed replica still answers"
+            time.sleep(0.1)
         with pytest.raises(UltraMemError, match="shard 1"):
             backend.submit("mem0", sel).result(timeout=15)
 
