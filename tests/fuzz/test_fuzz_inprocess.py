@@ -219,3 +219,30 @@ def test_raw_bytes_through_an_in_process_server(store):
             assert list(reply.pooled.shape) == [3, E, 16]
     finally:
         server.stop()
+
+
+def test_fuzz_cli_against_a_live_server(store, tmp_path):
+    import importlib
+    import json
+
+    from typer.testing import CliRunner
+
+    from ultramem_dist.cli import _COMMAND_MODULES, app
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name)
+    server = InProcessShard(ServerConfig(store=store, shard=0, max_message_bytes=128 << 10))
+    try:
+        out = tmp_path / "fuzz.json"
+        res = CliRunner().invoke(
+            app,
+            ["fuzz", "--target", server.target, "--cases", "120", "--table", "dim",
+             "--json-out", str(out)],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        data = json.loads(out.read_text())
+        assert data["cases"] == 120 and data["undefined_status"] == 0 and data["server_alive"]
+        res = CliRunner().invoke(app, ["fuzz", "--target", "198.51.100.7:50051"])
+        assert res.exit_code == 2 and "non-loopback" in " ".join(res.output.split())
+    finally:
+        server.stop()
