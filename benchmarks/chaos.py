@@ -32,6 +32,7 @@ from common import machine, today, write_json  # noqa: E402
 from ultramem_dist.client import ChannelOptions  # noqa: E402
 from ultramem_dist.reliability.chaos import ChaosConfig, run_chaos, timeline_stats  # noqa: E402
 from ultramem_dist.reliability.loadtest import LoadTestConfig, Sample, run_loadtest  # noqa: E402
+from ultramem_dist.reliability.procs import ShardFleet  # noqa: E402
 from ultramem_dist.reliability.synthetic import make_synthetic_store  # noqa: E402
 
 
@@ -112,6 +113,23 @@ async def ray_scenario(store: Path, concurrency: int, fault_at: float, settle: f
     }  # fmt: skip
 
 
+def idle_restart_s(store: Path, workdir: Path, rounds: int = 3) -> list[float]:
+    """kill -9 + restart of one replica with no load running: the bare process start cost
+    (interpreter, torch import, sha256 of the shard files, bind) on this machine."""
+    import signal
+
+    times = []
+    with ShardFleet(store, workdir, shards=[0], replicas=1) as fleet:
+        rep = fleet.replicas[0]
+        for _ in range(rounds):
+            fleet.signal(rep, signal.SIGKILL)
+            fleet.wait_exit(rep)
+            t0 = time.monotonic()
+            fleet.restart(rep)
+            times.append(round(time.monotonic() - t0, 3))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short phases, temp output")
@@ -127,6 +145,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ultramem-chaos-") as tmp:
         store = make_synthetic_store(Path(tmp) / "store", shards=args.shards, seed=0,
                                      tables={"row": ("row", False)})  # fmt: skip
+        idle = idle_restart_s(store, Path(tmp) / "idle", rounds=2 if args.quick else 3)
+        print(f"idle restart times: {idle}", flush=True)
         for fault in ("kill", "term"):
             cfg = ChaosConfig(store=store, workdir=Path(tmp) / f"run-{fault}", fault=fault,
                               shards=args.shards, replicas=args.replicas,
@@ -156,7 +176,10 @@ def main() -> None:
             "reference computed from the store files with the shared kernel",
             "restart_s": "fault -> the replacement process serves (ready file)",
             "recovery_s": "fault -> the replacement has answered load traffic (full capacity)",
+            "idle_restart_s": "kill -9 + restart with no load: the bare process start cost; "
+            "under load the replacement competes with the load for the same 2 cores",
         },
+        "idle_restart_s": idle,
         "scenarios": scenarios,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],

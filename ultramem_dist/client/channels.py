@@ -57,9 +57,10 @@ class ChannelOptions:
     ``grpc.health.v1`` status for the GatherPool service is SERVING, so a draining replica
     (SIGTERM: NOT_SERVING first) gets no new calls before it closes its port. A server without
     the Health service counts as healthy."""
-    max_reconnect_backoff_ms: int | None = None
+    max_reconnect_backoff_ms: int | None = 1000
     """Cap of the backoff between reconnect attempts to a failed replica (``None`` = gRPC's
-    default, 120 s). A small cap puts a restarted replica back into rotation sooner."""
+    default, which grows to 120 s). A small cap puts a restarted replica back into rotation
+    within about this long after it serves again."""
     tls: bool = False
     """Speak TLS; implied by any ``tls_*`` file. Without ``tls_ca`` the system roots apply."""
     tls_ca: str | Path | None = None
