@@ -147,6 +147,12 @@ class Procs:
                 proc.wait()
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a child process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -456,12 +462,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ray_paths: RayPaths | None = None
     samples: dict[tuple[str, int, int], list[float]] = {}
     window_s: dict[tuple[str, int, int], float] = {}
+    server_cpu: dict[tuple[str, int, int], float] = {}
     sizes: dict[int, dict[str, int]] = {}
     try:
         shard_cmd = [*CLI, "serve-shard", str(store), "--shard", "0", "--threads", "1"]
         procs.spawn([*shard_cmd, *args.shard_args], "shard")
         procs.spawn([sys.executable, __file__, "--echo-server"], "echo")
         shard_port, echo_port = procs.ports()
+        server_pid = {"grpc_shard": procs.items[0][0].pid, "grpc_echo": procs.items[1][0].pid}
         paths = list(args.paths)
         if {"ray_actor", "ray_serve_grpc"} & set(paths):
             ray_paths = RayPaths(store)
@@ -495,10 +503,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     order = paths if rnd % 2 == 0 else paths[::-1]
                     for p in order:
                         n = max(args.calls, 8 * inflight)
+                        pid = server_pid.get(p)
+                        c0 = _cpu_s(pid) if pid else 0.0
                         t0 = time.perf_counter()
                         lat = _measure(p, calls_for, ray_paths, queries, loop, inflight, n)
                         key = (p, batch, inflight)
                         window_s[key] = window_s.get(key, 0.0) + time.perf_counter() - t0
+                        if pid:
+                            server_cpu[key] = server_cpu.get(key, 0.0) + _cpu_s(pid) - c0
                         samples.setdefault(key, []).extend(lat)
                 print(f"batch {batch}: round {rnd + 1}/{args.rounds} done", flush=True)
             loop.run(clients.close())
@@ -521,6 +533,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "calls": len(lat),
             }
         )
+        if (p, batch, inflight) in server_cpu:  # load-independent cost of one call
+            rows[-1]["server_cpu_ms_per_call"] = round(
+                1e3 * server_cpu[(p, batch, inflight)] / len(lat), 3
+            )
     rows.sort(key=lambda r: (r["batch"], r["inflight"], PATHS.index(r["path"])))
     return {"rows": rows, "sizes": sizes}
 

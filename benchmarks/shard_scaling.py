@@ -119,9 +119,22 @@ async def window(client: Any, table: str, queries: list, inflight: int, calls: i
     return time.perf_counter() - t0
 
 
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of a process: this one (``None``) or a child by pid."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure(
-    targets: dict[str, list[str]], rows: int, args: argparse.Namespace
+    targets: dict[str, list[str]],
+    pids: dict[str, list[int]],
+    rows: int,
+    args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
+    """QPS per configuration, plus the CPU each call costs the client and every server: on a
+    shared 2-core box the sum bounds the throughput (``cpu_bound_qps``), whatever the load."""
     from ultramem_dist.client import GatherClient
     from ultramem_dist.kernels import gather_pool
 
@@ -150,13 +163,24 @@ async def measure(
                 await window(clients[label], table, queries, args.inflight, 2 * args.inflight)
             secs: dict[str, float] = {label: 0.0 for label, *_ in CONFIGS}
             qps_rounds: dict[str, list[float]] = {label: [] for label, *_ in CONFIGS}
+            cpu: dict[str, list[float]] = {
+                label: [0.0] * (1 + len(pids[label])) for label, *_ in CONFIGS
+            }
             for rnd in range(args.rounds):
                 order = CONFIGS if rnd % 2 == 0 else CONFIGS[::-1]
                 for label, _, table, *_ in order:
+                    who: list[int | None] = [None, *pids[label]]
+                    before = [cpu_s(p) for p in who]
                     dt = await window(clients[label], table, queries, args.inflight, args.calls)
+                    after = [cpu_s(p) for p in who]
+                    cpu[label] = [
+                        c + b - a for c, a, b in zip(cpu[label], before, after, strict=True)
+                    ]
                     secs[label] += dt
                     qps_rounds[label].append(args.calls / dt)
+            n_calls = args.calls * args.rounds
             for label, _, _, shards, sharding, threads in CONFIGS:
+                per_call = [1e3 * c / n_calls for c in cpu[label]]
                 row = {
                     "shards": shards,
                     "sharding": sharding,
@@ -166,6 +190,12 @@ async def measure(
                     "inflight": args.inflight,
                     "qps_rounds": [round(q, 2) for q in qps_rounds[label]],
                     "queries_per_s": round(batch * args.calls * args.rounds / secs[label], 1),
+                    "client_cpu_ms_per_call": round(per_call[0], 3),
+                    "server_cpu_ms_per_call": [round(c, 3) for c in per_call[1:]],
+                    # two cores shared by the client and the servers: at best 2 CPU-s per s
+                    "cpu_bound_qps": round(
+                        min(2e3 / sum(per_call), 1e3 * threads / max(per_call[1:])), 1
+                    ),
                 }
                 out.append(row)
                 print(json.dumps(row), flush=True)
@@ -283,10 +313,12 @@ def main() -> None:
                         servers.start(stores[store_key], k, threads, f"{store_key}-{k}")
                     groups[(store_key, threads)] = (first, first + shards)
             all_targets = servers.targets()
+            pids: dict[str, list[int]] = {}
             for label, store_key, _, _, _, threads in CONFIGS:
                 lo, hi = groups[(store_key, threads)]
                 targets[label] = all_targets[lo:hi]
-            rows = asyncio.run(measure(targets, n_rows, args))
+                pids[label] = [proc.pid for proc, _ in servers.procs[lo:hi]]
+            rows = asyncio.run(measure(targets, pids, n_rows, args))
         finally:
             servers.stop()
     plan = planner_view(n_rows)
