@@ -39,16 +39,17 @@ class _DeadlinePassed(Exception):
 def run_kernel(q: GatherQuery) -> torch.Tensor:
     """The shard's answer for a validated query: ``[T, E, cols]`` or merged ``[T, cols]``."""
     t = q.table
+    dev = t.values.device  # cuda when the shard was started with ServerConfig.device="cuda"
     out = gather_pool(
         t.values,
-        q.indices,
-        q.blocks,
-        q.weights,
+        q.indices.to(dev),
+        q.blocks.to(dev),
+        q.weights.to(dev),
         q.num_blocks,
         segments=t.segments,
-        offsets=q.offsets,
+        offsets=None if q.offsets is None else q.offsets.to(dev),
         sum_segments=t.entry.merged,
-    )
+    ).cpu()
     return out.reshape(q.num_tokens, out.shape[-1]) if t.entry.merged else out
 
 
