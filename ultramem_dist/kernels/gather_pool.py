@@ -218,28 +218,47 @@ def gather_pool(
     if offsets is None:
         key = blk.reshape(num_tokens, per_token) + (np.arange(num_tokens) * num_blocks)[:, None]
         key = key.reshape(-1)
-        lengths = offs = None
+        offs = None
     else:
         offs = _np(offsets)
-        lengths = np.diff(offs)
-        tok = np.repeat(np.arange(num_tokens), lengths)
+        tok = np.repeat(np.arange(num_tokens), np.diff(offs))
         key = tok * num_blocks + blk
-    order = _stable_order(key, num_bags)
-    bag_start = np.zeros(num_bags, dtype=np.int64)
-    np.cumsum(np.bincount(key, minlength=num_bags)[:-1], out=bag_start[1:])
-    idx_s = idx[order]
     cores = np.array([s.core for s in segments], dtype=np.int64)
-    src = order * num_cores  # where each sorted entry's weights start in flat_w
+    seg_ids = np.arange(nseg)
 
     def bag(rows: torch.Tensor, ent_idx: np.ndarray, bag_off: np.ndarray, w_src: np.ndarray):
         ent_w = flat_w.index_select(0, torch.from_numpy(w_src).to(flat_w.device))
         return _weighted_bag(rows, ent_idx, bag_off, ent_w)
 
+    if offs is not None and nseg > 1 and not sum_segments:
+        # ragged, several segments: one stable sort of the (entry, segment) pairs by
+        # (token, segment, block) gives the bag layout of step 2./3. below directly
+        key3 = (key[:, None] + (seg_ids * num_blocks)[None, :]).reshape(-1)
+        key3 += np.repeat(tok * ((nseg - 1) * num_blocks), nseg)
+        perm = _stable_order(key3, num_bags * nseg)
+        bag_off = np.zeros(num_bags * nseg, dtype=np.int64)
+        np.cumsum(np.bincount(key3, minlength=num_bags * nseg)[:-1], out=bag_off[1:])
+        rows = table.view(-1, width) if equal else table
+        pair = perm // nseg  # the entry of every (entry, segment) pair, in bag order
+        seg = perm - pair * nseg
+        ent = idx[pair] * nseg + seg if equal else idx[pair]
+        pooled = bag(rows, ent, bag_off, pair * num_cores + cores[seg])
+        pooled = pooled.view(num_tokens, nseg, num_blocks, rows.shape[1])
+        if equal:
+            return pooled.transpose(1, 2).reshape(num_tokens, num_blocks, cols)
+        parts = [pooled[:, k, :, sg.start : sg.stop] for k, sg in enumerate(segments)]
+        return torch.cat(parts, dim=-1)
+
+    order = _stable_order(key, num_bags)
+    bag_start = np.zeros(num_bags, dtype=np.int64)
+    np.cumsum(np.bincount(key, minlength=num_bags)[:-1], out=bag_start[1:])
+    idx_s = idx[order]
+    src = order * num_cores  # where each sorted entry's weights start in flat_w
+
     if nseg == 1 and equal:  # one core's columns: one bag per (token, block)
         pooled = bag(table, idx_s, bag_start, src + cores[0])
         return pooled.view(num_tokens, num_blocks, cols)
 
-    seg_ids = np.arange(nseg)
     if equal:
         rows, row_w, ent_idx = table.view(-1, width), width, idx_s * nseg
     else:
@@ -249,24 +268,15 @@ def gather_pool(
         pooled = bag(rows, ent, bag_start * nseg, (src[:, None] + cores).reshape(-1))
         return pooled.view(num_tokens, num_blocks, row_w)
 
-    # 2./3. a token's entries repeated once per segment: bags in (token, segment, block) order
-    if offs is None:
-        ent3 = ent_idx.reshape(num_tokens, 1, per_token)
-        ent3 = ent3 + seg_ids[:, None] if equal else np.repeat(ent3, nseg, axis=1)
-        ent = ent3.reshape(-1)
-        w_src = (src.reshape(num_tokens, 1, per_token) + cores[:, None]).reshape(-1)
-        tok_shift = np.arange(num_tokens) * ((nseg - 1) * per_token)
-        seg_shift = (seg_ids * per_token)[None, :, None]
-    else:
-        assert lengths is not None
-        # sorted entry j still belongs to token tok[j]: a second stable (radix) sort of the
-        # (entry, segment) pairs by (token, segment) lays every token out as [nseg, n_t]
-        perm = _stable_order((tok[:, None] * nseg + seg_ids).reshape(-1), num_tokens * nseg)
-        ent = ent_idx[:, None] + seg_ids if equal else np.repeat(ent_idx[:, None], nseg, 1)
-        ent = ent.reshape(-1)[perm]
-        w_src = (src[:, None] + cores).reshape(-1)[perm]
-        tok_shift = (nseg - 1) * offs[:-1]
-        seg_shift = lengths[:, None, None] * seg_ids[None, :, None]
+    # 2./3. dense: a token's entries repeated once per segment, bags in (token, segment, block)
+    # order (ragged input took the equivalent one-sort route above)
+    assert offs is None
+    ent3 = ent_idx.reshape(num_tokens, 1, per_token)
+    ent3 = ent3 + seg_ids[:, None] if equal else np.repeat(ent3, nseg, axis=1)
+    ent = ent3.reshape(-1)
+    w_src = (src.reshape(num_tokens, 1, per_token) + cores[:, None]).reshape(-1)
+    tok_shift = np.arange(num_tokens) * ((nseg - 1) * per_token)
+    seg_shift = (seg_ids * per_token)[None, :, None]
     bag_off = bag_start.reshape(num_tokens, 1, num_blocks) + tok_shift[:, None, None] + seg_shift
     pooled = bag(rows, ent, bag_off.reshape(-1), w_src)
     pooled = pooled.view(num_tokens, nseg, num_blocks, row_w)
