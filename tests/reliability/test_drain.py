@@ -75,3 +75,30 @@ def test_health_checks_tolerate_servers_without_the_health_service(store):
             servicer.close()
 
     asyncio.run(run())
+
+
+def test_health_watchers_do_not_hold_a_graceful_stop(store):
+    """A client's health Watch stream sees NOT_SERVING, then ends after the drain: the stop
+    does not wait the whole grace period for it."""
+    import grpc
+    from grpc_health.v1 import health_pb2_grpc
+
+    shard = InProcessShard(ServerConfig(store=store, drain_s=0.3, grace_s=4.0))
+    seen: list[str] = []
+    try:
+        with grpc.insecure_channel(shard.target) as ch:
+            stream = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service=SERVICE), timeout=30
+            )
+            first = next(stream)
+            seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(first.status))
+            t0 = time.monotonic()
+            stopping = asyncio.run_coroutine_threadsafe(shard.server.stop(), shard.loop)
+            for msg in stream:  # ends when the server ends the watch
+                seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(msg.status))
+            stopping.result(timeout=10)
+            elapsed = time.monotonic() - t0
+    finally:
+        shard.stop()
+    assert seen == ["SERVING", "NOT_SERVING"]
+    assert 0.3 <= elapsed < 2.0, elapsed  # drain yes, the 4 s grace no

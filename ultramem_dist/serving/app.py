@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +34,39 @@ __all__ = ["SERVICE_NAME", "ShardServer", "build_server", "serve"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatherPool"].full_name
+
+
+class DrainingHealthServicer(health_aio.HealthServicer):
+    """``grpc.health.v1`` whose Watch streams end when :meth:`end_watches` is called.
+
+    Clients with health checking keep a Watch stream open per replica; a graceful stop would
+    otherwise wait the whole grace period for those never-ending calls. The stop sequence ends
+    them after the drain, once every watcher has seen NOT_SERVING.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ending: asyncio.Event | None = None
+
+    def _ending_event(self) -> asyncio.Event:
+        if self._ending is None:
+            self._ending = asyncio.Event()
+        return self._ending
+
+    async def Watch(self, request, context) -> None:  # type: ignore[no-untyped-def]  # noqa: N802
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ending = asyncio.ensure_future(self._ending_event().wait())
+        try:
+            await asyncio.wait({watch, ending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, ending):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    def end_watches(self) -> None:
+        """End every Watch stream (the RPCs complete with OK)."""
+        self._ending_event().set()
 
 
 class ShardServer:
@@ -66,6 +100,8 @@ class ShardServer:
         await self.health.enter_graceful_shutdown()  # every service -> NOT_SERVING
         if self.cfg.drain_s:
             await asyncio.sleep(self.cfg.drain_s)
+        if isinstance(self.health, DrainingHealthServicer):
+            self.health.end_watches()  # health watchers must not hold the stop for `grace`
         await self.grpc_server.stop(self.cfg.grace_s if grace is None else grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
@@ -110,7 +146,7 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
         interceptors.append(BearerTokenInterceptor(TokenPolicy.from_file(cfg.auth_token_file)))
     server = grpc.aio.server(options=cfg.grpc_options(), interceptors=interceptors)
     add_hardened_gather_pool(servicer, server)  # undecodable bytes -> INVALID_ARGUMENT
-    health = health_aio.HealthServicer()
+    health = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
