@@ -77,6 +77,8 @@ def loadtest_cmd(
 
     if (target is None) == (spawn is None):
         fail("give exactly one of --target HOST:PORT[,...] and --spawn SHARDS", 2)
+    if spawn is not None and any((tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file)):
+        fail("--spawn serves plaintext without tokens; drop the --tls-*/--auth-token-file flags", 2)
     try:
         options = client_channel_options(
             tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file
