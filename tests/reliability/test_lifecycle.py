@@ -96,7 +96,9 @@ def test_work_whose_deadline_passed_in_the_queue_is_skipped(store):
         with grpc.insecure_channel(shard.target) as ch:
             stub = pb_grpc.GatherPoolStub(ch)
             first = stub.Gather.future(_request(), timeout=10)
-            time.sleep(0.1)  # the first call holds the only kernel thread
+            deadline = time.monotonic() + 10
+            while slow.active == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the first call holds the only kernel thread
             late = stub.Gather.future(_request(), timeout=0.2)
             with pytest.raises(grpc.RpcError) as info:
                 late.result()

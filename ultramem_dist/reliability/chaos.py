@@ -225,7 +225,7 @@ async def run_chaos(cfg: ChaosConfig, fleet: ShardFleet | None = None) -> ChaosR
             raise RuntimeError("the load ended before the fault")
         await asyncio.sleep(max(0.0, first[0] + cfg.fault_at_s - time.monotonic()))
         watcher = asyncio.ensure_future(_watch_health(victim, events))
-        await asyncio.sleep(0.2)  # let the watch stream report SERVING first
+        await _wait(lambda: bool(events) or watcher.done(), 10)  # SERVING seen first
         t_fault = time.monotonic()
         fleet.signal(victim, FAULTS[cfg.fault])
         exited = await _wait(lambda: not victim.alive, cfg.grace_s + cfg.drain_s + 15)
