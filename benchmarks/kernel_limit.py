@@ -12,7 +12,8 @@ Workload: T queries x L = 160 rows (H = 2, m = 80), E = 4 IVE blocks, h_c = 2 MC
 ``rows x 256`` table (an unsharded table: two 128-wide core segments). GB/s counts the bytes of
 value rows the kernel must read (``T * L * 256 * itemsize``); the memcpy baseline copies the same
 number of bytes with ``Tensor.copy_`` from the table itself — rotating through a cold table, or
-re-reading a warm one — so cold is compared with cold and warm with warm.
+re-reading a warm one — so cold is compared with cold and warm with warm. Every timed call on a
+cold table follows a read of a 96 MiB buffer (caches evicted); variants are interleaved.
 
 Tables: *cold* (1 Mi rows: 1 GiB fp32, 512 MiB bf16/fp16 — far beyond the 32 MiB L3) and *warm*
 (4 Ki rows: 4 MiB fp32, inside L3). Variants, every one checked against a float64 reference:
@@ -143,13 +144,24 @@ def dense_reduction(
     return (ww[..., None] * rows).sum(1).reshape(t, E, DV)
 
 
-def median_ms(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, min(times) * 1e3
+_EVICT = torch.empty(0)
+
+
+def evict_caches() -> None:
+    """Read a buffer 3x the 32 MiB L3: the next call finds none of its rows in cache (without
+    this, a variant timed right after another one re-reads the rows that one just pulled in)."""
+    global _EVICT
+    if _EVICT.numel() == 0:
+        _EVICT = torch.ones(96 << 18)  # 96 MiB of fp32
+    float(_EVICT.sum())
+
+
+def time_ms(fn: Callable[[], object], cold: bool) -> float:
+    if cold:
+        evict_caches()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 class Memcpy:
@@ -226,7 +238,7 @@ def bench_table(
             samples: dict[str, list[float]] = {v: [] for v in names}
             for _ in range(reps):  # interleaved: drift on a shared machine hits all alike
                 for v in names:
-                    samples[v].append(median_ms(fns[v], 1)[0])
+                    samples[v].append(time_ms(fns[v], cold=name == "cold"))
             memcpy_ms = statistics.median(samples["memcpy"])
             for v in names:
                 ms = statistics.median(samples[v])
