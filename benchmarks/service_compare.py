@@ -468,11 +468,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         shard_cmd = [*CLI, "serve-shard", str(store), "--shard", "0", "--threads", "1"]
         procs.spawn([*shard_cmd, *args.shard_args], "shard")
         procs.spawn([sys.executable, __file__, "--echo-server"], "echo")
+        paths = list(args.paths)
+        if {"ray_actor", "ray_serve_grpc"} & set(paths):  # while the two servers boot
+            ray_paths = RayPaths(store)
         shard_port, echo_port = procs.ports()
         server_pid = {"grpc_shard": procs.items[0][0].pid, "grpc_echo": procs.items[1][0].pid}
-        paths = list(args.paths)
-        if {"ray_actor", "ray_serve_grpc"} & set(paths):
-            ray_paths = RayPaths(store)
         serve_target = f"127.0.0.1:{ray_paths.grpc_port}" if ray_paths else None
         clients = GrpcPaths(f"127.0.0.1:{shard_port}", serve_target, f"127.0.0.1:{echo_port}")
         for batch in args.batches:
