@@ -52,6 +52,29 @@ def time_decode(model: MemoryLM, prompt: torch.Tensor, tokens: int) -> tuple[flo
     return 1000 * (time.perf_counter() - t0) / tokens, out
 
 
+def measure(ckpt: Path, store: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Deploy ``store`` (1 replica per shard) and time the three decoding modes, interleaved."""
+    deployer = Deployer(PlacementOptions(drain_s=0.5))
+    deployer.up(store, replicas=1)
+    local = load_pretrained(ckpt)
+    remote = load_pretrained(ckpt)
+    remote.drop_value_tables()
+    times: dict[str, list[float]] = {"local": [], "remote_serial": [], "remote_overlapped": []}
+    prompt = torch.randint(0, 256, (args.batch, 8), generator=torch.Generator().manual_seed(0))
+    with ClusterValueStore() as backend:
+        remote.set_value_backend(backend)  # warm up every path once, check equality
+        _, ref = time_decode(local, prompt, args.tokens)
+        _, out = time_decode(remote, prompt, args.tokens)
+        assert torch.equal(ref, out), "remote decoding differs from local"
+        for _ in range(args.rounds):
+            times["local"].append(time_decode(local, prompt, args.tokens)[0])
+            remote.set_value_backend(SerialBackend(backend))
+            times["remote_serial"].append(time_decode(remote, prompt, args.tokens)[0])
+            remote.set_value_backend(backend)
+            times["remote_overlapped"].append(time_decode(remote, prompt, args.tokens)[0])
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -63,18 +86,31 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--shards", default="1,2", help="comma-separated shard counts; the first is the headline"
+    )
+    parser.add_argument("--by", default="row", choices=["row", "dim"])
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.0,
+        help="sys.setswitchinterval for the worker (0: Python default 5 ms)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run; results to a temp dir")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.rounds = 12, 1
         print(f"--quick: results go to {quick_mode()}")
     torch.set_num_threads(1)  # the model thread; shards get the other core
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    configs = [int(x) for x in args.shards.split(",")]
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint
         if ckpt is None:
             torch.manual_seed(0)
             ckpt = save_pretrained(MemoryLM(preset("tiny")), Path(tmp) / "ckpt")
-        export_checkpoint(ckpt, Path(tmp) / "store", shards=2, by="row", version="bench")
         ray.init(
             num_cpus=2,
             include_dashboard=False,
@@ -82,66 +118,69 @@ def main() -> None:
             logging_level="ERROR",
             namespace="ultramem",
         )
-        deployer = Deployer(PlacementOptions(drain_s=0.5))
         try:
-            deployer.up(Path(tmp) / "store", replicas=1)
-            local = load_pretrained(ckpt)
-            remote = load_pretrained(ckpt)
-            remote.drop_value_tables()
-            backend = ClusterValueStore()
-            prompt = torch.randint(
-                0, 256, (args.batch, 8), generator=torch.Generator().manual_seed(0)
-            )
-            times: dict[str, list[float]] = {
-                "local": [],
-                "remote_serial": [],
-                "remote_overlapped": [],
-            }
-            # warm up every path once
-            remote.set_value_backend(backend)
-            _, ref = time_decode(local, prompt, args.tokens)
-            _, out = time_decode(remote, prompt, args.tokens)
-            assert torch.equal(ref, out), "remote decoding differs from local"
-            for _ in range(args.rounds):
-                times["local"].append(time_decode(local, prompt, args.tokens)[0])
-                remote.set_value_backend(SerialBackend(backend))
-                times["remote_serial"].append(time_decode(remote, prompt, args.tokens)[0])
-                remote.set_value_backend(backend)
-                times["remote_overlapped"].append(time_decode(remote, prompt, args.tokens)[0])
-            backend.close()
+            for shards in configs:
+                store = Path(tmp) / f"store{shards}"
+                export_checkpoint(ckpt, store, shards=shards, by=args.by, version="bench")
+                times = measure(ckpt, store, args)
+                ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
+                extra = ms["remote_serial"] - ms["local"]
+                hidden = (
+                    (ms["remote_serial"] - ms["remote_overlapped"]) / extra if extra > 0 else 1.0
+                )
+                results.append(
+                    {
+                        "shards": shards,
+                        "sharding": args.by,
+                        "ms_per_token": ms,
+                        "hidden_fraction": round(hidden, 3),
+                        "samples_ms": {k: [round(x, 3) for x in v] for k, v in times.items()},
+                    }
+                )
+                print(shards, "shard(s):", ms, "hidden_fraction", round(hidden, 3), flush=True)
         finally:
-            deployer.down()
+            Deployer().down()
             ray.shutdown()
-    ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
-    extra = ms["remote_serial"] - ms["local"]
-    hidden = (ms["remote_serial"] - ms["remote_overlapped"]) / extra if extra > 0 else 1.0
+    head = results[0]
     path = write_json(
         "overlap.json",
         {
-            "ms_per_token": ms,
-            "hidden_fraction": round(hidden, 3),
+            "ms_per_token": head["ms_per_token"],
+            "hidden_fraction": head["hidden_fraction"],
+            "headline_config": f"{head['shards']} {args.by} shard(s) x 1 replica",
             "batch": args.batch,
             "tokens": args.tokens,
             "rounds": args.rounds,
-            "samples_ms": {k: [round(x, 3) for x in v] for k, v in times.items()},
-            "setup": "tiny UltraMem (D=256, 6 blocks, skip 0:2,3:5), 2 row shards x 1 replica as "
-            "Ray actors with their own grpc.aio servers, loopback, model thread 1 torch "
-            "thread",
+            "configs": results,
+            "setup": "tiny UltraMem (D=256, 6 blocks, skip 0:2,3:5) decoding with a KV cache; "
+            "value shards as Ray actors with their own grpc.aio servers on loopback; model "
+            "thread uses 1 torch thread; local/serial/overlapped interleaved round by round",
         },
     )
-    print(ms, "hidden_fraction", round(hidden, 3), "->", path)
+    print("->", path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = list(ms)
-    ax.bar(names, [ms[n] for n in names], color=["#4c72b0", "#dd8452", "#55a868"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    modes = ["local", "remote_serial", "remote_overlapped"]
+    width = 0.8 / len(results)
+    for j, r in enumerate(results):
+        xs = [i + (j - (len(results) - 1) / 2) * width for i in range(len(modes))]
+        vals = [r["ms_per_token"][m] for m in modes]
+        ax.bar(
+            xs,
+            vals,
+            width,
+            label=f"{r['shards']} shard(s): {100 * r['hidden_fraction']:.0f}% hidden",
+        )
+        for x, v in zip(xs, vals, strict=True):
+            ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(modes)), modes)
     ax.set_ylabel("ms per decoded token (median)")
-    ax.set_title(f"Skip-layer overlap hides {100 * hidden:.0f}% of remote lookup time")
-    for i, n in enumerate(names):
-        ax.text(i, ms[n], f"{ms[n]:.2f}", ha="center", va="bottom")
+    ax.set_title(f"Skip-layer overlap, batch {args.batch} (2-core CPU)")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(plot_path("overlap.png"), dpi=120)
 
