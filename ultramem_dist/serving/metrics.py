@@ -19,7 +19,8 @@ data length, so the hot path never re-serializes a message just to measure it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -277,3 +278,28 @@ def gather_reply_bytes(reply: pb.GatherReply) -> int:
     if reply.HasField("pooled"):
         size += _len_field(tensor_wire_bytes(reply.pooled))
     return size
+
+
+async def measured_gather(
+    metrics: ShardMetrics,
+    request: pb.GatherRequest,
+    context: Any,
+    handler: Callable[[pb.GatherRequest, Any], Awaitable[pb.GatherReply]],
+) -> pb.GatherReply:
+    """Run a ``Gather`` handler and record it (in-flight, latency, status, bytes in/out) — the
+    one wrapper shared by the shard servicer and the router."""
+    start = time.perf_counter()
+    metrics.begin("Gather")
+    reply = None
+    try:
+        reply = await handler(request, context)
+        return reply
+    finally:
+        code = call_code(context, reply is not None)
+        metrics.end(
+            "Gather",
+            code,
+            time.perf_counter() - start,
+            gather_request_bytes(request) if code == "OK" else request.ByteSize(),
+            gather_reply_bytes(reply) if reply is not None else 0,
+        )

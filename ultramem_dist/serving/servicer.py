@@ -18,9 +18,7 @@ from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving.metrics import (
     ShardMetrics,
-    call_code,
-    gather_reply_bytes,
-    gather_request_bytes,
+    measured_gather,
 )
 from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
 from ultramem_dist.store.manifest import SCHEMA_VERSION
@@ -163,21 +161,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
     async def Gather(  # noqa: N802 (gRPC method name)
         self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
     ) -> pb.GatherReply:
-        start = time.perf_counter()
-        self._metrics.begin("Gather")
-        reply = None
-        try:
-            reply = await self._gather(request, context)
-            return reply
-        finally:
-            code = call_code(context, reply is not None)
-            self._metrics.end(
-                "Gather",
-                code,
-                time.perf_counter() - start,
-                gather_request_bytes(request) if code == "OK" else request.ByteSize(),
-                gather_reply_bytes(reply) if reply is not None else 0,
-            )
+        return await measured_gather(self._metrics, request, context, self._gather)
 
     async def _gather(
         self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
