@@ -46,19 +46,11 @@ def make_table_spec(
     seed: int = 0,
 ):
     """A random UltraMem-like table (model-like init scales) as a ``TableSpec``."""
-    from ultramem_dist.store import TableSpec
+    from ultramem_dist.reliability.synthetic import synthetic_spec
 
-    g = torch.Generator().manual_seed(seed)
-    return TableSpec(
-        values=torch.randn(n_rows, dv, generator=g) * 0.02,
-        expansion=expansion,
-        num_cores=num_cores,
-        topm=topm,
-        heads=heads,
-        d_model=d_model,
-        out_proj=torch.randn(d_model, expansion * dv, generator=g) * (expansion * dv) ** -0.5,
-        ive_perm=torch.randperm(expansion * n_rows, generator=g),
-        ive_seed=seed,
+    return synthetic_spec(
+        n_rows, dv, expansion=expansion, num_cores=num_cores, d_model=d_model, topm=topm,
+        heads=heads, seed=seed,
     )
 
 
