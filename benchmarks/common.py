@@ -57,3 +57,18 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 def plot_path(name: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / name
+
+
+def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> Path:
+    """``write_json`` into benchmarks/results, or the same payload into ``out`` (``--quick``
+    without ``--out``: a fresh temp directory, so smoke runs never overwrite real results).
+    Returns the directory written to."""
+    import tempfile
+
+    if out is None and not quick:
+        return write_json(name, payload).parent
+    out = out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
+    out.mkdir(parents=True, exist_ok=True)
+    full = {"date": today(), "machine": machine(), **payload}
+    (out / name).write_text(json.dumps(full, indent=2) + "\n")
+    return out

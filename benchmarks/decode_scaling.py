@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today, write_json  # noqa: E402
+from common import save  # noqa: E402
 
 from ultramem_dist.model import (  # noqa: E402
     KVCache,
@@ -323,18 +323,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> Path:
-    """``write_json`` into benchmarks/results, or the same payload into ``out`` (``--quick``
-    without ``--out``: a fresh temp directory, so smoke runs never overwrite real results)."""
-    if out is None and not quick:
-        return write_json(name, payload).parent
-    out = out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
-    out.mkdir(parents=True, exist_ok=True)
-    full = {"date": today(), "machine": machine(), **payload}
-    (out / name).write_text(json.dumps(full, indent=2) + "\n")
-    return out
 
 
 def main() -> None:

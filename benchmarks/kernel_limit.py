@@ -38,7 +38,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today, write_json  # noqa: E402
+from common import save  # noqa: E402
 
 from ultramem_dist.kernels import gather_pool  # noqa: E402
 from ultramem_dist.kernels.gather_pool import _weighted_bag  # noqa: E402  (its inner call)
@@ -308,18 +307,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> Path:
-    """``write_json`` into benchmarks/results, or the same payload into ``out`` (``--quick``
-    without ``--out``: a fresh temp directory, so smoke runs never overwrite real results)."""
-    if out is None and not quick:
-        return write_json(name, payload).parent
-    out = out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
-    out.mkdir(parents=True, exist_ok=True)
-    full = {"date": today(), "machine": machine(), **payload}
-    (out / name).write_text(json.dumps(full, indent=2) + "\n")
-    return out
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
