@@ -10,20 +10,17 @@ import signal
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from ultramem_dist.client import GatherClient, fetch_info
 from ultramem_dist.router.config import RouterConfig
 from ultramem_dist.router.servicer import RouterServicer
-from ultramem_dist.serving.app import SERVICE_NAME
+from ultramem_dist.serving.app import SERVICE_NAME, register_and_bind
 from ultramem_dist.serving.metrics import ShardMetrics
 from ultramem_dist.serving.security import (
     BearerTokenInterceptor,
     TokenPolicy,
-    add_hardened_gather_pool,
-    server_credentials,
 )
 
 __all__ = ["RouterServer", "build_router", "serve_router"]
@@ -94,25 +91,8 @@ async def build_router(cfg: RouterConfig) -> tuple[RouterServer, int]:
             policy = TokenPolicy.from_file(cfg.auth_token_file)
             interceptors.append(BearerTokenInterceptor(policy))
         server = grpc.aio.server(options=cfg.grpc_options(), interceptors=interceptors)
-        add_hardened_gather_pool(servicer, server)
         health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert is not None and cfg.tls_key is not None:
-            creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
+        port = register_and_bind(server, servicer, health, cfg)
         if cfg.metrics_port is not None:
             metrics.serve(cfg.metrics_port, cfg.host)
     except BaseException:

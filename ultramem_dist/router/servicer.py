@@ -30,6 +30,7 @@ from ultramem_dist.serving.metrics import (
     ShardMetrics,
     measured_gather,
 )
+from ultramem_dist.serving.validate import decode_blocks_weights
 
 __all__ = ["RouterServicer", "whole_table_info"]
 
@@ -139,26 +140,7 @@ class RouterServicer(pb_grpc.GatherPoolServicer):
             max_elements=max_nnz,
             ndims=(1,) if ragged else (2,),
         )
-        blocks = decode_tensor(
-            req.blocks, name="blocks", dtypes=_INT, max_elements=max_nnz, ndims=(indices.dim(),)
-        )
-        if blocks.shape != indices.shape:
-            raise InvalidRequestError(
-                f"blocks: shape {list(blocks.shape)}; expected the indices shape "
-                f"{list(indices.shape)}"
-            )
-        weights = decode_tensor(
-            req.weights,
-            name="weights",
-            dtypes=(torch.float32,),
-            max_elements=max_nnz * t.num_cores,
-            ndims=(indices.dim() + 1,),
-        )
-        want = [*indices.shape, t.num_cores]
-        if list(weights.shape) != want:
-            raise InvalidRequestError(
-                f"weights: shape {list(weights.shape)}; expected {want} (indices shape + h_c)"
-            )
+        blocks, weights = decode_blocks_weights(req, indices, max_nnz, t.num_cores)
         entries = indices.numel()
         if ragged:
             offsets = decode_tensor(

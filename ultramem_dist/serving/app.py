@@ -123,6 +123,33 @@ def shard_to_device(shard: ShardSlice, device: str) -> ShardSlice:
     return dataclasses.replace(shard, tables=tables)
 
 
+def register_and_bind(
+    server: grpc.aio.Server, servicer: object, health: object, cfg: object
+) -> int:
+    """Add GatherPool (undecodable bytes -> INVALID_ARGUMENT), health and reflection to
+    ``server`` and bind ``cfg.host:cfg.port`` (TLS when ``cfg.tls_cert``/``tls_key`` are set).
+    Shared by the shard server and the router; returns the bound port."""
+    add_hardened_gather_pool(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert is not None and cfg.tls_key is not None:
+        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
+
+
 def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
     """Load (verify + mmap) the shard and bind a server to ``cfg.host:cfg.port``.
 
@@ -145,25 +172,8 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
     if cfg.auth_token_file is not None:
         interceptors.append(BearerTokenInterceptor(TokenPolicy.from_file(cfg.auth_token_file)))
     server = grpc.aio.server(options=cfg.grpc_options(), interceptors=interceptors)
-    add_hardened_gather_pool(servicer, server)  # undecodable bytes -> INVALID_ARGUMENT
     health = DrainingHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    address = f"{cfg.host}:{cfg.port}"
-    if cfg.tls_cert is not None and cfg.tls_key is not None:
-        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+    port = register_and_bind(server, servicer, health, cfg)
     health_server = health_port = None
     if cfg.health_port is not None:
         health_server = grpc.aio.server(options=cfg.grpc_options())

@@ -42,6 +42,33 @@ class GatherQuery:
     num_blocks: int
 
 
+def decode_blocks_weights(
+    req: pb.GatherRequest, indices: torch.Tensor, max_nnz: int, num_cores: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``blocks`` (shaped like ``indices``) and ``weights`` (``indices.shape + [h_c]``,
+    float32), bounded by ``max_nnz`` entries before anything is allocated."""
+    blocks = decode_tensor(
+        req.blocks, name="blocks", dtypes=_INT, max_elements=max_nnz, ndims=(indices.dim(),)
+    )
+    if blocks.shape != indices.shape:
+        raise InvalidRequestError(
+            f"blocks: shape {list(blocks.shape)}; expected the indices shape {list(indices.shape)}"
+        )
+    weights = decode_tensor(
+        req.weights,
+        name="weights",
+        dtypes=(torch.float32,),
+        max_elements=max_nnz * num_cores,
+        ndims=(indices.dim() + 1,),
+    )
+    want = [*indices.shape, num_cores]
+    if list(weights.shape) != want:
+        raise InvalidRequestError(
+            f"weights: shape {list(weights.shape)}; expected {want} (indices shape + h_c)"
+        )
+    return blocks, weights
+
+
 def _bounds(t: torch.Tensor) -> tuple[int, int] | None:
     """(min, max) of an integer tensor in one pass; ``None`` if empty."""
     if t.numel() == 0:
@@ -120,25 +147,7 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
                 f"indices: {per_query} entries per query; expected at most {limits.max_per_query}"
             )
 
-    blocks = decode_tensor(
-        req.blocks, name="blocks", dtypes=_INT, max_elements=max_nnz, ndims=(indices.dim(),)
-    )
-    if blocks.shape != indices.shape:
-        raise InvalidRequestError(
-            f"blocks: shape {list(blocks.shape)}; expected the indices shape {list(indices.shape)}"
-        )
-    weights = decode_tensor(
-        req.weights,
-        name="weights",
-        dtypes=(torch.float32,),
-        max_elements=max_nnz * entry.num_cores,
-        ndims=(indices.dim() + 1,),
-    )
-    want_w = [*indices.shape, entry.num_cores]
-    if list(weights.shape) != want_w:
-        raise InvalidRequestError(
-            f"weights: shape {list(weights.shape)}; expected {want_w} (indices shape + h_c)"
-        )
+    blocks, weights = decode_blocks_weights(req, indices, max_nnz, entry.num_cores)
     # numpy views: the same memory, a few microseconds cheaper per check than torch ops
     if weights.numel() and not np.isfinite(weights.numpy()).all():
         raise InvalidRequestError("weights: contain NaN or Inf; expected finite values")
