@@ -26,13 +26,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # python:3.11-slim has Python and bash (KubeRay starts Ray through bash); the CUDA runtime
 # images have neither Python nor venv, so install them there (Ubuntu 24.04: Python 3.12).
+# gcc: the native CPU gather-pool kernel is compiled on first use on the node that runs it
+# (-march=native, cached under $HOME/.cache = /tmp); without it shards use the torch path.
 RUN set -eux; \
+    apt-get update; \
+    pkgs="gcc libc6-dev"; \
     if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then \
-        apt-get update; \
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-            python3 python3-venv ca-certificates; \
-        rm -rf /var/lib/apt/lists/*; \
+        pkgs="$pkgs python3 python3-venv ca-certificates"; \
     fi; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $pkgs; \
+    rm -rf /var/lib/apt/lists/*; \
     python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version'; \
     python3 -m venv "$VIRTUAL_ENV"; \
     pip install --upgrade pip
@@ -50,6 +53,7 @@ COPY operators/ultramem_operator ./operators/ultramem_operator
 RUN pip install ".[operator]" \
     && pip check \
     && python -c "import torch, ultramem_dist, ultramem_operator; print('torch', torch.__version__)" \
+    && python -m ultramem_dist.kernels.native --out /tmp/check-native.so && rm /tmp/check-native.so \
     && ultramem-dist --help >/dev/null
 
 # Non-root; the chart runs it with a read-only root filesystem and an emptyDir at /tmp.

@@ -11,8 +11,14 @@ where the table's columns are split into *segments* ``s`` and each segment belon
 core (``core(s)``).  For an unsharded table with ``h_c`` cores there are ``h_c`` segments of
 width ``Dv / h_c``; a dimension-sharded slice has the segments that intersect its column range.
 
-Implementation (one ``torch.nn.functional.embedding_bag(mode="sum", per_sample_weights=...)``
-call, which reads every selected row once):
+Two implementations of this one contract, chosen per call (``backend="auto"``):
+
+* native (CPU, float32 weights, no autograd — every shard and inference): the C routine in
+  ``csrc/gather_pool.c`` walks each token's entries in order and adds every selected row,
+  read once and whole, into the token's ``[E, cols]`` output; see :mod:`.native`.
+* torch (autograd, GPU, or no C compiler): one
+  ``torch.nn.functional.embedding_bag(mode="sum", per_sample_weights=...)`` call, which reads
+  every selected row once:
 
 1. Entries are stably grouped by bag key ``token * E + block`` (a radix sort through numpy when
    the keys fit 16 bits, else ``torch.sort``); entries keep their original order inside a bag.
@@ -29,14 +35,20 @@ call, which reads every selected row once):
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ColumnSegment", "column_segments", "gather_pool"]
+from ultramem_dist.kernels import native
+
+__all__ = ["Backend", "ColumnSegment", "column_segments", "gather_pool"]
+
+Backend = Literal["auto", "native", "torch"]
 
 _RADIX_KEYS = 1 << 16  # numpy's stable argsort is a radix sort for 16-bit keys
 
@@ -54,6 +66,7 @@ class ColumnSegment:
         return self.stop - self.start
 
 
+@functools.lru_cache(maxsize=1024)
 def column_segments(col_lo: int, col_hi: int, dv: int, num_cores: int) -> tuple[ColumnSegment, ...]:
     """Segments of the global value columns ``[col_lo, col_hi)`` for an MCS layer of width ``dv``.
 
@@ -151,6 +164,81 @@ def _converted_bag(
     return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _tiling_cols(segments: tuple[ColumnSegment, ...]) -> int:
+    """Columns covered when the segments tile ``[0, n)`` in order, else -1."""
+    tiles = segments[0].start == 0 and all(
+        a.stop == b.start for a, b in zip(segments, segments[1:], strict=False)
+    )
+    return segments[-1].stop if tiles else -1
+
+
+@functools.lru_cache(maxsize=1024)
+def _segment_array(segments: tuple[ColumnSegment, ...]) -> torch.Tensor:
+    """``[nseg, 3]`` int32 (start, stop, core) for the native kernel (cached: never written)."""
+    return torch.tensor([(s.start, s.stop, s.core) for s in segments], dtype=torch.int32)
+
+
+def _i64(t: torch.Tensor) -> torch.Tensor:
+    """A flat contiguous int64 CPU tensor (the same memory when it already is one)."""
+    return t.detach().reshape(-1).to(torch.int64).contiguous()
+
+
+def _native_for(
+    table: torch.Tensor,
+    weights: torch.Tensor,
+    segments: tuple[ColumnSegment, ...],
+    backend: Backend,
+) -> native.NativeLib | None:
+    """The native library when it can run this call, else ``None`` (``backend="native"``:
+    raise, naming why)."""
+    why = None
+    lib = native.library()
+    if lib is None:
+        why = "the native library is not available (see the log / ULTRAMEM_NATIVE)"
+    elif table.device.type != "cpu" or weights.device.type != "cpu":
+        why = "tensors are not on the CPU"
+    elif weights.dtype != torch.float32 or table.dtype not in lib.dtypes:
+        why = f"dtypes table={table.dtype}, weights={weights.dtype} are not supported"
+    elif table.stride(1) != 1:
+        why = "table columns are not contiguous"
+    elif torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
+        why = "autograd needs the torch path"
+    elif _tiling_cols(segments) != table.shape[1]:
+        why = "segments do not tile the table's columns"
+    if why is None:
+        return lib
+    if backend == "native":
+        raise RuntimeError(f"native gather-pool cannot run this call: {why}")
+    return None
+
+
+def _gather_native(
+    lib: native.NativeLib,
+    table: torch.Tensor,
+    indices: torch.Tensor,
+    blocks: torch.Tensor,
+    weights: torch.Tensor,
+    num_blocks: int,
+    segments: tuple[ColumnSegment, ...],
+    offsets: torch.Tensor | None,
+    sum_segments: bool,
+) -> torch.Tensor:
+    idx = _i64(indices)
+    blk = _i64(blocks)
+    if offsets is None:
+        num_tokens, per_token = indices.shape
+        tok_off = torch.arange(0, (num_tokens + 1) * per_token, per_token)
+    else:
+        tok_off = _i64(offsets)
+    segs = _segment_array(segments)
+    w = weights.detach().reshape(-1, weights.shape[-1]).contiguous()
+    out_cols = segments[0].width if sum_segments else table.shape[1]
+    return native.native_gather_pool(
+        lib, table.detach(), idx, blk, w, tok_off, num_blocks, segs, sum_segments, out_cols
+    )
+
+
 def gather_pool(
     table: torch.Tensor,
     indices: torch.Tensor,
@@ -161,6 +249,7 @@ def gather_pool(
     segments: tuple[ColumnSegment, ...] | None = None,
     offsets: torch.Tensor | None = None,
     sum_segments: bool = False,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Weighted gather of ``table`` rows pooled per (token, IVE block).
 
@@ -176,6 +265,8 @@ def gather_pool(
         offsets: ``[T + 1]`` CSR offsets when ``indices`` is flat (ragged queries).
         sum_segments: add the segments together instead of concatenating them; used by merged
             (projector-folded) tables, where every segment is already a full ``D``-wide output.
+        backend: ``"auto"`` (native where it applies, else torch), ``"torch"``, or ``"native"``
+            (raises ``RuntimeError`` where the native path cannot run this call).
 
     Returns:
         ``[T, num_blocks, cols]`` (or ``[T, num_blocks, seg_width]`` with ``sum_segments``).
@@ -207,6 +298,12 @@ def gather_pool(
         return torch.zeros(num_tokens, num_blocks, out_w, dtype=weights.dtype, device=table.device)
     if sum_segments and not equal:
         raise ValueError("sum_segments needs equal-width segments covering the table")
+    if backend != "torch":
+        lib = _native_for(table, weights, segments, backend)
+        if lib is not None:
+            return _gather_native(
+                lib, table, indices, blocks, weights, num_blocks, segments, offsets, sum_segments
+            )
     # Index bookkeeping is integer work on a few thousand entries: numpy does it with a
     # fraction of torch's per-call overhead. Weights stay torch (one differentiable gather).
     flat_w = weights.reshape(-1)  # entry j, core c -> j * num_cores + c
@@ -255,7 +352,7 @@ def gather_pool(
     idx_s = idx[order]
     src = order * num_cores  # where each sorted entry's weights start in flat_w
 
-    if nseg == 1 and equal:  # one core's columns: one bag per (token, block)
+    if nseg == 1 and segments[0].width == cols:  # one core's columns: a bag per (token, block)
         pooled = bag(table, idx_s, bag_start, src + cores[0])
         return pooled.view(num_tokens, num_blocks, cols)
 

@@ -1,0 +1,160 @@
+"""The native CPU gather-pool against the torch path, and how it is built, chosen and refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ultramem_dist.kernels import column_segments, gather_pool, native
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 50),
+    tokens=st.integers(1, 6),
+    length=st.integers(0, 12),
+    blocks=st.integers(1, 5),
+    cores=st.sampled_from([1, 2, 4]),
+    width=st.sampled_from([1, 3, 8, 16, 24, 72]),
+    ragged=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    extra_cols=st.integers(0, 3),
+    data=st.data(),
+)
+def test_native_equals_torch_path(
+    rows, tokens, length, blocks, cores, width, ragged, dtype, extra_cols, data
+):
+    """Dense or ragged queries, any column slice of an MCS table (dimension shards), half
+    storage and row strides wider than the slice: both paths give the same pools."""
+    seed = data.draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    dv = cores * width
+    lo = data.draw(st.integers(0, dv - 1))
+    hi = data.draw(st.integers(lo + 1, dv))
+    wide = torch.randn(rows, dv + extra_cols, generator=gen).to(dtype)
+    table = wide[:, lo:hi]  # rows are dv + extra_cols apart in memory
+    segs = column_segments(lo, hi, dv, cores)
+    if ragged:
+        lengths = torch.randint(0, length + 1, (tokens,), generator=gen)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        nnz = int(offsets[-1])
+        idx = torch.randint(0, rows, (nnz,), generator=gen)
+        blk = torch.randint(0, blocks, (nnz,), generator=gen)
+        w = torch.randn(nnz, cores, generator=gen)
+    else:
+        offsets = None
+        idx = torch.randint(0, rows, (tokens, length), generator=gen)
+        blk = torch.randint(0, blocks, (tokens, length), generator=gen)
+        w = torch.randn(tokens, length, cores, generator=gen)
+    kw = dict(segments=segs, offsets=offsets)
+    ref = gather_pool(table, idx, blk, w, blocks, backend="torch", **kw)
+    out = gather_pool(table, idx, blk, w, blocks, backend="native", **kw)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_native_sum_segments_equals_torch_path(ragged):
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(30, 3 * 16, generator=gen)  # merged rows: 3 segments of D = 16
+    idx = torch.randint(0, 30, (5, 7), generator=gen)
+    blk = torch.zeros_like(idx)
+    w = torch.randn(5, 7, 3, generator=gen)
+    kw = {}
+    if ragged:
+        kw["offsets"] = torch.arange(0, 36, 7)
+        idx, blk, w = idx.reshape(-1), blk.reshape(-1), w.reshape(-1, 3)
+    ref = gather_pool(table, idx, blk, w, 1, sum_segments=True, backend="torch", **kw)
+    out = gather_pool(table, idx, blk, w, 1, sum_segments=True, backend="native", **kw)
+    assert out.shape == (5, 1, 16)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_uses_native_for_inference_and_torch_for_autograd():
+    table = torch.randn(20, 8, requires_grad=True)
+    idx = torch.randint(0, 20, (3, 4))
+    blk = torch.randint(0, 2, (3, 4))
+    w = torch.randn(3, 4, 2, requires_grad=True)
+    out = gather_pool(table, idx, blk, w, 2)  # grad enabled: the torch path, differentiable
+    out.sum().backward()
+    assert table.grad is not None and w.grad is not None
+    with pytest.raises(RuntimeError, match="autograd needs the torch path"):
+        gather_pool(table, idx, blk, w, 2, backend="native")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            gather_pool(table, idx, blk, w, 2), gather_pool(table, idx, blk, w, 2, backend="torch")
+        )
+
+
+def test_native_refuses_out_of_range_rows_and_blocks():
+    table = torch.randn(10, 4)
+    w = torch.ones(1, 2, 1)
+    with pytest.raises(IndexError, match="row index 10 at entry 1"):
+        gather_pool(
+            table,
+            torch.tensor([[0, 10]]),
+            torch.zeros(1, 2, dtype=torch.long),
+            w,
+            1,
+            backend="native",
+        )
+    with pytest.raises(IndexError, match="block id -1 at entry 0"):
+        gather_pool(table, torch.tensor([[0, 1]]), torch.tensor([[-1, 0]]), w, 1, backend="native")
+    with pytest.raises(RuntimeError, match="dtypes"):
+        gather_pool(
+            table.double(),
+            torch.tensor([[0, 1]]),
+            torch.zeros(1, 2, dtype=torch.long),
+            w,
+            1,
+            backend="native",
+        )
+
+
+def test_build_is_cached_and_reports_compiler_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("ULTRAMEM_NATIVE_DIR", str(tmp_path))
+    first = native.build()
+    assert first.parent == tmp_path and native.build() == first  # same source+flags: reused
+    monkeypatch.setenv("ULTRAMEM_NATIVE_CFLAGS", "-DUM_TEST_KEY=1")
+    assert native.build() != first  # flags are part of the key
+    monkeypatch.setenv("ULTRAMEM_NATIVE_CFLAGS", "-fno-such-flag-anywhere")
+    with pytest.raises(RuntimeError, match="compiling gather_pool.c failed"):
+        native.build()
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="no C compiler found"):
+        native.build()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".so", ".so"]  # no partial files
+
+
+def _run(code: str, **env: str) -> str:
+    full = {**os.environ, **env}
+    proc = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_disabled_or_unbuildable_falls_back_to_torch(tmp_path):
+    code = (
+        "import torch; from ultramem_dist.kernels import gather_pool, native\n"
+        "t = torch.randn(6, 4); i = torch.tensor([[1, 2, 5]]); b = torch.tensor([[0, 1, 0]])\n"
+        "w = torch.randn(1, 3, 2)\n"
+        "out = gather_pool(t, i, b, w, 2)\n"
+        "ref = gather_pool(t, i, b, w, 2, backend='torch')\n"
+        "print(native.library() is None, bool(torch.allclose(out, ref)))"
+    )
+    assert _run(code, ULTRAMEM_NATIVE="0") == "True True"
+    assert _run(code, CC="no-such-compiler-xyz", ULTRAMEM_NATIVE_DIR=str(tmp_path)) == "True True"
+
+
+def test_cli_builds_the_library(tmp_path):
+    out = tmp_path / "lib.so"
+    assert _run(f"from ultramem_dist.kernels.native import main; main(['--out', '{out}'])")
+    assert out.stat().st_size > 0

@@ -1,0 +1,256 @@
+/* Native CPU path of ultramem-dist's gather-pool (see ../gather_pool.py for the math).
+ *
+ *   out[t, e, ocol(s) + j] = sum_{l of token t, block(l) = e} w[l, core(s)] * table[idx[l], lo(s) + j]
+ *
+ * for every column segment s = [lo, hi) scored by MCS core core(s), where ocol(s) = lo (segments
+ * side by side) or 0 (sum_segments: merged tables, segments added).
+ *
+ * Per token, the entries are bucketed by IVE block (a counting sort that keeps request order);
+ * per (token, block) bag and 64-column chunk, eight 8-float accumulators stay in registers while
+ * the bag's rows stream through, so the loop body is loads + FMAs only and many row reads are in
+ * flight at once (what makes a random-row gather run near memory bandwidth).  A row's later
+ * chunks come from cache.  Tokens are split over torch's OpenMP threads (or pthreads in a build
+ * without OpenMP) by entry count.
+ *
+ * Built by ultramem_dist/kernels/native.py with the system C compiler on the machine that runs
+ * it (-march=native: AVX2/FMA/F16C where the CPU has them); GCC or Clang vector extensions, no
+ * intrinsics, so the same source builds on x86-64 and arm64.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define UM_F32 0
+#define UM_BF16 1
+#define UM_F16 2
+#define UM_MAX_THREADS 64
+
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+
+typedef struct {
+    const char *table;
+    int32_t dtype;
+    int64_t row_stride; /* elements */
+    const int64_t *idx;
+    const int64_t *blk;
+    const float *w;
+    int64_t ncores;
+    const int64_t *tok_off;
+    int64_t E;
+    const int32_t *seg; /* nseg x (lo, hi, core) */
+    int64_t nseg;
+    int32_t sum_segments;
+    float *out;
+    int64_t out_cols;
+    int64_t t0, t1; /* this job's tokens */
+    int32_t failed;
+} um_job;
+
+static inline v8f um_load_f32(const float *p) { return *(const v8f *)p; }
+static inline float um_scalar_f32(const float *p) { return *p; }
+
+static inline v8f um_load_bf16(const uint16_t *p) {
+    v8u32 u = __builtin_convertvector(*(const v8u16 *)p, v8u32) << 16;
+    v8f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline float um_scalar_bf16(const uint16_t *p) {
+    uint32_t u = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#if defined(__FLT16_MAX__)
+#define UM_HAS_F16 1
+typedef _Float16 v8h __attribute__((vector_size(16), aligned(2)));
+static inline v8f um_load_f16(const _Float16 *p) { return __builtin_convertvector(*(const v8h *)p, v8f); }
+static inline float um_scalar_f16(const _Float16 *p) { return (float)*p; }
+#else
+#define UM_HAS_F16 0
+#endif
+
+/* One bag (n entries, rows rows[k] with weights wts[k]) over columns [c0, c0 + width) of the
+ * table, written (add = 0) or added (add = 1) to o[0 .. width). */
+#define UM_DEFINE_BAG(SUF, T)                                                                 \
+    static inline __attribute__((always_inline)) void um_bag_##SUF(                           \
+        const T *const *rows, const float *wts, int64_t n, int64_t c0, int64_t width,         \
+        float *o, int add) {                                                                  \
+        int64_t c = 0;                                                                        \
+        for (; c + 64 <= width; c += 64) {                                                    \
+            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0}; \
+            for (int64_t k = 0; k < n; k++) {                                                 \
+                const T *x = rows[k] + c0 + c;                                                \
+                const float s = wts[k];                                                       \
+                a0 += s * um_load_##SUF(x);                                                   \
+                a1 += s * um_load_##SUF(x + 8);                                               \
+                a2 += s * um_load_##SUF(x + 16);                                              \
+                a3 += s * um_load_##SUF(x + 24);                                              \
+                a4 += s * um_load_##SUF(x + 32);                                              \
+                a5 += s * um_load_##SUF(x + 40);                                              \
+                a6 += s * um_load_##SUF(x + 48);                                              \
+                a7 += s * um_load_##SUF(x + 56);                                              \
+            }                                                                                 \
+            v8f *ov = (v8f *)(o + c);                                                         \
+            if (add) {                                                                        \
+                ov[0] += a0; ov[1] += a1; ov[2] += a2; ov[3] += a3;                           \
+                ov[4] += a4; ov[5] += a5; ov[6] += a6; ov[7] += a7;                           \
+            } else {                                                                          \
+                ov[0] = a0; ov[1] = a1; ov[2] = a2; ov[3] = a3;                               \
+                ov[4] = a4; ov[5] = a5; ov[6] = a6; ov[7] = a7;                               \
+            }                                                                                 \
+        }                                                                                     \
+        for (; c + 8 <= width; c += 8) {                                                      \
+            v8f a = {0};                                                                      \
+            for (int64_t k = 0; k < n; k++) a += wts[k] * um_load_##SUF(rows[k] + c0 + c);    \
+            v8f *ov = (v8f *)(o + c);                                                         \
+            *ov = add ? *ov + a : a;                                                          \
+        }                                                                                     \
+        for (; c < width; c++) {                                                              \
+            float a = 0;                                                                      \
+            for (int64_t k = 0; k < n; k++) a += wts[k] * um_scalar_##SUF(rows[k] + c0 + c);  \
+            o[c] = add ? o[c] + a : a;                                                        \
+        }                                                                                     \
+    }
+
+/* Tokens [t0, t1) of a job: bucket each token's entries by block, then pool every bag. */
+#define UM_DEFINE_TOKENS(SUF, T)                                                              \
+    UM_DEFINE_BAG(SUF, T)                                                                     \
+    static void um_tokens_##SUF(um_job *j, int64_t *count, int64_t *ord,            \
+                                          const T **rows, float *wts) {                       \
+        const T *table = (const T *)j->table;                                                 \
+        for (int64_t t = j->t0; t < j->t1; t++) {                                             \
+            const int64_t l0 = j->tok_off[t], n = j->tok_off[t + 1] - l0;                     \
+            float *ot = j->out + t * j->E * j->out_cols;                                      \
+            memset(count, 0, sizeof(int64_t) * (size_t)(j->E + 1));                           \
+            for (int64_t k = 0; k < n; k++) count[j->blk[l0 + k] + 1]++;                      \
+            for (int64_t e = 0; e < j->E; e++) count[e + 1] += count[e];                      \
+            for (int64_t k = 0; k < n; k++) ord[count[j->blk[l0 + k]]++] = l0 + k;            \
+            /* count[e] is now the end of bag e; bag e is ord[start .. count[e]) */           \
+            int64_t start = 0;                                                                \
+            for (int64_t e = 0; e < j->E; e++) {                                              \
+                const int64_t end = count[e], m = end - start;                                \
+                float *ob = ot + e * j->out_cols;                                             \
+                if (m == 0) {                                                                 \
+                    memset(ob, 0, sizeof(float) * (size_t)j->out_cols);                       \
+                    continue;                                                                 \
+                }                                                                             \
+                for (int64_t k = 0; k < m; k++) rows[k] = table + j->idx[ord[start + k]] * j->row_stride; \
+                for (int64_t s = 0; s < j->nseg; s++) {                                       \
+                    const int64_t lo = j->seg[3 * s], hi = j->seg[3 * s + 1];                 \
+                    const int64_t core = j->seg[3 * s + 2];                                   \
+                    for (int64_t k = 0; k < m; k++) wts[k] = j->w[ord[start + k] * j->ncores + core]; \
+                    const int add = j->sum_segments && s > 0;                                 \
+                    um_bag_##SUF(rows, wts, m, lo, hi - lo, ob + (j->sum_segments ? 0 : lo), add); \
+                }                                                                             \
+                start = end;                                                                  \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+UM_DEFINE_TOKENS(f32, float)
+UM_DEFINE_TOKENS(bf16, uint16_t)
+#if UM_HAS_F16
+UM_DEFINE_TOKENS(f16, _Float16)
+#endif
+
+static void *um_run(void *arg) {
+    um_job *j = (um_job *)arg;
+    int64_t longest = 0;
+    for (int64_t t = j->t0; t < j->t1; t++) {
+        int64_t n = j->tok_off[t + 1] - j->tok_off[t];
+        if (n > longest) longest = n;
+    }
+    int64_t *count = malloc(sizeof(int64_t) * (size_t)(j->E + 1));
+    int64_t *ord = malloc(sizeof(int64_t) * (size_t)(longest + 1));
+    void **rows = malloc(sizeof(void *) * (size_t)(longest + 1));
+    float *wts = malloc(sizeof(float) * (size_t)(longest + 1));
+    if (!count || !ord || !rows || !wts) {
+        j->failed = 1;
+    } else {
+        switch (j->dtype) {
+        case UM_F32: um_tokens_f32(j, count, ord, (const float **)rows, wts); break;
+        case UM_BF16: um_tokens_bf16(j, count, ord, (const uint16_t **)rows, wts); break;
+#if UM_HAS_F16
+        case UM_F16: um_tokens_f16(j, count, ord, (const _Float16 **)rows, wts); break;
+#endif
+        default: j->failed = 1; break;
+        }
+    }
+    free(count);
+    free(ord);
+    free(rows);
+    free(wts);
+    return NULL;
+}
+
+/* Which table dtypes this build supports (bit k = dtype k). */
+int32_t um_dtypes(void) { return (1 << UM_F32) | (1 << UM_BF16) | (UM_HAS_F16 << UM_F16); }
+
+/* Returns 0; -1 an index outside [0, rows); -2 a block outside [0, E); -3 a bad segment;
+ * -4 an unsupported dtype; -5 out of memory.  (*bad names the entry / segment.)  The caller
+ * validates requests first; these checks keep a bad call from reading outside the table. */
+int32_t um_gather_pool(const void *table, int32_t dtype, int64_t rows, int64_t row_stride,
+                       int64_t cols, const int64_t *idx, const int64_t *blk, const float *w,
+                       int64_t ncores, const int64_t *tok_off, int64_t T, int64_t E,
+                       const int32_t *seg, int64_t nseg, int32_t sum_segments, float *out,
+                       int64_t out_cols, int32_t nthreads, int64_t *bad) {
+    if (dtype < 0 || dtype > 2 || !((um_dtypes() >> dtype) & 1)) return -4;
+    const int64_t nnz = tok_off[T];
+    for (int64_t l = 0; l < nnz; l++) {
+        if (idx[l] < 0 || idx[l] >= rows) { *bad = l; return -1; }
+        if (blk[l] < 0 || blk[l] >= E) { *bad = l; return -2; }
+    }
+    for (int64_t s = 0; s < nseg; s++) {
+        int64_t lo = seg[3 * s], hi = seg[3 * s + 1], c = seg[3 * s + 2];
+        int64_t olo = sum_segments ? 0 : lo, ohi = olo + (hi - lo);
+        if (lo < 0 || hi > cols || lo >= hi || c < 0 || c >= ncores || ohi > out_cols) {
+            *bad = s;
+            return -3;
+        }
+    }
+    um_job base = {(const char *)table, dtype, row_stride, idx, blk, w, ncores, tok_off, E,
+                   seg, nseg, sum_segments, out, out_cols, 0, T, 0};
+    if (nthreads > UM_MAX_THREADS) nthreads = UM_MAX_THREADS;
+    if (nthreads > T) nthreads = (int32_t)T;
+    if (nthreads < 1) nthreads = 1;
+    um_job jobs[UM_MAX_THREADS];
+    int64_t t = 0;
+    for (int32_t k = 0; k < nthreads; k++) { /* contiguous token runs of ~nnz / n entries */
+        jobs[k] = base;
+        jobs[k].t0 = t;
+        if (k == nthreads - 1) {
+            t = T;
+        } else {
+            const int64_t target = nnz * (k + 1) / nthreads;
+            while (t < T && tok_off[t + 1] <= target) t++;
+        }
+        jobs[k].t1 = t;
+    }
+#ifdef _OPENMP
+    /* torch's own OpenMP pool (the library links the libgomp torch already loaded): no extra
+     * threads competing with the ones torch keeps spinning between its parallel ops */
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int32_t k = 0; k < nthreads; k++)
+        if (jobs[k].t0 < jobs[k].t1) um_run(&jobs[k]);
+    int32_t failed = 0;
+    for (int32_t k = 0; k < nthreads; k++) failed |= jobs[k].failed;
+#else
+    pthread_t th[UM_MAX_THREADS];
+    int32_t started[UM_MAX_THREADS] = {0};
+    for (int32_t k = 1; k < nthreads; k++)
+        if (jobs[k].t0 < jobs[k].t1) started[k] = pthread_create(&th[k], NULL, um_run, &jobs[k]) == 0;
+    um_run(&jobs[0]);
+    int32_t failed = jobs[0].failed;
+    for (int32_t k = 1; k < nthreads; k++) {
+        if (started[k]) pthread_join(th[k], NULL);
+        else if (jobs[k].t0 < jobs[k].t1) um_run(&jobs[k]); /* no thread: do it here */
+        failed |= jobs[k].failed;
+    }
+#endif
+    return failed ? -5 : 0;
+}

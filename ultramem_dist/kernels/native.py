@@ -1,0 +1,228 @@
+"""Loader of the native CPU gather-pool (``csrc/gather_pool.c``), built on first use.
+
+The C source ships inside the package. The first process that needs it compiles it with the
+system C compiler (``$CC``, else ``cc``; about a second) into a cache directory keyed by the hash
+of the source, the flags and the compiler, and every later process loads the cached library.
+Nothing here is required: without a compiler (or with ``ULTRAMEM_NATIVE=0``) :func:`library`
+returns ``None`` and ``gather_pool`` uses its torch path, which computes the same thing.
+
+Environment:
+    ``ULTRAMEM_NATIVE=0``       never use the native path.
+    ``ULTRAMEM_NATIVE_LIB``     a prebuilt library to load (e.g. built into a container image).
+    ``ULTRAMEM_NATIVE_CFLAGS``  architecture flags (default ``-march=native``; the cache key
+                                includes them).
+    ``ULTRAMEM_NATIVE_DIR``     where to build and cache it (default
+                                ``$ULTRAMEM_CACHE/native`` or ``~/.cache/ultramem-dist/native``).
+
+``python -m ultramem_dist.kernels.native [--out PATH]`` builds it ahead of time and prints its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["NativeLib", "build", "library", "native_gather_pool"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "gather_pool.c"
+BASE_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno"]
+DEFAULT_ARCH_FLAGS = "-march=native"
+
+
+def cflags() -> list[str]:
+    """Compiler flags: the base set plus ``$ULTRAMEM_NATIVE_CFLAGS`` (default ``-march=native``:
+    the build runs on the machine that uses it, so it may use every vector unit there)."""
+    return BASE_CFLAGS + shlex.split(os.environ.get("ULTRAMEM_NATIVE_CFLAGS", DEFAULT_ARCH_FLAGS))
+
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ERRORS = {
+    -1: (IndexError, "row index {v} at entry {bad} is outside the table's {rows} rows"),
+    -2: (IndexError, "block id {v} at entry {bad} is outside [0, {E})"),
+    -3: (ValueError, "column segment {bad} does not fit the table / output"),
+    -4: (TypeError, "table dtype not supported by this build"),
+    -5: (MemoryError, "native gather-pool could not allocate its scratch buffers"),
+}
+_i64 = ctypes.c_int64
+_i32 = ctypes.c_int32
+_ptr = ctypes.c_void_p
+
+
+class NativeLib:
+    """The loaded library: ``um_gather_pool`` with its argument types, and the dtypes it has."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))  # CDLL: the GIL is released during calls
+        fn = self._lib.um_gather_pool
+        fn.restype = _i32
+        fn.argtypes = [_ptr, _i32, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64]
+        fn.argtypes += [_ptr, _i64, _i32, _ptr, _i64, _i32, ctypes.POINTER(_i64)]
+        self.gather_pool = fn
+        self._lib.um_dtypes.restype = _i32
+        mask = self._lib.um_dtypes()
+        self.dtypes = frozenset(dt for dt, code in DTYPE_CODES.items() if mask >> code & 1)
+
+
+def _cache_dir() -> Path:
+    if d := os.environ.get("ULTRAMEM_NATIVE_DIR"):
+        return Path(d)
+    base = os.environ.get("ULTRAMEM_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "ultramem-dist"
+    )
+    return Path(base) / "native"
+
+
+def _compiler() -> list[str] | None:
+    cc = shlex.split(os.environ.get("CC", "")) or ["cc"]
+    return cc if shutil.which(cc[0]) else None
+
+
+def build(out: Path | None = None) -> Path:
+    """Compile the library (into ``out``, else the cache) and return its path; reuses a cached
+    build of the same source, flags and compiler. Raises ``RuntimeError`` with the compiler's
+    message when it fails."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc/cc)")
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
+    flags = cflags()
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, flags, version)).encode()).hexdigest()
+    target = out or _cache_dir() / f"libumgather-{key[:16]}.so"
+    if out is None and target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # compile to a private name, then rename: concurrent builders never see a partial file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        # OpenMP first: the library then shares torch's thread pool (libgomp.so.1, already
+        # loaded by torch); pthreads when the compiler has no OpenMP
+        for extra in (["-fopenmp"], []):
+            proc = subprocess.run(
+                [*cc, *flags, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True
+            )
+            if proc.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_LOCK = threading.Lock()
+_LIB: NativeLib | None = None
+_TRIED = False
+
+
+def library() -> NativeLib | None:
+    """The native library, built and loaded once per process; ``None`` when unavailable."""
+    global _LIB, _TRIED
+    if _TRIED:
+        return _LIB
+    with _LOCK:
+        if _TRIED:
+            return _LIB
+        try:
+            if os.environ.get("ULTRAMEM_NATIVE", "1") == "0":
+                return None
+            prebuilt = os.environ.get("ULTRAMEM_NATIVE_LIB")
+            _LIB = NativeLib(Path(prebuilt) if prebuilt else build())
+        except (OSError, RuntimeError) as exc:
+            log.warning("native gather-pool unavailable, using the torch path: %s", exc)
+        finally:
+            _TRIED = True
+    return _LIB
+
+
+def native_gather_pool(
+    lib: NativeLib,
+    table: torch.Tensor,
+    idx: torch.Tensor,
+    blk: torch.Tensor,
+    weights: torch.Tensor,
+    tok_off: torch.Tensor,
+    num_blocks: int,
+    segments: torch.Tensor,
+    sum_segments: bool,
+    out_cols: int,
+) -> torch.Tensor:
+    """``[T, num_blocks, out_cols]`` float32 for a CPU table (row-major rows, unit column
+    stride), contiguous int64 ``idx``/``blk`` of the entries in token order, int64 ``tok_off``
+    ``[T + 1]``, contiguous float32 ``weights`` ``[nnz, h_c]`` and int32 ``segments``
+    ``[nseg, 3]`` (start, stop, core). Tensors are passed by address: the caller keeps them
+    alive and of these dtypes (checked here, since a wrong dtype would be read as garbage)."""
+    for name, t, dt in (
+        ("idx", idx, torch.int64),
+        ("blk", blk, torch.int64),
+        ("tok_off", tok_off, torch.int64),
+        ("weights", weights, torch.float32),
+        ("segments", segments, torch.int32),
+    ):
+        if t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
+            raise TypeError(f"{name}: expected a contiguous CPU {dt} tensor, got {t.dtype}")
+    num_tokens = tok_off.numel() - 1
+    out = torch.empty(num_tokens, num_blocks, out_cols, dtype=torch.float32)
+    bad = _i64(0)
+    rc = lib.gather_pool(
+        table.data_ptr(),
+        DTYPE_CODES[table.dtype],
+        table.shape[0],
+        table.stride(0),
+        table.shape[1],
+        idx.data_ptr(),
+        blk.data_ptr(),
+        weights.data_ptr(),
+        weights.shape[-1],
+        tok_off.data_ptr(),
+        num_tokens,
+        num_blocks,
+        segments.data_ptr(),
+        segments.shape[0],
+        int(sum_segments),
+        out.data_ptr(),
+        out_cols,
+        torch.get_num_threads(),
+        ctypes.byref(bad),
+    )
+    if rc != 0:
+        exc, msg = _ERRORS.get(rc, (RuntimeError, f"native gather-pool failed ({rc})"))
+        b = bad.value
+        v = int(idx[b]) if rc == -1 else int(blk[b]) if rc == -2 else None
+        raise exc(msg.format(v=v, bad=b, rows=table.shape[0], E=num_blocks))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the native gather-pool library.")
+    parser.add_argument("--out", type=Path, help="where to write it (default: the cache)")
+    args = parser.parse_args(argv)
+    try:
+        path = build(args.out)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    NativeLib(path)  # loads, or raises: a broken build is not reported as a success
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
