@@ -191,11 +191,11 @@ class RouterServicer(pb_grpc.GatherPoolServicer):
                 left = context.time_remaining()
                 if left is not None and left <= 0:  # the caller's own deadline ran out
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
-            self._metrics.requests.labels(table, code.name).inc()
+            self._metrics.table_call(table, code.name)
             await context.abort(code, f"router: {exc}")
         except Exception as exc:  # never crash the router on a bad request or reply
             log.exception("router Gather failed")
-            self._metrics.requests.labels(table, "INTERNAL").inc()
+            self._metrics.table_call(table, "INTERNAL")
             await context.abort(
                 grpc.StatusCode.INTERNAL,
                 f"router: internal error ({type(exc).__name__}: {exc})",
@@ -204,9 +204,7 @@ class RouterServicer(pb_grpc.GatherPoolServicer):
             table_id=request.table_id, table_version=self._client.version, shard_index=0
         )
         encode_tensor(pooled, reply.pooled)
-        self._metrics.entries.labels(table).inc(entries)
-        self._metrics.requests.labels(table, "OK").inc()
-        self._metrics.latency.labels(table).observe(time.perf_counter() - start)
+        self._metrics.table_call(table, "OK", time.perf_counter() - start, entries)
         return reply
 
     async def Info(  # noqa: N802 (gRPC method name)

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from ultramem_dist.kernels import native
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.serving.config import ServerConfig
 from ultramem_dist.serving.metrics import ShardMetrics
@@ -160,6 +161,7 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     shard = shard_to_device(load_shard(cfg.store, cfg.shard, cfg.version), cfg.device)
+    native.library()  # build / load the native CPU kernel now, not on the first request
     metrics = ShardMetrics()
     servicer = GatherPoolServicer(
         shard,

@@ -113,6 +113,17 @@ class ShardMetrics:
             child = self._children[key] = getattr(self, kind).labels(*labels)
         return child
 
+    def table_call(
+        self, table: str, code: str, seconds: float | None = None, entries: int = 0
+    ) -> None:
+        """A Gather for ``table`` finished with ``code``: status count, and for successful calls
+        the latency and the number of entries pooled."""
+        self._child("requests", table, code).inc()
+        if entries:
+            self._child("entries", table).inc(entries)
+        if seconds is not None:
+            self._child("latency", table).observe(seconds)
+
     def begin(self, method: str) -> None:
         """A call of ``method`` started (in-flight gauge +1); pair with :meth:`end`."""
         self._child("inflight", method).inc()

@@ -34,6 +34,14 @@ class _DeadlinePassed(Exception):
     """The caller's deadline passed before the shard started the work (the work is skipped)."""
 
 
+def _entries(request: pb.GatherRequest) -> int:
+    """Lookup entries in a validated request (from the declared indices shape)."""
+    n = 1
+    for d in request.indices.shape:
+        n *= d
+    return n
+
+
 def run_kernel(q: GatherQuery) -> torch.Tensor:
     """The shard's answer for a validated query: ``[T, E, cols]`` or merged ``[T, cols]``."""
     t = q.table
@@ -144,7 +152,6 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             shard_index=self._shard.shard,
         )
         encode_tensor(pooled, reply.pooled)
-        self._metrics.entries.labels(request.table_id).inc(q.indices.numel())
         return reply
 
     @staticmethod
@@ -185,17 +192,17 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             )
         except UltraMemError as exc:
             code = status_for(exc)
-            self._metrics.requests.labels(table, code.name).inc()
+            self._metrics.table_call(table, code.name)
             await context.abort(code, f"shard {self._shard.shard}: {exc}")
         except Exception as exc:  # never crash the server on a bad request
             log.exception("Gather failed on shard %d", self._shard.shard)
-            self._metrics.requests.labels(table, "INTERNAL").inc()
+            self._metrics.table_call(table, "INTERNAL")
             await context.abort(
                 grpc.StatusCode.INTERNAL,
                 f"shard {self._shard.shard}: internal error ({type(exc).__name__}: {exc})",
             )
-        self._metrics.requests.labels(table, "OK").inc()
-        self._metrics.latency.labels(table).observe(time.perf_counter() - start)
+        entries = _entries(request)
+        self._metrics.table_call(table, "OK", time.perf_counter() - start, entries)
         return reply
 
     async def Info(  # noqa: N802 (gRPC method name)
