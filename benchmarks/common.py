@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description, result files, plots."""
+"""Helpers shared by the benchmark scripts: machine description, result files, plots, and the
+server processes they start."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import datetime as _dt
 import json
 import os
 import platform
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def quick_mode() -> Path:
@@ -72,3 +77,61 @@ def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> P
     full = {"date": today(), "machine": machine(), **payload}
     (out / name).write_text(json.dumps(full, indent=2) + "\n")
     return out
+
+
+class ReadyProcs:
+    """Child processes that write ``{"port": ...}`` to their ``--ready-file`` once serving
+    (``serve-shard``, the benchmarks' echo servers); :meth:`stop` always reaps them."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.items: list[tuple[subprocess.Popen, Path]] = []
+
+    def spawn(self, args: list[str], tag: str) -> subprocess.Popen:
+        """Start ``args --ready-file <workdir>/ready-<tag>.json`` (output discarded)."""
+        ready = self.workdir / f"ready-{tag}.json"
+        proc = subprocess.Popen(
+            [*args, "--ready-file", str(ready)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.items.append((proc, ready))
+        return proc
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc, _ in self.items]
+
+    def ports(self, timeout: float = 120.0) -> list[int]:
+        """Every child's port, in spawn order, once all are serving."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for proc, ready in self.items:
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{proc.args} did not start (exit {proc.poll()})")
+                time.sleep(0.05)
+            out.append(int(json.loads(ready.read_text())["port"]))
+        return out
+
+    def targets(self, timeout: float = 120.0) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.ports(timeout)]
+
+    def stop(self) -> None:
+        """SIGTERM every child (graceful drain), SIGKILL any still alive after 15 s."""
+        for proc, _ in self.items:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in self.items:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> ReadyProcs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

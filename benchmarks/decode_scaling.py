@@ -36,9 +36,7 @@ import copy
 import json
 import math
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +46,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import ReadyProcs, save  # noqa: E402
 
 from ultramem_dist.model import (  # noqa: E402
     KVCache,
@@ -124,37 +122,6 @@ def decode_ms(model: MemoryLM, prompt: torch.Tensor, steps: int) -> tuple[float,
     return statistics.median(times) * 1e3, logits
 
 
-class ShardProcess:
-    """One ``serve-shard`` process over a store; always stopped by :meth:`stop`."""
-
-    def __init__(self, store: Path, workdir: Path) -> None:
-        self.ready = workdir / f"ready-{store.name}.json"
-        self.proc = subprocess.Popen(
-            [*CLI, "serve-shard", str(store), "--shard", "0", "--threads", "1"]
-            + ["--ready-file", str(self.ready)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def target(self, timeout: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve-shard did not start (exit {self.proc.poll()})")
-            time.sleep(0.05)
-        return f"127.0.0.1:{json.loads(self.ready.read_text())['port']}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def bench_all(
     scales: list[int],
     batches: list[int],
@@ -171,7 +138,7 @@ def bench_all(
     max_seq = PROMPT + max(steps.values()) + 1
     models: dict[tuple[int, str, str], MemoryLM] = {}
     params: dict[tuple[int, str], dict[str, int]] = {}
-    shards: dict[int, ShardProcess] = {}
+    shards = ReadyProcs(tmp)
     stores: list[RemoteValueStore] = []
     counters: dict[int, ExpertCounter] = {}
     rows: list[dict[str, Any]] = []
@@ -186,9 +153,11 @@ def bench_all(
             if remote:
                 ckpt = save_pretrained(models[(s, "ultramem", "local")], tmp / f"ckpt-x{s}")
                 export_checkpoint(ckpt, tmp / f"store-x{s}", shards=1, by="row", version="b")
-                shards[s] = ShardProcess(tmp / f"store-x{s}", tmp)
-        for s, shard in shards.items():
-            store = RemoteValueStore(shard.target(), deadline_s=60)
+                cmd = [*CLI, "serve-shard", str(tmp / f"store-x{s}"), "--shard", "0"]
+                shards.spawn([*cmd, "--threads", "1"], f"store-x{s}")
+        remote_scales = [s for s in scales if remote]
+        for s, target in zip(remote_scales, shards.targets(), strict=True):
+            store = RemoteValueStore(target, deadline_s=60)
             stores.append(store)
             rm = copy.deepcopy(models[(s, "ultramem", "local")])
             rm.drop_value_tables()
@@ -198,7 +167,7 @@ def bench_all(
             prompt = torch.randint(
                 0, 256, (batch, PROMPT), generator=torch.Generator().manual_seed(7)
             )
-            for s in shards:  # the remote model must compute what the local one does
+            for s in remote_scales:  # the remote model must compute what the local one does
                 _, want = decode_ms(models[(s, "ultramem", "local")], prompt, 2)
                 _, got = decode_ms(models[(s, "ultramem", "remote")], prompt, 2)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -246,8 +215,7 @@ def bench_all(
             c.remove()
         for store in stores:
             store.close()
-        for shard in shards.values():
-            shard.stop()
+        shards.stop()
     return rows
 
 

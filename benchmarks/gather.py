@@ -10,7 +10,9 @@ Writes ``benchmarks/results/gather.json`` and ``benchmarks/results/gather.png``.
 Kernel: ``gather_pool`` on a table much larger than the last-level cache (1M x 256 fp32 =
 1 GiB), a batch of T queries x L = H*m random rows; GB/s counts the value-row bytes the kernel
 reads (T * L * Dv * 4). Baseline: ``Tensor.copy_`` of a buffer of the same size, same torch
-threads (GB/s of bytes copied). The bare ``F.embedding_bag`` on the same rows is reported too.
+threads (GB/s of bytes copied). The bare ``F.embedding_bag`` on the same rows is reported too,
+and so is ``gather_pool``'s torch path (``backend="torch"``: what autograd and GPUs use) beside
+the native CPU path that ``backend="auto"`` picks.
 
 RPC: real ``ultramem-dist serve-shard`` processes (1 kernel thread each) answering the product
 client (``GatherClient``: split, encode, fan out, decode, sum/concat), one call in flight;
@@ -27,7 +29,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today  # noqa: E402
+from common import ReadyProcs, machine, today  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -82,7 +83,7 @@ def bench_kernel(n_rows: int, dv: int, tokens: int, reps: int) -> dict:
     On a shared machine the best (minimum) time of interleaved repetitions is the estimate of the
     uncontended speed; medians are reported alongside.
     """
-    from ultramem_dist.kernels import gather_pool
+    from ultramem_dist.kernels import gather_pool, native
 
     E, hc, L = 4, 2, 160  # released config: H=2, m=80, E=4, h_c=2
     g = torch.Generator().manual_seed(0)
@@ -99,6 +100,7 @@ def bench_kernel(n_rows: int, dv: int, tokens: int, reps: int) -> dict:
     psw = w[..., 0].reshape(-1).contiguous()
     fns = {
         "gather": lambda: gather_pool(table, idx, blk, w, E),
+        "torch_path": lambda: gather_pool(table, idx, blk, w, E, backend="torch"),
         "copy": lambda: dst.copy_(src),
         "bag": lambda: F.embedding_bag(flat, table, offsets, mode="sum", per_sample_weights=psw),
     }
@@ -110,13 +112,15 @@ def bench_kernel(n_rows: int, dv: int, tokens: int, reps: int) -> dict:
         "memcpy_gbps": round(nbytes / best["copy"] / 1e9, 3),
         "ratio": round(best["copy"] / best["gather"], 3),
         "embedding_bag_gbps": round(nbytes / best["bag"] / 1e9, 3),
+        "backend": "native" if native.library() is not None else "torch",
+        "torch_path_gbps": round(nbytes / best["torch_path"] / 1e9, 3),
         "median": {
             "gather_gbps": round(nbytes / med["gather"] / 1e9, 3),
             "memcpy_gbps": round(nbytes / med["copy"] / 1e9, 3),
             "embedding_bag_gbps": round(nbytes / med["bag"] / 1e9, 3),
         },
         "gather_ms": round(best["gather"] * 1e3, 3),
-        "profile": _kernel_profile(fns["gather"]),
+        "torch_path_profile": _kernel_profile(fns["torch_path"]),
         "table": [n_rows, dv],
         "tokens": tokens,
         "rows_per_token": L,
@@ -156,30 +160,6 @@ async def _echo_server(ready_file: Path) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await server.stop(0)
-
-
-# ------------------------------------------------------------------------------ processes
-
-
-def _spawn(args: list[str], ready: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [*args, "--ready-file", str(ready)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _wait_ready(procs: list[tuple[subprocess.Popen, Path]]) -> list[int]:
-    ports = []
-    deadline = time.monotonic() + 120
-    for proc, ready in procs:
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{proc.args} failed to start")
-            time.sleep(0.05)
-        ports.append(json.loads(ready.read_text())["port"])
-    return ports
 
 
 # ------------------------------------------------------------------------------ rpc bench
@@ -300,31 +280,18 @@ def bench_rpc(n_rows: int, dv: int, batches: list[int], calls: int, workdir: Pat
         {"row": table, "dim": table}, s2, shards=2, by={"row": "row", "dim": "dim"}, version="b2"
     )
     del values, table
-    starts = []
-    for store, k in ((s1, 0), (s2, 0), (s2, 1)):
-        ready = workdir / f"ready-{store.name}-{k}"
-        args = [*CLI, "serve-shard", str(store), "--shard", str(k), "--threads", "1"]
-        starts.append((_spawn(args, ready), ready))
-    for k in range(2):
-        ready = workdir / f"ready-echo-{k}"
-        starts.append((_spawn([sys.executable, __file__, "--echo-server"], ready), ready))
-    try:
-        ports = _wait_ready(starts)
-        tgt = [f"127.0.0.1:{p}" for p in ports]
+    with ReadyProcs(workdir) as procs:
+        for store, k in ((s1, 0), (s2, 0), (s2, 1)):
+            args = [*CLI, "serve-shard", str(store), "--shard", str(k), "--threads", "1"]
+            procs.spawn(args, f"{store.name}-{k}")
+        for k in range(2):
+            procs.spawn([sys.executable, __file__, "--echo-server"], f"echo-{k}")
+        tgt = procs.targets()
         rows = []
         rows += asyncio.run(_bench_config([tgt[0]], [tgt[3]], "t", batches, calls, spec))
         rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "row", batches, calls, spec))
         rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "dim", batches, calls, spec))
         return rows
-    finally:
-        for proc, _ in starts:
-            proc.send_signal(signal.SIGTERM)
-        for proc, _ in starts:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # ------------------------------------------------------------------------------ plot

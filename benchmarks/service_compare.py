@@ -40,8 +40,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,7 +52,9 @@ import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import ReadyProcs, save  # noqa: E402
+
+from ultramem_dist.reliability.procs import cpu_seconds, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -102,61 +102,6 @@ async def _echo_server(ready_file: Path) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await server.stop(0)
-
-
-# ------------------------------------------------------------------------------ processes
-
-
-class Procs:
-    """Child processes started with a ``--ready-file``; :meth:`stop` always reaps them."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.items: list[tuple[subprocess.Popen, Path]] = []
-
-    def spawn(self, args: list[str], tag: str) -> None:
-        ready = self.workdir / f"ready-{tag}.json"
-        proc = subprocess.Popen(
-            [*args, "--ready-file", str(ready)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.items.append((proc, ready))
-
-    def ports(self, timeout: float = 120.0) -> list[int]:
-        deadline = time.monotonic() + timeout
-        out = []
-        for proc, ready in self.items:
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{proc.args} did not start (exit {proc.poll()})")
-                time.sleep(0.05)
-            out.append(int(json.loads(ready.read_text())["port"]))
-        return out
-
-    def stop(self) -> None:
-        for proc, _ in self.items:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in self.items:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a child process has used so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------ workload
@@ -279,9 +224,9 @@ class RayPaths:
         actor_cls, deployment = _ray_classes()
         self.actor = actor_cls.remote(str(store))
         ray.get(self.actor.__ray_ready__.remote())
-        self.grpc_port = _free_port()
+        self.grpc_port = free_port()
         serve.start(
-            http_options={"host": "127.0.0.1", "port": _free_port()},
+            http_options={"host": "127.0.0.1", "port": free_port()},
             grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER_FN]),
         )
         # an app without a route prefix never enters the proxies' route table (gRPC too)
@@ -457,7 +402,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     spec = TableSpec(values=values, d_model=512, **SPEC)
     export_tables({TABLE: spec}, store, shards=1, by="row", version="bench")
     del values, spec
-    procs = Procs(workdir)
+    procs = ReadyProcs(workdir)
     loop = LoopThread()
     ray_paths: RayPaths | None = None
     samples: dict[tuple[str, int, int], list[float]] = {}
@@ -472,7 +417,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if {"ray_actor", "ray_serve_grpc"} & set(paths):  # while the two servers boot
             ray_paths = RayPaths(store)
         shard_port, echo_port = procs.ports()
-        server_pid = {"grpc_shard": procs.items[0][0].pid, "grpc_echo": procs.items[1][0].pid}
+        server_pid = dict(zip(("grpc_shard", "grpc_echo"), procs.pids, strict=True))
         serve_target = f"127.0.0.1:{ray_paths.grpc_port}" if ray_paths else None
         clients = GrpcPaths(f"127.0.0.1:{shard_port}", serve_target, f"127.0.0.1:{echo_port}")
         for batch in args.batches:
@@ -504,13 +449,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     for p in order:
                         n = max(args.calls, 8 * inflight)
                         pid = server_pid.get(p)
-                        c0 = _cpu_s(pid) if pid else 0.0
+                        c0 = cpu_seconds(pid) if pid else 0.0
                         t0 = time.perf_counter()
                         lat = _measure(p, calls_for, ray_paths, queries, loop, inflight, n)
                         key = (p, batch, inflight)
                         window_s[key] = window_s.get(key, 0.0) + time.perf_counter() - t0
                         if pid:
-                            server_cpu[key] = server_cpu.get(key, 0.0) + _cpu_s(pid) - c0
+                            server_cpu[key] = server_cpu.get(key, 0.0) + cpu_seconds(pid) - c0
                         samples.setdefault(key, []).extend(lat)
                 print(f"batch {batch}: round {rnd + 1}/{args.rounds} done", flush=True)
             loop.run(clients.close())

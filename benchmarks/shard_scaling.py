@@ -24,8 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import ReadyProcs, save  # noqa: E402
+
+from ultramem_dist.reliability.procs import cpu_seconds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from ultramem_dist.cli import main; main()"]
@@ -49,45 +49,6 @@ CONFIGS = [
     ("2 dim shards", "s2", "dim", 2, "dim", 1),
     ("1 shard, 2 threads", "s1t2", "t", 1, "none", 2),
 ]
-
-
-class Servers:
-    """``serve-shard`` processes; :meth:`stop` always reaps them."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[tuple[subprocess.Popen, Path]] = []
-
-    def start(self, store: Path, shard: int, threads: int, tag: str) -> None:
-        ready = self.workdir / f"ready-{tag}.json"
-        args = [*CLI, "serve-shard", str(store), "--shard", str(shard)]
-        args += ["--threads", str(threads), "--ready-file", str(ready)]
-        proc = subprocess.Popen(
-            args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self.procs.append((proc, ready))
-
-    def targets(self, timeout: float = 120.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        out = []
-        for proc, ready in self.procs:
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"serve-shard did not start (exit {proc.poll()})")
-                time.sleep(0.05)
-            out.append(f"127.0.0.1:{json.loads(ready.read_text())['port']}")
-        return out
-
-    def stop(self) -> None:
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def export_stores(rows: int, workdir: Path) -> dict[str, Path]:
@@ -121,10 +82,7 @@ async def window(client: Any, table: str, queries: list, inflight: int, calls: i
 
 def cpu_s(pid: int | None = None) -> float:
     """CPU seconds (user + system) of a process: this one (``None``) or a child by pid."""
-    if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return time.process_time() if pid is None else cpu_seconds(pid)
 
 
 async def measure(
@@ -290,22 +248,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shard-bench-") as tmp:
         workdir = Path(tmp)
         stores = export_stores(n_rows, workdir)
-        servers = Servers(workdir)
+        servers = ReadyProcs(workdir)
         targets: dict[str, list[str]] = {}
         try:
             groups: dict[tuple[str, int], tuple[int, int]] = {}  # (store, threads) -> procs
             for _, store_key, _, shards, _, threads in CONFIGS:
                 if (store_key, threads) not in groups:
-                    first = len(servers.procs)
+                    first = len(servers.items)
                     for k in range(shards):
-                        servers.start(stores[store_key], k, threads, f"{store_key}-{k}")
+                        cmd = [*CLI, "serve-shard", str(stores[store_key]), "--shard", str(k)]
+                        servers.spawn([*cmd, "--threads", str(threads)], f"{store_key}-{k}")
                     groups[(store_key, threads)] = (first, first + shards)
             all_targets = servers.targets()
             pids: dict[str, list[int]] = {}
             for label, store_key, _, _, _, threads in CONFIGS:
                 lo, hi = groups[(store_key, threads)]
                 targets[label] = all_targets[lo:hi]
-                pids[label] = [proc.pid for proc, _ in servers.procs[lo:hi]]
+                pids[label] = servers.pids[lo:hi]
             rows = asyncio.run(measure(targets, pids, n_rows, args))
         finally:
             servers.stop()
