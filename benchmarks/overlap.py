@@ -1,7 +1,9 @@
 """How much remote lookup latency the skip-layer overlap hides during decoding.
 
-Serves a tiny UltraMem model's tables from Ray shard actors (2 shards × 1 replica, each with its
-own gRPC server) and times greedy decoding with a KV cache three ways, interleaved round by round:
+Serves a tiny UltraMem model's tables from Ray shard actors (1 and 2 shards × 1 replica, each
+with its own gRPC server) and times greedy decoding with a KV cache three ways, interleaved round
+by round, for two model shapes (``--shapes``: the blocks between a memory layer's read and its
+use, 2 as in the tiny preset and 3 as in the released UltraMem config):
 
 * ``local`` — the model's own tables;
 * ``remote_serial`` — remote tables, each lookup awaited right where it is issued (block a);
@@ -16,6 +18,7 @@ and overlap.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -30,8 +33,28 @@ import torch  # noqa: E402
 from common import plot_path, quick_mode, write_json  # noqa: E402
 
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
-from ultramem_dist.model import MemoryLM, load_pretrained, preset, save_pretrained  # noqa: E402
+from ultramem_dist.model import (  # noqa: E402
+    LMConfig,
+    MemoryLM,
+    load_pretrained,
+    preset,
+    save_pretrained,
+)
 from ultramem_dist.store.export import export_checkpoint  # noqa: E402
+
+# Model shapes: the tiny preset's width everywhere; what changes is how many blocks run between
+# a memory layer's read (block a) and its use (after block b), i.e. the compute that can hide
+# the remote lookup. span2 is the tiny preset; span3 is the released UltraMem config's span
+# ("2:5/6:9/10:13/14:17": 3 blocks between read and write).
+SHAPES: dict[str, tuple[int, str]] = {
+    "span2": (6, "0:2,3:5"),
+    "span3": (8, "0:3,4:7"),
+}
+
+
+def shape_config(name: str) -> LMConfig:
+    layers, spec = SHAPES[name]
+    return dataclasses.replace(preset("tiny"), n_layers=layers, memory_spec=spec)
 
 
 class SerialBackend:
@@ -91,6 +114,11 @@ def main() -> None:
     )
     parser.add_argument("--by", default="row", choices=["row", "dim"])
     parser.add_argument(
+        "--shapes",
+        default="span2,span3",
+        help=f"comma-separated model shapes ({', '.join(SHAPES)}); the first is the headline",
+    )
+    parser.add_argument(
         "--switch-interval",
         type=float,
         default=0.0,
@@ -105,12 +133,20 @@ def main() -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     configs = [int(x) for x in args.shards.split(",")]
+    shapes = [x.strip() for x in args.shapes.split(",")]
+    if unknown := [x for x in shapes if x not in SHAPES]:
+        parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+    if args.checkpoint is not None:
+        shapes = ["checkpoint"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.checkpoint
-        if ckpt is None:
+        ckpts: dict[str, Path] = {}
+        for shape in shapes:
+            if shape == "checkpoint":
+                ckpts[shape] = args.checkpoint
+                continue
             torch.manual_seed(0)
-            ckpt = save_pretrained(MemoryLM(preset("tiny")), Path(tmp) / "ckpt")
+            ckpts[shape] = save_pretrained(MemoryLM(shape_config(shape)), Path(tmp) / shape)
         ray.init(
             num_cpus=2,
             include_dashboard=False,
@@ -119,8 +155,9 @@ def main() -> None:
             namespace="ultramem",
         )
         try:
-            for shards in configs:
-                store = Path(tmp) / f"store{shards}"
+            for shape, shards in [(sh, n) for sh in shapes for n in configs]:
+                ckpt = ckpts[shape]
+                store = Path(tmp) / f"store-{shape}-{shards}"
                 export_checkpoint(ckpt, store, shards=shards, by=args.by, version="bench")
                 times = measure(ckpt, store, args)
                 ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
@@ -128,8 +165,12 @@ def main() -> None:
                 hidden = (
                     (ms["remote_serial"] - ms["remote_overlapped"]) / extra if extra > 0 else 1.0
                 )
+                cfg = load_pretrained(ckpt).cfg
                 results.append(
                     {
+                        "shape": shape,
+                        "layers": cfg.n_layers,
+                        "memory_spec": cfg.memory_spec,
                         "shards": shards,
                         "sharding": args.by,
                         "ms_per_token": ms,
@@ -137,7 +178,7 @@ def main() -> None:
                         "samples_ms": {k: [round(x, 3) for x in v] for k, v in times.items()},
                     }
                 )
-                print(shards, "shard(s):", ms, "hidden_fraction", round(hidden, 3), flush=True)
+                print(shape, shards, "shard(s):", ms, "hidden", round(hidden, 3), flush=True)
         finally:
             Deployer().down()
             ray.shutdown()
@@ -147,14 +188,18 @@ def main() -> None:
         {
             "ms_per_token": head["ms_per_token"],
             "hidden_fraction": head["hidden_fraction"],
-            "headline_config": f"{head['shards']} {args.by} shard(s) x 1 replica",
+            "headline_config": f"{head['shape']} ({head['layers']} blocks, skip "
+            f"{head['memory_spec']}), {head['shards']} {args.by} shard(s) x 1 replica",
             "batch": args.batch,
             "tokens": args.tokens,
             "rounds": args.rounds,
             "configs": results,
-            "setup": "tiny UltraMem (D=256, 6 blocks, skip 0:2,3:5) decoding with a KV cache; "
-            "value shards as Ray actors with their own grpc.aio servers on loopback; model "
-            "thread uses 1 torch thread; local/serial/overlapped interleaved round by round",
+            "setup": "random-init UltraMem of the tiny preset's width (D=256) decoding with a KV "
+            "cache; shapes differ in the blocks between a memory layer's read and use (span2: 6 "
+            "blocks, skip 0:2,3:5 = the tiny preset; span3: 8 blocks, skip 0:3,4:7 = the released "
+            "config's span); value shards as Ray actors with their own grpc.aio servers on "
+            "loopback; model thread uses 1 torch thread; local/serial/overlapped interleaved "
+            "round by round",
         },
     )
     print("->", path)
@@ -173,7 +218,7 @@ def main() -> None:
             xs,
             vals,
             width,
-            label=f"{r['shards']} shard(s): {100 * r['hidden_fraction']:.0f}% hidden",
+            label=f"{r['shape']}, {r['shards']} shard(s): {100 * r['hidden_fraction']:.0f}% hidden",
         )
         for x, v in zip(xs, vals, strict=True):
             ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
