@@ -180,8 +180,18 @@ def _segment_array(segments: tuple[ColumnSegment, ...]) -> torch.Tensor:
 
 
 def _i64(t: torch.Tensor) -> torch.Tensor:
-    """A flat contiguous int64 CPU tensor (the same memory when it already is one)."""
-    return t.detach().reshape(-1).to(torch.int64).contiguous()
+    """A flat contiguous int64 CPU tensor (the same memory when it already is one). numpy does
+    the conversion: per-call torch dispatch would cost more than the copy on request sizes."""
+    if t.dtype == torch.int64 and t.dim() == 1 and t.is_contiguous():
+        return t
+    a = t.numpy() if not t.requires_grad else t.detach().numpy()
+    return torch.from_numpy(np.ascontiguousarray(a.reshape(-1), dtype=np.int64))
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_offsets(num_tokens: int, per_token: int) -> torch.Tensor:
+    """CSR offsets of ``num_tokens`` queries of ``per_token`` entries (cached, never written)."""
+    return torch.arange(0, (num_tokens + 1) * per_token, per_token)
 
 
 def _native_for(
@@ -228,7 +238,7 @@ def _gather_native(
     blk = _i64(blocks)
     if offsets is None:
         num_tokens, per_token = indices.shape
-        tok_off = torch.arange(0, (num_tokens + 1) * per_token, per_token)
+        tok_off = _dense_offsets(num_tokens, per_token)
     else:
         tok_off = _i64(offsets)
     segs = _segment_array(segments)

@@ -46,16 +46,22 @@ def run_kernel(q: GatherQuery) -> torch.Tensor:
     """The shard's answer for a validated query: ``[T, E, cols]`` or merged ``[T, cols]``."""
     t = q.table
     dev = t.values.device  # cuda when the shard was started with ServerConfig.device="cuda"
+    idx, blk, w, offs = q.indices, q.blocks, q.weights, q.offsets
+    if dev.type != "cpu":
+        idx, blk, w = idx.to(dev), blk.to(dev), w.to(dev)
+        offs = None if offs is None else offs.to(dev)
     out = gather_pool(
         t.values,
-        q.indices.to(dev),
-        q.blocks.to(dev),
-        q.weights.to(dev),
+        idx,
+        blk,
+        w,
         q.num_blocks,
         segments=t.segments,
-        offsets=None if q.offsets is None else q.offsets.to(dev),
+        offsets=offs,
         sum_segments=t.entry.merged,
-    ).cpu()
+    )
+    if out.device.type != "cpu":
+        out = out.cpu()
     return out.reshape(q.num_tokens, out.shape[-1]) if t.entry.merged else out
 
 
