@@ -129,7 +129,15 @@ def loadtest_cmd(
 class Fault(StrEnum):
     kill = "kill"
     term = "term"
+    kill_worker = "kill-worker"
     both = "both"
+    all = "all"
+
+
+_FAULT_RUNS = {
+    Fault.both: ["kill", "term"],
+    Fault.all: ["kill", "term", "kill-worker"],
+}
 
 
 @app.command("chaos")
@@ -137,21 +145,35 @@ def chaos_cmd(
     store: Path | None = typer.Argument(
         None, help="Store root to serve (default: a seeded synthetic store)."
     ),
-    fault: Fault = typer.Option(Fault.both, "--fault", help="kill (-9), term (drain) or both."),
+    fault: Fault = typer.Option(
+        Fault.both,
+        "--fault",
+        help="kill (-9), term (drain), kill-worker (-9 of a supervised replica's serving worker: "
+        "re-forked by serve-shard --respawn), both (kill + term) or all three.",
+    ),
     shards: int = typer.Option(2, "--shards", min=1, max=8, help="Synthetic store shards."),
     replicas: int = typer.Option(2, "--replicas", min=2, max=8, help="Replicas per shard."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, max=256, help="Callers."),
     table: str | None = typer.Option(None, "--table", help="Table id (default: first)."),
     fault_at: float = typer.Option(2.0, "--fault-at", min=0.1, help="Seconds of load first."),
     no_restart: bool = typer.Option(False, "--no-restart", help="Leave the victim down."),
+    respawn: bool = typer.Option(
+        False,
+        "--respawn",
+        help="Run every replica as serve-shard --respawn (then kill/term hit the supervisor, "
+        "i.e. the whole replica; kill-worker always does this).",
+    ),
     json_out: Path | None = typer.Option(None, "--json-out", help="Also write the JSON here."),
 ) -> None:
-    """Kill (-9) and/or SIGTERM a shard replica (R >= 2) of local serve-shard processes under
-    verified load; report errors, wrong/partial answers and failover/recovery times."""
-    from ultramem_dist.reliability.chaos import ChaosConfig, run_chaos
+    """Kill (-9) and/or SIGTERM a shard replica (R >= 2) of local serve-shard processes, or
+    kill -9 the serving worker of a supervised one, under verified load; report errors,
+    wrong/partial answers and failover/recovery times."""
+    from ultramem_dist.reliability.chaos import WORKER_FAULTS, ChaosConfig, run_chaos
     from ultramem_dist.reliability.synthetic import make_synthetic_store
 
-    faults = ["kill", "term"] if fault is Fault.both else [fault.value]
+    faults = _FAULT_RUNS.get(fault, [fault.value])
+    if no_restart and WORKER_FAULTS.intersection(faults):
+        fail("--no-restart does not apply to kill-worker (the replica's supervisor re-forks it)", 2)
     results = []
     with tempfile.TemporaryDirectory(prefix="ultramem-chaos-") as tmp:
         root = store or make_synthetic_store(Path(tmp) / "store", shards=shards)
@@ -169,8 +191,10 @@ def chaos_cmd(
                 table=table,
                 fault_at_s=fault_at,
                 restart=not no_restart,
+                respawn=respawn,
             )
-            console.print(f"scenario: {f} shard 0 replica 0 ({num_shards}x{replicas})")
+            kind = " supervised" if cfg.supervised else ""
+            console.print(f"scenario: {f} shard 0 replica 0 ({num_shards}x{replicas}{kind})")
             results.append(asyncio.run(run_chaos(cfg)).to_json())
     summary = _chaos_summary(results)
     _write(json_out, summary)

@@ -7,10 +7,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ultramem_dist.cli.app import app, console, fail
+
+if TYPE_CHECKING:
+    from ultramem_dist.serving import ServerConfig
 
 
 @app.command("serve-shard")
@@ -30,7 +34,9 @@ def serve_shard_cmd(
         0, "--kernel-workers", min=0, help="Kernel threads off the event loop (0 = inline)."
     ),
     ready_file: Path | None = typer.Option(
-        None, "--ready-file", help="Write {port, pid} JSON here once serving."
+        None,
+        "--ready-file",
+        help="Write {port, pid, ...} JSON here once serving (--respawn: + supervisor_pid).",
     ),
     max_message_bytes: int = typer.Option(
         64 << 20, "--max-message-bytes", min=1, help="Largest request/reply gRPC accepts (bytes)."
@@ -48,6 +54,31 @@ def serve_shard_cmd(
     ),
     health_port: int | None = typer.Option(
         None, "--health-port", min=0, max=65535, help="Plaintext grpc.health.v1-only port."
+    ),
+    respawn: bool = typer.Option(
+        False,
+        "--respawn",
+        help="Pre-forked, self-supervising server: verify the shard once here, serve from a "
+        "forked worker and re-fork it at once if it crashes (Linux; see docs/reliability.md).",
+    ),
+    respawn_max_failures: int = typer.Option(
+        5,
+        "--respawn-max-failures",
+        min=1,
+        help="With --respawn: give up (exit 1) after this many early worker deaths in a row.",
+    ),
+    respawn_min_uptime: float = typer.Option(
+        1.0,
+        "--respawn-min-uptime",
+        min=0,
+        help="With --respawn: a worker dying sooner after it began serving died early "
+        "(backoff before the next fork); later deaths are re-forked at once.",
+    ),
+    respawn_backoff: float = typer.Option(
+        0.5,
+        "--respawn-backoff",
+        min=0,
+        help="With --respawn: first backoff (s) after an early death; doubles per further one.",
     ),
 ) -> None:
     """Serve shard K of STORE over gRPC until SIGTERM (then drain gracefully)."""
@@ -77,13 +108,39 @@ def serve_shard_cmd(
             auth_token_file=auth_token_file,
             health_port=health_port,
         )
-        asyncio.run(serve(cfg, ready_file))
+        if respawn:
+            status = _serve_supervised(
+                cfg, ready_file, respawn_max_failures, respawn_min_uptime, respawn_backoff
+            )
+        else:
+            asyncio.run(serve(cfg, ready_file))
     except StoreError as exc:
         fail(f"refusing to serve: {exc}", 2)
     except ValueError as exc:  # bad TLS files, token file or option combination
         fail(f"refusing to serve: {exc}", 2)
     except OSError as exc:
         fail(f"cannot start the shard server: {exc}", 1)
+    if respawn:
+        from ultramem_dist.serving.supervisor import exit_with_status
+
+        if status < 0:  # the worker died of the signal the supervisor forwarded: do the same
+            exit_with_status(status)
+        raise typer.Exit(status)
+
+
+def _serve_supervised(
+    cfg: ServerConfig, ready_file: Path | None, max_failures: int, min_uptime: float, backoff: float
+) -> int:
+    """``serve-shard --respawn``: the supervisor's exit status (see serving/supervisor.py)."""
+    from ultramem_dist.serving.supervisor import CrashLoopError, RespawnPolicy, ShardSupervisor
+
+    policy = RespawnPolicy(
+        max_fast_failures=max_failures, min_uptime_s=min_uptime, backoff_s=backoff
+    )
+    try:
+        return ShardSupervisor(cfg, ready_file, policy).run()
+    except CrashLoopError as exc:
+        fail(str(exc), 1)
 
 
 def _client_error(exc: Exception) -> str:

@@ -7,12 +7,18 @@ against them, and at ``fault_at_s`` hits one replica:
 * ``kill`` — ``SIGKILL`` (the process vanishes mid-call: in-flight calls fail with UNAVAILABLE
   and the client's retry policy re-sends them to the other replica);
 * ``term`` — ``SIGTERM`` (graceful drain: health NOT_SERVING, in-flight calls finish, then
-  the port closes).
+  the port closes);
+* ``kill-worker`` — ``SIGKILL`` of the serving worker of a supervised replica
+  (``serve-shard --respawn``, :mod:`ultramem_dist.serving.supervisor`): the crash of the serving
+  process, which the replica's own supervisor repairs by re-forking a worker from its
+  preloaded image on the same port.
 
-A supervisor then restarts the replica on the same port (as Kubernetes restarts a pod or Ray an
-actor). Reported times, all measured from the fault:
+For ``kill`` and ``term`` the harness then restarts the replica's process on the same port (a
+cold start, as Kubernetes restarts a pod or Ray an actor; with ``respawn=True`` ``kill`` hits the
+supervisor, i.e. the whole replica). Reported times, all measured from the fault:
 
-* ``restart_s`` — the replacement process is serving (ready file written);
+* ``restart_s`` — the replacement is serving (its ready file written: a new process, or for
+  ``kill-worker`` a new worker pid);
 * ``recovery_s`` — the replacement has answered Gather calls of the load again, i.e. the shard
   is back at full capacity (all R replicas in rotation); read from the replica's Prometheus
   counter of successful calls;
@@ -46,9 +52,11 @@ from ultramem_dist.client import ChannelOptions
 from ultramem_dist.reliability.loadtest import LoadTestConfig, Sample, run_loadtest
 from ultramem_dist.reliability.procs import Replica, ShardFleet
 
-__all__ = ["FAULTS", "ChaosConfig", "ChaosResult", "run_chaos", "timeline_stats"]
+__all__ = ["FAULTS", "WORKER_FAULTS", "ChaosConfig", "ChaosResult", "run_chaos", "timeline_stats"]
 
-FAULTS = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
+FAULTS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "kill-worker": signal.SIGKILL}
+WORKER_FAULTS = frozenset({"kill-worker"})
+"""Faults that hit the serving worker of a supervised replica, not the replica's process."""
 _WINDOW_S = 0.5
 
 
@@ -79,10 +87,17 @@ class ChaosConfig:
     """Client reconnect backoff cap (how soon a restarted replica is retried)."""
     distinct_batches: int = 64
     """Distinct verified query batches the load cycles through."""
+    respawn: bool = False
+    """Run the replicas as ``serve-shard --respawn`` (implied by ``kill-worker``)."""
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
             raise ValueError(f"fault must be one of {sorted(FAULTS)}, got {self.fault!r}")
+        if self.fault in WORKER_FAULTS and not self.restart:
+            raise ValueError(
+                f"{self.fault}: the replica's supervisor re-forks the worker by itself; "
+                "restart=False (leave the victim down) does not apply"
+            )
         counts = self.replica_counts
         if len(counts) != self.shards:
             raise ValueError(f"replicas {self.replicas!r} does not match {self.shards} shards")
@@ -93,6 +108,11 @@ class ChaosConfig:
             raise ValueError(
                 f"shard {shard} has {counts[shard]} replica(s); chaos needs >= 2 to fail over"
             )
+
+    @property
+    def supervised(self) -> bool:
+        """Replicas run ``serve-shard --respawn``."""
+        return self.respawn or self.fault in WORKER_FAULTS
 
     @property
     def replica_counts(self) -> list[int]:
@@ -113,6 +133,8 @@ class ChaosResult:
     partial: int
     errors_by_status: dict[str, int]
     exit_code: int | None
+    """The victim process's exit status (``None`` for ``kill-worker``: the replica's supervisor
+    reaps the worker and keeps running; see ``worker_pids``)."""
     restart_s: float | None
     recovery_s: float | None
     failover_max_ms: float
@@ -124,6 +146,9 @@ class ChaosResult:
     health_events: list[tuple[float, str]] = field(default_factory=list)
     """(seconds after the fault, status) seen by a Health.Watch stream on the victim."""
     notes: list[str] = field(default_factory=list)
+    worker_pids: list[int] = field(default_factory=list)
+    """``kill-worker``: [killed worker, its re-forked replacement] (the replacement is absent
+    if none served in time)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,13 +217,17 @@ async def run_chaos(cfg: ChaosConfig, fleet: ShardFleet | None = None) -> ChaosR
             metrics=True,
             grace_s=cfg.grace_s,
             drain_s=cfg.drain_s,
+            respawn=cfg.supervised,
         )
         fleet.start()
     notes: list[str] = []
     events: list[tuple[float, str]] = []
+    worker_pids: list[int] = []
     watcher: asyncio.Future | None = None
     try:
         victim = next(r for r in fleet.replicas if (r.shard, r.index) == tuple(cfg.victim))
+        if cfg.fault in WORKER_FAULTS and not victim.supervised:
+            raise ValueError(f"{cfg.fault} needs supervised replicas (ShardFleet(respawn=True))")
         stop = asyncio.Event()
         load_cfg = LoadTestConfig(
             targets=fleet.targets(),
@@ -227,15 +256,31 @@ async def run_chaos(cfg: ChaosConfig, fleet: ShardFleet | None = None) -> ChaosR
         watcher = asyncio.ensure_future(_watch_health(victim, events))
         await _wait(lambda: bool(events) or watcher.done(), 10)  # SERVING seen first
         t_fault = time.monotonic()
-        fleet.signal(victim, FAULTS[cfg.fault])
-        exited = await _wait(lambda: not victim.alive, cfg.grace_s + cfg.drain_s + 15)
-        exit_code = victim.proc.returncode if victim.proc is not None else None
-        if not exited:
-            notes.append("victim did not exit in time; killed")
-            fleet.signal(victim, signal.SIGKILL)
-            await _wait(lambda: not victim.alive, 10)
-        restart_s = recovery_s = None
-        if cfg.restart:
+        restart_s = recovery_s = exit_code = None
+        if cfg.fault in WORKER_FAULTS:
+            old = fleet.signal_worker(victim, FAULTS[cfg.fault])
+            worker_pids.append(old)
+            # the supervisor re-forks by itself; a new worker pid in the ready file = serving
+            ready = await _wait(
+                lambda: victim.worker_pid not in (None, old) or not victim.alive,
+                fleet.ready_timeout_s,
+                every_s=0.01,
+            )
+            if ready and victim.alive:
+                restart_s = time.monotonic() - t_fault
+                worker_pids.append(fleet.wait_worker(victim, old, 5))
+                recovery_s = await _await_load(fleet, victim, t_fault, cfg, notes)
+            else:
+                notes.append(f"no re-forked worker served: {fleet.tail(victim, 500)}")
+        else:
+            fleet.signal(victim, FAULTS[cfg.fault])
+            exited = await _wait(lambda: not victim.alive, cfg.grace_s + cfg.drain_s + 15)
+            exit_code = victim.proc.returncode if victim.proc is not None else None
+            if not exited:
+                notes.append("victim did not exit in time; killed")
+                fleet.signal(victim, signal.SIGKILL)
+                await _wait(lambda: not victim.alive, 10)
+        if cfg.restart and cfg.fault not in WORKER_FAULTS:
             fleet.restart(victim, wait=False)
             ready = await _wait(
                 lambda: victim.ready_file.exists() or not victim.alive, fleet.ready_timeout_s
@@ -243,15 +288,7 @@ async def run_chaos(cfg: ChaosConfig, fleet: ShardFleet | None = None) -> ChaosR
             if ready and victim.alive:
                 fleet.wait_ready(victim, 5)
                 restart_s = time.monotonic() - t_fault
-                limit = time.monotonic() + max(1.0, cfg.max_duration_s - restart_s)
-                while time.monotonic() < limit:  # scrape off the loop: never stall the load
-                    served = await asyncio.to_thread(fleet.served, victim)
-                    if served:
-                        recovery_s = time.monotonic() - t_fault
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    notes.append("the restarted replica never received load")
+                recovery_s = await _await_load(fleet, victim, t_fault, cfg, notes)
             else:
                 notes.append(f"restart failed: {fleet.tail(victim, 500)}")
         await asyncio.sleep(cfg.settle_s)
@@ -265,8 +302,9 @@ async def run_chaos(cfg: ChaosConfig, fleet: ShardFleet | None = None) -> ChaosR
         if own:
             fleet.stop()
     failover_ms, qps_before, ratio = timeline_stats(result.samples, t_fault)
+    supervised = " (supervised replicas)" if cfg.supervised else ""
     return ChaosResult(
-        scenario=f"{cfg.fault} shard {cfg.victim[0]} replica {cfg.victim[1]}",
+        scenario=f"{cfg.fault} shard {cfg.victim[0]} replica {cfg.victim[1]}{supervised}",
         shards=cfg.shards,
         replicas=cfg.replica_counts,
         concurrency=cfg.concurrency,
@@ -286,4 +324,21 @@ async def run_chaos(cfg: ChaosConfig, fleet: ShardFleet | None = None) -> ChaosR
         duration_s=result.duration_s,
         health_events=[(round(t - t_fault, 3), name) for t, name in events],
         notes=notes,
+        worker_pids=worker_pids,
     )
+
+
+async def _await_load(
+    fleet: ShardFleet, victim: Replica, t_fault: float, cfg: ChaosConfig, notes: list[str]
+) -> float | None:
+    """Seconds from the fault until the serving replacement has answered load calls (its
+    Prometheus counter of successful calls; a re-forked worker serves the same metrics port
+    with a fresh counter), or ``None`` if it never did within the load's time cap."""
+    limit = time.monotonic() + max(1.0, cfg.max_duration_s - (time.monotonic() - t_fault))
+    while time.monotonic() < limit:  # scrape off the loop: never stall the load
+        served = await asyncio.to_thread(fleet.served, victim)
+        if served:
+            return time.monotonic() - t_fault
+        await asyncio.sleep(0.05)
+    notes.append("the restarted replica never received load")
+    return None

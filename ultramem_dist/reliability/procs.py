@@ -5,6 +5,12 @@ clients' channels reconnect to it without any reconfiguration. Children get ``SI
 harness dies (Linux ``PR_SET_PDEATHSIG``, set by a tiny launcher that then ``exec``s the CLI —
 not by ``preexec_fn``, which is unsafe in a process with gRPC threads) and
 :meth:`ShardFleet.stop` always reaps them: no stray processes.
+
+With ``respawn=True`` every replica runs ``serve-shard --respawn``: the process the fleet starts
+is a supervisor that serves from a forked worker and re-forks it when it crashes
+(:mod:`ultramem_dist.serving.supervisor`). :meth:`ShardFleet.signal` then hits the whole replica
+(the supervisor; its worker dies with it, like a deleted pod: a cold restart) and
+:meth:`ShardFleet.signal_worker` only the serving worker (a crash the supervisor repairs).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ __all__ = [
     "serve_shard_command",
     "served_ok_requests",
 ]
+
+_SIGKILL = signal.SIGKILL  # (inside ShardFleet, ``signal`` names its method)
 
 # Runs in the child: ask for SIGTERM when the harness dies, make sure it has not died already,
 # then become the real command.
@@ -94,6 +102,8 @@ class Replica:
     proc: subprocess.Popen | None = None
     starts: int = 0
     info: dict = field(default_factory=dict)
+    supervised: bool = False
+    """Runs ``serve-shard --respawn`` (``proc`` is the supervisor, ``info["pid"]`` its worker)."""
 
     @property
     def name(self) -> str:
@@ -117,7 +127,26 @@ class Replica:
 
     @property
     def pid(self) -> int | None:
+        """The process the fleet started (the supervisor of a supervised replica)."""
         return self.proc.pid if self.proc is not None else None
+
+    def read_ready(self) -> dict | None:
+        """The ready file's JSON now (``None`` while there is none: starting or re-forking)."""
+        try:
+            return json.loads(self.ready_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The pid serving gRPC now: the replica's own process, or the supervisor's current
+        worker (``None`` while a supervised replica has no serving worker)."""
+        if not self.supervised:
+            return self.pid
+        info = self.read_ready()
+        if info is None or info.get("supervisor_pid") != self.pid:
+            return None
+        return int(info["pid"])
 
 
 class ShardFleet:
@@ -137,6 +166,7 @@ class ShardFleet:
         threads: int = 1,
         extra_args: Sequence[str] = (),
         ready_timeout_s: float = 120.0,
+        respawn: bool = False,
     ) -> None:
         self.store = Path(store)
         self.workdir = Path(workdir)
@@ -146,7 +176,13 @@ class ShardFleet:
         if len(counts) != len(ids) or min(counts, default=1) < 1:
             raise ValueError(f"replicas {replicas!r} does not give >= 1 replica per shard {ids}")
         self.replicas = [
-            Replica(k, r, self.workdir, metrics_port=free_port() if metrics else None)
+            Replica(
+                k,
+                r,
+                self.workdir,
+                metrics_port=free_port() if metrics else None,
+                supervised=respawn,
+            )
             for k, n in zip(ids, counts, strict=True)
             for r in range(n)
         ]
@@ -174,6 +210,7 @@ class ShardFleet:
             "--threads", str(self.threads),
             "--ready-file", str(rep.ready_file),
             *(["--metrics-port", str(rep.metrics_port)] if rep.metrics_port else []),
+            *(["--respawn"] if rep.supervised else []),
             *self.extra_args,
         ]  # fmt: skip
         with open(rep.log, "ab") as logf:
@@ -221,9 +258,35 @@ class ShardFleet:
             self.wait_ready(rep)
 
     def signal(self, rep: Replica, sig: int = signal.SIGKILL) -> None:
+        """Signal the replica's process (a supervised replica's supervisor: the whole replica)."""
         if rep.alive:
             assert rep.proc is not None
             rep.proc.send_signal(sig)
+
+    def signal_worker(self, rep: Replica, sig: int = _SIGKILL) -> int:
+        """Signal only the serving worker of a supervised replica (a crash of the serving
+        process: its supervisor re-forks it on the same port). Returns the worker's pid."""
+        if not rep.supervised:
+            raise ValueError(f"replica {rep.name} is not supervised (start the fleet with respawn)")
+        pid = rep.worker_pid if rep.alive else None
+        if pid is None:
+            raise RuntimeError(f"replica {rep.name} has no serving worker: {self.tail(rep)}")
+        os.kill(pid, sig)
+        return pid
+
+    def wait_worker(self, rep: Replica, old_pid: int, timeout_s: float | None = None) -> int:
+        """Wait until a supervised replica serves from a worker other than ``old_pid``; returns
+        the new worker's pid (``rep.info``/``rep.port`` are refreshed)."""
+        deadline = time.monotonic() + (timeout_s or self.ready_timeout_s)
+        while (pid := rep.worker_pid) in (None, old_pid):
+            if not rep.alive:
+                code = None if rep.proc is None else rep.proc.returncode
+                raise RuntimeError(f"replica {rep.name} exited ({code}): {self.tail(rep)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {rep.name} did not re-fork: {self.tail(rep)}")
+            time.sleep(0.01)
+        self.wait_ready(rep, 5)
+        return pid
 
     def wait_exit(self, rep: Replica, timeout_s: float = 30.0) -> int | None:
         if rep.proc is None:
