@@ -141,17 +141,20 @@ def register_and_bind(
         server,
     )
     address = f"{cfg.host}:{cfg.port}"
-    if cfg.tls_cert is not None and cfg.tls_key is not None:
-        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc reports a failed bind (port in use) as RuntimeError
+        raise OSError(f"could not bind {address} (in use?): {exc}") from None
     if port == 0:
         raise OSError(f"could not bind {address}")
     return port
 
 
-def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
+def build_server(cfg: ServerConfig, shard: ShardSlice | None = None) -> tuple[ShardServer, int]:
     """Load (verify + mmap) the shard and bind a server to ``cfg.host:cfg.port``.
 
     Call from the event loop that will run it; ``await server.start()`` to serve. Returns the
@@ -160,7 +163,9 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
     """
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    shard = shard_to_device(load_shard(cfg.store, cfg.shard, cfg.version), cfg.device)
+    if shard is None:
+        shard = load_shard(cfg.store, cfg.shard, cfg.version)
+    shard = shard_to_device(shard, cfg.device)
     native.library()  # build / load the native CPU kernel now, not on the first request
     metrics = ShardMetrics()
     servicer = GatherPoolServicer(
@@ -180,7 +185,10 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
     if cfg.health_port is not None:
         health_server = grpc.aio.server(options=cfg.grpc_options())
         health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
-        health_port = health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+        try:
+            health_port = health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+        except RuntimeError:  # in use
+            health_port = 0
         if health_port == 0:
             raise OSError(f"could not bind the health port {cfg.host}:{cfg.health_port}")
     if cfg.metrics_port is not None:
@@ -190,13 +198,16 @@ def build_server(cfg: ServerConfig) -> tuple[ShardServer, int]:
     return shard_server, port
 
 
-async def serve(cfg: ServerConfig, ready_file: Path | None = None) -> None:
+async def serve(
+    cfg: ServerConfig, ready_file: Path | None = None, *, shard: ShardSlice | None = None
+) -> None:
     """Run a shard server until SIGTERM/SIGINT, then shut down gracefully.
 
     If ``ready_file`` is given, ``{"port", "pid", "shard", "version"}`` is written to it
-    (atomically) once the server accepts calls.
+    (atomically) once the server accepts calls. ``shard``: an already verified and mapped slice
+    of ``cfg``'s store (the ``--respawn`` supervisor's), instead of loading it here.
     """
-    server, port = build_server(cfg)
+    server, port = build_server(cfg, shard)
     await server.start()
     manifest = server.servicer.shard.manifest
     log.info("shard %d of %s serving on %s:%d", cfg.shard, manifest.version, cfg.host, port)

@@ -398,9 +398,8 @@ class ShardSupervisor:
         from ultramem_dist.errors import StoreError
         from ultramem_dist.serving import app as app_module
 
-        self._adopt_preloaded_shard(app_module)
         try:
-            asyncio.run(app_module.serve(self.cfg, private_ready))
+            asyncio.run(app_module.serve(self.cfg, private_ready, shard=self._shard))
         except (StoreError, ValueError) as exc:
             print(f"error: refusing to serve: {exc}", file=sys.stderr)
             return 2
@@ -408,27 +407,6 @@ class ShardSupervisor:
             print(f"error: cannot start the shard server: {exc}", file=sys.stderr)
             return 1
         return 0
-
-    def _adopt_preloaded_shard(self, app_module: Any) -> None:
-        """Make ``build_server`` use the shard the supervisor verified and mapped instead of
-        hashing its files again (the worker's main saving). ``app`` has no parameter for a
-        loaded shard, so its module-level ``load_shard`` is replaced in this worker process only;
-        calls for any other store/shard/version still go to the real loader."""
-        original = getattr(app_module, "load_shard", None)
-        if original is None or self._shard is None:
-            return
-        shard, cfg = self._shard, self.cfg
-
-        def preloaded_or_load(store: Any, index: int, version: str | None = None) -> Any:
-            if (
-                Path(store) == cfg.store
-                and index == cfg.shard
-                and version in (None, shard.manifest.version)
-            ):
-                return shard
-            return original(store, index, version)
-
-        app_module.load_shard = preloaded_or_load
 
 
 def _die_with_parent() -> None:
