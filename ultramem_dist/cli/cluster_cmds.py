@@ -1,13 +1,38 @@
-"""``up``, ``status``, ``scale``, ``roll``, ``down``: value shards as Ray actors."""
+"""``up``, ``status``, ``scale``, ``roll``, ``down``: value shards as Ray actors.
+
+Security: ``up`` takes the server-side flags of ``serve-shard`` (``--tls-cert``/``--tls-key``,
+``--tls-client-ca`` for mutual TLS, ``--auth-token-file``, ``--health-port``) and hands them to
+every replica; the files are read on the Ray nodes hosting the replicas. The deployment keeps
+them: ``scale`` and ``roll`` start their replicas with the active deployment's settings (the
+same flags there replace individual ones, e.g. a renewed certificate) and Ray restarts killed
+replicas with theirs. ``status`` takes the client-side flags of ``lookup`` for its health column.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from ultramem_dist.cli.app import app, console, fail
+from ultramem_dist.cli.options import (
+    SERVER_HEALTH_PORT_OPT,
+    SERVER_TLS_CERT_OPT,
+    SERVER_TLS_CLIENT_CA_OPT,
+    SERVER_TLS_KEY_OPT,
+    SERVER_TOKEN_OPT,
+    server_security_fields,
+)
+from ultramem_dist.cli.serve_cmds import (
+    TLS_CA_OPT,
+    TLS_CERT_OPT,
+    TLS_KEY_OPT,
+    TLS_NAME_OPT,
+    TOKEN_OPT,
+    client_channel_options,
+)
 
 ADDRESS_HELP = "Ray cluster: ray://host:port, host:port or auto. Default: the local cluster."
 
@@ -25,6 +50,35 @@ def _deployer(host: str = "127.0.0.1", **kw: object):  # noqa: ANN202
     from ultramem_dist.cluster import Deployer, PlacementOptions
 
     return Deployer(PlacementOptions(host=host, **kw), progress=lambda m: console.print(m))
+
+
+def _server_fields(
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    auth_token_file: Path | None,
+    health_port: int | None,
+) -> dict[str, Any]:
+    try:
+        return server_security_fields(
+            tls_cert, tls_key, tls_client_ca, auth_token_file, health_port
+        )
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _check_health_port(server: dict[str, Any], port: int) -> None:
+    if server.get("health_port") is not None and not port:
+        fail(
+            "--health-port needs fixed ports (--port, one replica per node): replicas sharing a "
+            "node would collide on it"
+        )
+
+
+def _adopt(deployer: Any, server: dict[str, Any]) -> None:
+    """Start new replicas like the active deployment's, with ``server`` fields replaced."""
+    placement = deployer.adopt_placement(server=server)
+    _check_health_port(placement.server, placement.port)
 
 
 @app.command()
@@ -45,8 +99,17 @@ def up(
     num_gpus: float = typer.Option(0.0, help="GPUs per replica (kernel runs on CUDA)."),
     resource: list[str] = typer.Option([], help="Custom resource NAME=AMOUNT (repeatable)."),
     label: list[str] = typer.Option([], help="Node label KEY=VALUE replicas must match."),
+    tls_cert: Path | None = SERVER_TLS_CERT_OPT,
+    tls_key: Path | None = SERVER_TLS_KEY_OPT,
+    tls_client_ca: Path | None = SERVER_TLS_CLIENT_CA_OPT,
+    auth_token_file: Path | None = SERVER_TOKEN_OPT,
+    health_port: int | None = SERVER_HEALTH_PORT_OPT,
 ) -> None:
-    """Start value-shard replicas as Ray actors (an embedded local Ray if no --address)."""
+    """Start value-shard replicas as Ray actors (an embedded local Ray if no --address).
+
+    --tls-*/--auth-token-file/--health-port work as for serve-shard; their files are read on
+    every Ray node that hosts a replica (same path on each), and scale/roll reuse them."""
+    from ultramem_dist.cluster.deploy import ReplicaStartError
     from ultramem_dist.errors import UltraMemError
 
     if replicas < 1 or (shards is not None and shards < 1):
@@ -62,6 +125,8 @@ def up(
         fail(f"store directory {store} does not exist (create it with `ultramem-dist export`)")
     if not 0 <= port <= 65535:
         fail(f"--port must be in 0..65535, not {port}")
+    server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
+    _check_health_port(server, port)
     _connect(address, start=True)
     deployer = _deployer(
         host,
@@ -70,11 +135,12 @@ def up(
         num_gpus=num_gpus,
         resources=resources,
         label_selector=labels,
+        server=server,
     )
     t0 = time.perf_counter()
     try:
         dep = deployer.up(store, shards=shards, replicas=replicas, version=version, by=by)
-    except (UltraMemError, ValueError, TimeoutError) as exc:
+    except (UltraMemError, ValueError, TimeoutError, ReplicaStartError) as exc:
         fail(str(exc), code=1)
     console.print(f"[green]deployment {dep} is active[/] ({time.perf_counter() - t0:.1f}s)")
 
@@ -84,8 +150,23 @@ def status(
     address: str | None = typer.Option(None, help=ADDRESS_HELP),
     window: float = typer.Option(1.0, help="Seconds over which QPS is measured."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry snapshot as JSON."),
+    tls_ca: Path | None = TLS_CA_OPT,
+    tls_cert: Path | None = TLS_CERT_OPT,
+    tls_key: Path | None = TLS_KEY_OPT,
+    tls_server_name: str | None = TLS_NAME_OPT,
+    auth_token_file: Path | None = TOKEN_OPT,
 ) -> None:
-    """Shards, replicas, endpoints, health and QPS of every deployment."""
+    """Shards, replicas, endpoints, health and QPS of every deployment.
+
+    The health column calls grpc.health.v1 on every replica: for TLS deployments pass --tls-ca
+    (plus --tls-cert/--tls-key with mutual TLS, --tls-server-name unless the certificate names
+    the replicas' addresses)."""
+    try:
+        options = client_channel_options(
+            tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file
+        )
+    except ValueError as exc:
+        fail(str(exc))
     _connect(address)
     deployer = _deployer()
     try:
@@ -102,12 +183,33 @@ def status(
         typer.echo(json.dumps(first, indent=2, sort_keys=True, default=str))
         return
     time.sleep(window)
-    console.print(status_table(first, deployer.status(), window))
+    second = deployer.status()
+    try:
+        table = status_table(first, second, window, options=options)
+    except ValueError as exc:  # unreadable PEM file, token towards a plaintext remote, ...
+        fail(f"cannot check the replicas' health: {exc}", code=1)
+    console.print(table)
+    if _serves_tls(second) and not options.secure:
+        console.print(
+            "the replicas serve TLS: pass --tls-ca (and --tls-cert/--tls-key for mutual TLS) "
+            "to check their health"
+        )
 
 
-def status_table(first: dict, second: dict, window: float):  # noqa: ANN201
+def _serves_tls(snapshot: dict) -> bool:
+    """Whether a live replica in ``snapshot`` was started with a TLS certificate."""
+    return any(
+        (rec.get("info") or {}).get("server", {}).get("tls_cert")
+        for dep in snapshot["deployments"].values()
+        for reps in dep["replicas"].values()
+        for rec in reps.values()
+    )
+
+
+def status_table(first: dict, second: dict, window: float, options: Any = None):  # noqa: ANN201
     """A rich table of two registry snapshots taken ``window`` seconds apart: QPS and median
-    Gather latency (``p50ms``) over the window, from each replica's server metrics."""
+    Gather latency (``p50ms``) over the window, from each replica's server metrics. ``options``
+    (:class:`~ultramem_dist.client.channels.ChannelOptions`) secure the health checks."""
     from rich import box
     from rich.table import Table
 
@@ -154,7 +256,9 @@ def status_table(first: dict, second: dict, window: float):  # noqa: ANN201
                     .get("info", {})
                 )
                 qps = (info.get("requests", 0.0) - before.get("requests", 0.0)) / window
-                health = check_health(rec["endpoint"]) if rec.get("alive") else "DEAD"
+                health = (
+                    check_health(rec["endpoint"], options=options) if rec.get("alive") else "DEAD"
+                )
                 table.add_row(
                     dep["version"] if first_row else "",
                     dep["state"] if first_row else "",
@@ -194,22 +298,33 @@ def scale(
     shards: int | None = typer.Option(None, help="Reshard the active deployment to S shards."),
     by: str = typer.Option("auto", help="Layout for --shards: row | dim | auto."),
     address: str | None = typer.Option(None, help=ADDRESS_HELP),
+    tls_cert: Path | None = SERVER_TLS_CERT_OPT,
+    tls_key: Path | None = SERVER_TLS_KEY_OPT,
+    tls_client_ca: Path | None = SERVER_TLS_CLIENT_CA_OPT,
+    auth_token_file: Path | None = SERVER_TOKEN_OPT,
+    health_port: int | None = SERVER_HEALTH_PORT_OPT,
 ) -> None:
-    """Scale one shard's replicas, or reshard (new layout up, atomic switch, old drained)."""
+    """Scale one shard's replicas, or reshard (new layout up, atomic switch, old drained).
+
+    New replicas are placed like the active deployment's (port, resources, TLS and token files);
+    --tls-*/--auth-token-file/--health-port replace those settings for them."""
+    from ultramem_dist.cluster.deploy import ReplicaStartError
     from ultramem_dist.errors import UltraMemError
 
     if (shards is None) == (shard is None or replicas is None):
         fail("use either --shard K --replicas R, or --shards S")
+    server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
     _connect(address)
     deployer = _deployer()
     try:
+        _adopt(deployer, server)
         if shards is not None:
             dep = deployer.reshard(shards, by=by)
             console.print(f"[green]resharded: {dep} is active[/]")
         else:
             deployer.scale_replicas(shard, replicas)  # type: ignore[arg-type]
             console.print(f"[green]shard {shard} now has {replicas} replicas[/]")
-    except (UltraMemError, ValueError, LookupError, TimeoutError) as exc:
+    except (UltraMemError, ValueError, LookupError, TimeoutError, ReplicaStartError) as exc:
         fail(str(exc), code=1)
 
 
@@ -218,14 +333,27 @@ def roll(
     store: Path = typer.Argument(..., help="Store directory holding the new table version."),
     version: str | None = typer.Option(None, help="Version to roll to (default: LATEST)."),
     address: str | None = typer.Option(None, help=ADDRESS_HELP),
+    tls_cert: Path | None = SERVER_TLS_CERT_OPT,
+    tls_key: Path | None = SERVER_TLS_KEY_OPT,
+    tls_client_ca: Path | None = SERVER_TLS_CLIENT_CA_OPT,
+    auth_token_file: Path | None = SERVER_TOKEN_OPT,
+    health_port: int | None = SERVER_HEALTH_PORT_OPT,
 ) -> None:
-    """Blue/green roll to another table version: new set up, atomic switch, old one drained."""
+    """Blue/green roll to another table version: new set up, atomic switch, old one drained.
+
+    The new replicas are placed like the active deployment's (port, resources, TLS and token
+    files); --tls-*/--auth-token-file/--health-port replace those settings (e.g. renewed
+    certificates)."""
+    from ultramem_dist.cluster.deploy import ReplicaStartError
     from ultramem_dist.errors import UltraMemError
 
+    server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
     _connect(address)
     try:
-        dep = _deployer().roll(store, version)
-    except (UltraMemError, ValueError, LookupError, TimeoutError) as exc:
+        deployer = _deployer()
+        _adopt(deployer, server)
+        dep = deployer.roll(store, version)
+    except (UltraMemError, ValueError, LookupError, TimeoutError, ReplicaStartError) as exc:
         fail(str(exc), code=1)
     console.print(f"[green]rolled: {dep} is active[/]")
 

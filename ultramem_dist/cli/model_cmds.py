@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ultramem_dist.cli.app import app, console, fail
+from ultramem_dist.cli.serve_cmds import (
+    TLS_CA_OPT,
+    TLS_CERT_OPT,
+    TLS_KEY_OPT,
+    TLS_NAME_OPT,
+    TOKEN_OPT,
+    client_channel_options,
+)
+
+if TYPE_CHECKING:
+    from ultramem_dist.client.channels import ChannelOptions
 
 
 @app.command()
@@ -59,18 +71,21 @@ def train(
     )
 
 
-def open_value_store(store: str, deadline_s: float = 5.0):  # noqa: ANN201
+def open_value_store(  # noqa: ANN201
+    store: str, deadline_s: float = 5.0, options: ChannelOptions | None = None
+):
     """A remote value backend from ``--store``: ``ray`` / ``auto`` / ``ray://host:port`` (the
-    registry of a Ray deployment) or ``host:port[,host:port...]`` (shard servers directly)."""
+    registry of a Ray deployment) or ``host:port[,host:port...]`` (shard servers directly).
+    ``options`` (:class:`~ultramem_dist.client.channels.ChannelOptions`) carry TLS and token."""
     if store == "ray" or store == "auto" or store.startswith("ray://"):
         from ultramem_dist.cluster import ClusterValueStore
         from ultramem_dist.cluster.local import connect
 
         connect(None if store == "ray" else store)
-        return ClusterValueStore(deadline_s=deadline_s)
+        return ClusterValueStore(deadline_s=deadline_s, options=options)
     from ultramem_dist.client.remote_store import RemoteValueStore
 
-    return RemoteValueStore(store, deadline_s=deadline_s)
+    return RemoteValueStore(store, deadline_s=deadline_s, options=options)
 
 
 @app.command()
@@ -87,8 +102,14 @@ def generate(
     compare_local: bool = typer.Option(
         False, "--compare-local", help="Also decode with the local tables and compare tokens."
     ),
+    tls_ca: Path | None = TLS_CA_OPT,
+    tls_cert: Path | None = TLS_CERT_OPT,
+    tls_key: Path | None = TLS_KEY_OPT,
+    tls_server_name: str | None = TLS_NAME_OPT,
+    auth_token_file: Path | None = TOKEN_OPT,
 ) -> None:
-    """Greedy decoding with a KV cache (local tables, or remote ones with --store)."""
+    """Greedy decoding with a KV cache (local tables, or remote ones with --store; the
+    --tls-*/--auth-token-file flags secure the connections to the shards)."""
     import torch
 
     from ultramem_dist.errors import UltraMemError
@@ -97,6 +118,15 @@ def generate(
 
     if checkpoint is None:
         fail("--checkpoint is required: the directory written by `ultramem-dist train`")
+    secured = any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
+    if store is None and (secured or auth_token_file is not None):
+        fail("--tls-*/--auth-token-file apply to remote tables only: add --store")
+    try:
+        options = client_channel_options(
+            tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file
+        )
+    except ValueError as exc:
+        fail(str(exc))
     try:
         model = load_pretrained(checkpoint)
     except (FileNotFoundError, ValueError) as exc:
@@ -116,7 +146,7 @@ def generate(
         typer.echo(tok.decode(local[0].tolist()))
         return
     try:
-        backend = open_value_store(store)
+        backend = open_value_store(store, options=options)
     except (UltraMemError, ConnectionError, LookupError, ValueError) as exc:
         fail(f"cannot reach the value store {store!r}: {exc}", code=1)
     try:

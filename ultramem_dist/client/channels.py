@@ -29,6 +29,7 @@ __all__ = [
     "ChannelOptions",
     "is_loopback_target",
     "make_channel",
+    "make_sync_channel",
     "parse_target",
     "replica_target",
     "expand_targets",
@@ -257,3 +258,37 @@ def make_channel(replicas: Sequence[str], options: ChannelOptions) -> grpc.aio.C
             )
         interceptors = [_BearerToken(options.auth_token)]
     return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+
+
+class _SyncBearerToken(grpc.UnaryUnaryClientInterceptor):
+    """Sync twin of :class:`_BearerToken` (plaintext loopback only)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token.strip()}")
+
+    def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        metadata = [*(client_call_details.metadata or ()), self._header]
+        return continuation(client_call_details._replace(metadata=metadata), request)
+
+
+def make_sync_channel(replicas: Sequence[str], options: ChannelOptions) -> grpc.Channel:
+    """A blocking ``grpc`` channel with the same target, credentials and bearer token as
+    :func:`make_channel` (for synchronous callers such as health checks)."""
+    target = replica_target(replicas)
+    opts = options.grpc_options()
+    if options.secure:
+        name = options.tls_server_name or parse_target(replicas[0])[0]
+        opts.append(("grpc.ssl_target_name_override", name))
+        return grpc.secure_channel(target, options.channel_credentials(), options=opts)
+    channel = grpc.insecure_channel(target, options=opts)
+    if not options.auth_token:
+        return channel
+    if not all(is_loopback_target(r) for r in replicas):
+        channel.close()
+        raise ValueError(
+            "refusing to send a bearer token in cleartext to a non-loopback address; "
+            "enable TLS (tls_ca / --tls-ca)"
+        )
+    return grpc.intercept_channel(channel, _SyncBearerToken(options.auth_token))

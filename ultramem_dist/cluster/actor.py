@@ -4,6 +4,11 @@ Clients talk to the server directly (no Ray Serve proxy hop); Ray only places, r
 tracks the actors. On (re)start the actor asks the registry for the endpoint it had before and
 binds the same port when it can, so clients' channels reconnect to a restarted replica without
 any reconfiguration; otherwise it registers its new endpoint and clients refresh.
+
+TLS, mutual TLS and bearer tokens are ServerConfig fields like any other (``ShardSpec.server``:
+``tls_cert``, ``tls_key``, ``tls_client_ca``, ``auth_token_file``, ``health_port``). The files are
+read on the node that hosts the replica, so they must exist there (e.g. a Secret mounted into
+every Ray worker pod); a missing one fails the replica's start with a message naming the file.
 """
 
 from __future__ import annotations
@@ -36,7 +41,38 @@ class ShardSpec:
     torch_threads: int = 1
     """Kernel threads per replica (keep replicas from oversubscribing a node's cores)."""
     server: dict[str, Any] = field(default_factory=dict)
-    """Extra :class:`~ultramem_dist.serving.config.ServerConfig` fields (limits, grace, ...)."""
+    """Extra :class:`~ultramem_dist.serving.config.ServerConfig` fields (limits, grace, TLS
+    files, token file, ...)."""
+    placement: dict[str, Any] = field(default_factory=dict)
+    """The deployment's :class:`~ultramem_dist.cluster.deploy.PlacementOptions` (as a dict), kept
+    so that ``scale`` and ``roll`` can start further replicas the same way."""
+
+
+SERVER_FILES = {
+    "tls_cert": "TLS certificate",
+    "tls_key": "TLS private key",
+    "tls_client_ca": "TLS client CA",
+    "auth_token_file": "auth token file",
+}
+"""ServerConfig fields that name files the shard server reads on its node."""
+
+
+def node_server_fields(server: dict[str, Any], where: str) -> dict[str, Any]:
+    """``server`` with its file fields as :class:`~pathlib.Path`; raises ``ValueError`` naming
+    the field and ``where`` if one of the files is not on this node."""
+    out = dict(server)
+    for key, what in SERVER_FILES.items():
+        value = out.get(key)
+        if value is None:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(
+                f"{where}: the {what} {path} ({key}) does not exist on this node; every Ray node "
+                "that hosts shard replicas needs it at the same path"
+            )
+        out[key] = path
+    return out
 
 
 async def _start_server(cfg: Any) -> tuple[Any, int]:
@@ -80,6 +116,8 @@ class ShardActor:
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="shard-grpc"
         )
+        where = f"shard {self.spec.shard} replica {self.spec.replica} on node {host}"
+        server = node_server_fields(self.spec.server, where)
         self._thread.start()
         last_error: Exception | None = None
         for port in ports:
@@ -91,7 +129,7 @@ class ShardActor:
                 port=port,
                 torch_threads=self.spec.torch_threads,
                 device=self.device,
-                **self.spec.server,
+                **server,
             )
             try:
                 self._server, self._port = asyncio.run_coroutine_threadsafe(

@@ -5,6 +5,12 @@ deployment and a watcher thread that long-polls the registry. When the active de
 set of endpoints) changes, a new store is connected *before* it replaces the old one, so every
 lookup is served wholly by one deployment — one layout, one table version — and the old one is
 closed only after the requests already sent to it finished.
+
+``options`` (:class:`~ultramem_dist.client.channels.ChannelOptions`) secure every connection,
+including the ones opened after a switch: ``tls_ca`` / ``tls_cert`` + ``tls_key`` (mutual TLS)
+and ``auth_token`` for deployments started with TLS or bearer tokens. The registry lists replica
+endpoints by IP address, so set ``tls_server_name`` to a name the shard certificate carries
+unless it names those addresses.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import ray
 import torch
 
+from ultramem_dist.client.channels import ChannelOptions
 from ultramem_dist.client.remote_store import RemoteValueStore
 from ultramem_dist.cluster.registry import get_registry
 
@@ -32,9 +39,15 @@ class ClusterValueStore:
     """Backend for :meth:`MemoryLM.set_value_backend` that resolves shards via the registry."""
 
     def __init__(
-        self, *, deadline_s: float = 5.0, poll_s: float = 5.0, close_grace_s: float | None = None
+        self,
+        *,
+        deadline_s: float = 5.0,
+        poll_s: float = 5.0,
+        close_grace_s: float | None = None,
+        options: ChannelOptions | None = None,
     ) -> None:
         self.deadline_s = deadline_s
+        self.options = options
         self.poll_s = poll_s
         self.close_grace_s = deadline_s if close_grace_s is None else close_grace_s
         self._registry = get_registry()
@@ -52,7 +65,12 @@ class ClusterValueStore:
         self._watcher.start()
 
     def _connect(self, dep: dict[str, Any]) -> RemoteValueStore:
-        return RemoteValueStore(_endpoints(dep), version=dep["version"], deadline_s=self.deadline_s)
+        return RemoteValueStore(
+            _endpoints(dep),
+            version=dep["version"],
+            deadline_s=self.deadline_s,
+            options=self.options,
+        )
 
     @property
     def version(self) -> str:

@@ -4,15 +4,21 @@ Every layout change follows the same safe sequence: start the new deployment's r
 until every replica registered and answers → switch the registry's active deployment (one
 atomic step; clients follow within one long-poll) → keep the old deployment serving for
 ``drain_s`` so in-flight requests finish → stop it gracefully.
+
+Every replica records the deployment's :class:`PlacementOptions` (its ``ShardSpec``), so
+:meth:`Deployer.adopt_placement` lets ``scale`` and ``roll`` start further replicas exactly like
+the first ones: same port, resources and server settings (TLS files, token file, ...). Ray
+restarts a killed replica with its original spec anyway.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ultramem_dist.cluster.actor import ShardActor, ShardSpec
+from ultramem_dist.cluster.actor import SERVER_FILES, ShardActor, ShardSpec
 from ultramem_dist.cluster.registry import NAMESPACE, get_or_create_registry, get_registry
 from ultramem_dist.cluster.relayout import relayout
 from ultramem_dist.store.reader import open_manifest
@@ -52,11 +58,53 @@ class PlacementOptions:
     max_restarts: int = -1
     """Ray restarts a killed replica this many times (-1: always)."""
     server: dict[str, Any] = field(default_factory=dict)
-    """Extra ServerConfig fields for every shard server."""
+    """Extra ServerConfig fields for every shard server, e.g. ``tls_cert``/``tls_key``,
+    ``tls_client_ca`` (mutual TLS), ``auth_token_file`` and ``health_port``. File paths are
+    read on the nodes that host replicas; relative ones are made absolute here (symlinks such as
+    Kubernetes Secret mounts are kept, not resolved)."""
     drain_s: float = 2.0
     """How long a replaced deployment keeps serving after the switch."""
     ready_timeout_s: float = 120.0
     """How long to wait for a new deployment's replicas."""
+
+    def __post_init__(self) -> None:
+        server = dict(self.server)
+        for key in SERVER_FILES:
+            if server.get(key) is not None:
+                server[key] = str(Path(server[key]).absolute())
+        self.server = server
+
+
+# Operation settings of a Deployer, not properties of a deployment: never adopted.
+_OPERATION_FIELDS = ("drain_s", "ready_timeout_s")
+
+
+def placement_from_spec(spec: Mapping[str, Any]) -> PlacementOptions:
+    """The :class:`PlacementOptions` a replica was started with (from its ``ShardSpec``)."""
+    known = {f.name for f in fields(PlacementOptions)} - set(_OPERATION_FIELDS)
+    stored = spec.get("placement") or {}
+    if stored:
+        return PlacementOptions(**{k: v for k, v in stored.items() if k in known})
+    # replicas started before the placement was recorded: what their spec itself says
+    return PlacementOptions(
+        host=spec["host"],
+        port=spec["port"],
+        torch_threads=spec["torch_threads"],
+        server=dict(spec.get("server") or {}),
+    )
+
+
+class ReplicaStartError(RuntimeError):
+    """A new replica failed to start (bad server settings, missing files on its node, ...)."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _start_failure(exc: BaseException) -> str:
+    """The last line of a Ray actor error: the exception the replica's constructor raised."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _pg_name(dep_id: str, shard: int) -> str:
@@ -116,6 +164,7 @@ class Deployer:
             port=p.port,
             torch_threads=p.torch_threads,
             server=dict(p.server),
+            placement={k: v for k, v in asdict(p).items() if k not in _OPERATION_FIELDS},
         )
         options: dict[str, Any] = {
             "name": _actor_name(dep_id, shard, replica),
@@ -136,6 +185,64 @@ class Deployer:
         else:
             options["scheduling_strategy"] = "SPREAD"
         return ShardActor.options(**options).remote(asdict(spec))
+
+    def _wait_started(self, handles: Sequence[Any], what: str) -> list[dict[str, Any]]:
+        """Every new replica's info once it serves; a replica whose start failed raises
+        :class:`ReplicaStartError` with the reason (its constructor's exception)."""
+        try:
+            return ray.get(
+                [h.info.remote() for h in handles], timeout=self.placement.ready_timeout_s
+            )
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"replicas of {what} not serving after {self.placement.ready_timeout_s}s"
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            raise ReplicaStartError(
+                f"a replica of {what} did not start: {_start_failure(exc)}"
+            ) from None
+
+    def _abort(self, dep_id: str, handles: Sequence[Any]) -> None:
+        """Undo a failed ``up``: kill the replicas started so far, drop the deployment."""
+        self._say(f"deployment {dep_id} did not come up; removing it")
+        for h in handles:
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - best effort: stop_deployment follows
+                log.warning("could not kill a replica of %s: %s", dep_id, exc)
+        try:
+            self.stop_deployment(dep_id)
+        except Exception as exc:  # noqa: BLE001 - keep the original error
+            log.warning("cleanup of deployment %s failed: %s", dep_id, exc)
+
+    def deployment_placement(self, dep: Mapping[str, Any] | None = None) -> PlacementOptions:
+        """How the replicas of ``dep`` (default: the active deployment) were placed, read from a
+        live replica's spec; ``LookupError`` if none of them answers."""
+        dep = self.active() if dep is None else dep
+        for shard, reps in sorted(dep["replicas"].items(), key=lambda kv: int(kv[0])):
+            for r in sorted(reps, key=int):
+                name = _actor_name(dep["deployment_id"], int(shard), int(r))
+                try:
+                    handle = ray.get_actor(name, namespace=NAMESPACE)
+                    return placement_from_spec(ray.get(handle.info.remote(), timeout=10))
+                except (ValueError, ray.exceptions.RayError) as exc:
+                    log.debug("replica %s did not report its spec: %s", name, exc)
+        raise LookupError(
+            f"cannot tell how deployment {dep['deployment_id']} was placed: none of its replicas "
+            "answers"
+        )
+
+    def adopt_placement(self, server: Mapping[str, Any] | None = None) -> PlacementOptions:
+        """Use the active deployment's placement (host, port, resources, server settings such as
+        TLS and token files) for the next operations, with ``server`` fields replacing its own.
+        This Deployer's ``drain_s`` and ``ready_timeout_s`` stay."""
+        stored = self.deployment_placement()
+        self.placement = replace(
+            stored,
+            server={**stored.server, **(server or {})},
+            **{k: getattr(self.placement, k) for k in _OPERATION_FIELDS},
+        )
+        return self.placement
 
     # ------------------------------------------------------------------ operations
     def up(
@@ -176,25 +283,31 @@ class Deployer:
             f"starting {manifest.num_shards} shards × {replicas} replicas of "
             f"{manifest.version} (deployment {dep_id})"
         )
-        handles = []
-        for shard in range(manifest.num_shards):
-            pg = placement_group(
-                [self._bundle() for _ in range(replicas)],
-                strategy=self._strategy(replicas),
-                name=_pg_name(dep_id, shard),
-                lifetime="detached",
-            )
-            try:
-                ray.get(pg.ready(), timeout=self.placement.ready_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise TimeoutError(
-                    f"placement group for shard {shard} not ready after "
-                    f"{self.placement.ready_timeout_s}s: not enough resources for "
-                    f"{self._bundle()} × {replicas} ({self._strategy(replicas)})"
-                ) from None
-            for r in range(replicas):
-                handles.append(self._start_replica(dep_id, store, manifest.version, shard, r, pg))
-        infos = ray.get([h.info.remote() for h in handles], timeout=self.placement.ready_timeout_s)
+        handles: list[ray.actor.ActorHandle] = []
+        try:
+            for shard in range(manifest.num_shards):
+                pg = placement_group(
+                    [self._bundle() for _ in range(replicas)],
+                    strategy=self._strategy(replicas),
+                    name=_pg_name(dep_id, shard),
+                    lifetime="detached",
+                )
+                try:
+                    ray.get(pg.ready(), timeout=self.placement.ready_timeout_s)
+                except ray.exceptions.GetTimeoutError:
+                    raise TimeoutError(
+                        f"placement group for shard {shard} not ready after "
+                        f"{self.placement.ready_timeout_s}s: not enough resources for "
+                        f"{self._bundle()} × {replicas} ({self._strategy(replicas)})"
+                    ) from None
+                for r in range(replicas):
+                    handles.append(
+                        self._start_replica(dep_id, store, manifest.version, shard, r, pg)
+                    )
+            infos = self._wait_started(handles, f"deployment {dep_id}")
+        except BaseException:
+            self._abort(dep_id, handles)
+            raise
         for info in infos:
             self._say(
                 f"  shard {info['shard']} replica {info['replica']} → {info['endpoint']} "
@@ -258,7 +371,17 @@ class Deployer:
                 self._start_replica(dep_id, dep["store"], dep["version"], shard, r, None)
                 for r in range(start, start + replicas - len(current))
             ]
-            for info in ray.get([h.info.remote() for h in handles]):
+            try:
+                infos = self._wait_started(handles, f"shard {shard} of {dep_id}")
+            except BaseException:
+                for h, r in zip(handles, range(start, start + len(handles)), strict=True):
+                    ray.get(self.registry.remove_replica.remote(dep_id, shard, r))
+                    try:
+                        ray.kill(h, no_restart=True)
+                    except Exception as exc:  # noqa: BLE001 - best effort
+                        log.warning("could not kill replica %d of shard %d: %s", r, shard, exc)
+                raise
+            for info in infos:
                 self._say(f"  shard {shard} replica {info['replica']} → {info['endpoint']}")
         else:
             for r in current[replicas:]:

@@ -96,6 +96,14 @@ ultramem.io/store: {{ include "ultramem.fullname" . }}
 {{- if and (eq .Values.mode "standalone") (eq .Values.standalone.managedBy "helm") -}}true{{- end -}}
 {{- end -}}
 
+{{/*
+Does this chart start the shard servers itself, so that it can hand them TLS and token files?
+standalone + managedBy=helm: its StatefulSets; ray without the operator: its placement Job.
+*/}}
+{{- define "ultramem.chartSecuresShards" -}}
+{{- if or (include "ultramem.helmShards" .) (and (eq .Values.mode "ray") (not .Values.operator.enabled)) -}}true{{- end -}}
+{{- end -}}
+
 {{/* Does this release render a ValueStore? */}}
 {{- define "ultramem.renderValueStore" -}}
 {{- if and .Values.valueStore.create (or (eq .Values.mode "ray") (eq .Values.standalone.managedBy "operator")) -}}true{{- end -}}
@@ -128,8 +136,8 @@ ultramem.io/store: {{ include "ultramem.fullname" . }}
 {{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) -}}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" -}}
 {{- end -}}
-{{- if and (or .Values.tls.enabled .Values.auth.tokenSecretName) (not (include "ultramem.helmShards" .)) -}}
-{{- fail "tls.enabled / auth.tokenSecretName are wired for mode=standalone with standalone.managedBy=helm only" -}}
+{{- if and (or .Values.tls.enabled .Values.auth.tokenSecretName) (not (include "ultramem.chartSecuresShards" .)) -}}
+{{- fail "tls.enabled / auth.tokenSecretName need shards this chart starts itself: mode=standalone with standalone.managedBy=helm, or mode=ray with operator.enabled=false (the operator passes no TLS or token settings to the shards yet)" -}}
 {{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled needs tls.secretName (a Secret with tls.crt, tls.key and ca.crt)" -}}
@@ -140,7 +148,11 @@ ultramem.io/store: {{ include "ultramem.fullname" . }}
 {{- $_ := include "ultramem.storeRoot" . -}}
 {{- end -}}
 
-{{/* serve-shard flags for TLS and bearer tokens (files from the mounted Secrets). */}}
+{{/*
+serve-shard flags for TLS and bearer tokens (files from the mounted Secrets). `ultramem-dist up`
+takes the same flags and hands them to every shard actor (ray mode: the files are read on the
+worker pods, which mount the Secrets at the same paths).
+*/}}
 {{- define "ultramem.serverSecurityArgs" -}}
 {{- if .Values.tls.enabled }}
 - --tls-cert
