@@ -12,6 +12,13 @@ from typing import TYPE_CHECKING
 import typer
 
 from ultramem_dist.cli.app import app, console, fail
+from ultramem_dist.cli.options import (
+    SERVER_HEALTH_PORT_OPT,
+    SERVER_TLS_CERT_OPT,
+    SERVER_TLS_CLIENT_CA_OPT,
+    SERVER_TLS_KEY_OPT,
+    SERVER_TOKEN_OPT,
+)
 
 if TYPE_CHECKING:
     from ultramem_dist.serving import ServerConfig
@@ -44,17 +51,11 @@ def serve_shard_cmd(
     max_concurrent_streams: int | None = typer.Option(
         None, "--max-concurrent-streams", min=1, help="Concurrent calls per client connection."
     ),
-    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate (TLS on)."),
-    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
-    tls_client_ca: Path | None = typer.Option(
-        None, "--tls-client-ca", help="PEM CA that signs client certificates (mutual TLS)."
-    ),
-    auth_token_file: Path | None = typer.Option(
-        None, "--auth-token-file", help="Bearer tokens ('TOKEN [tables=ID,...]' per line)."
-    ),
-    health_port: int | None = typer.Option(
-        None, "--health-port", min=0, max=65535, help="Plaintext grpc.health.v1-only port."
-    ),
+    tls_cert: Path | None = SERVER_TLS_CERT_OPT,
+    tls_key: Path | None = SERVER_TLS_KEY_OPT,
+    tls_client_ca: Path | None = SERVER_TLS_CLIENT_CA_OPT,
+    auth_token_file: Path | None = SERVER_TOKEN_OPT,
+    health_port: int | None = SERVER_HEALTH_PORT_OPT,
     respawn: bool = typer.Option(
         False,
         "--respawn",
