@@ -16,6 +16,7 @@ from ultramem_chart import (
     helm,
     render,
     variant_names,
+    variant_values,
 )
 
 if str(REPO / "operators") not in sys.path:  # ultramem_operator ships in the image only
@@ -98,11 +99,22 @@ def test_one_statefulset_per_shard_with_its_replicas(variant: str, expected: lis
         assert c["command"] == [
             "ultramem-dist", "serve-shard", "/var/lib/ultramem/store", "--shard", str(k),
             "--host", "0.0.0.0", "--port", str(GRPC), "--metrics-port", str(METRICS),
-            "--version", "v1",
+            "--version", "v1", "--respawn",
         ]
     assert len(r.kind("PodDisruptionBudget")) == len(expected)
+
     headless = [s for s in r.kind("Service") if s["spec"].get("clusterIP") == "None"]
     assert len(headless) == len(expected)
+
+
+def test_respawn_can_be_turned_off() -> None:
+    """shard.respawn=false: plain serve-shard (a crash is a container restart)."""
+    values = {**variant_values("one-shard")}
+    values["shard"] = {**values.get("shard", {}), "respawn": False}
+    (sts,) = shard_statefulsets(render(values))
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert "--respawn" not in c["command"]
+    assert c["command"][:2] == ["ultramem-dist", "serve-shard"]
 
 
 def test_selectors_probes_and_ports_agree(variants: dict[str, Rendered]) -> None:
