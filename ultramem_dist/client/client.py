@@ -79,6 +79,7 @@ class GatherClient:
         self.layout = layout
         self.replicas = replicas
         self.deadline_s = deadline_s
+        self.options = options
         self._channels = [make_channel(r, options) for r in replicas]
         self._stubs = [pb_grpc.GatherPoolStub(c) for c in self._channels]
 
@@ -218,15 +219,27 @@ class GatherClient:
         try:
             reply = await self._stubs[shard].Gather(req, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                msg = (
-                    f"{where} could not answer table {t.table_id!r} within the "
-                    f"{self.deadline_s:g}s deadline: {code.name}: {exc.details()}"
-                )
-            else:
-                msg = f"{where} refused table {t.table_id!r}: {code.name}: {exc.details()}"
-            raise error_for(code, msg) from None
+            raise self.rpc_error(shard, t, exc) from None
+        return self.check_reply(shard, t, reply, num_tokens)
+
+    def rpc_error(self, shard: int, t: TableLayout, exc: grpc.RpcError) -> UltraMemError:
+        """The typed error for a failed Gather call to ``shard``, naming it and the status."""
+        where = f"shard {shard} ({','.join(self.replicas[shard])})"
+        code = exc.code()
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            msg = (
+                f"{where} could not answer table {t.table_id!r} within the "
+                f"{self.deadline_s:g}s deadline: {code.name}: {exc.details()}"
+            )
+        else:
+            msg = f"{where} refused table {t.table_id!r}: {code.name}: {exc.details()}"
+        return error_for(code, msg)
+
+    def check_reply(
+        self, shard: int, t: TableLayout, reply: pb.GatherReply, num_tokens: int
+    ) -> torch.Tensor:
+        """The pooled tensor of ``shard``'s reply, after checking version, identity, shape."""
+        where = f"shard {shard} ({','.join(self.replicas[shard])})"
         if reply.table_version != self.version:
             raise VersionMismatchError(
                 f"{where} answered with table version {reply.table_version!r}, "
@@ -268,10 +281,19 @@ class GatherClient:
             weights: ``[T, L, h_c]`` per-core weights.
             timeout_s: deadline for the whole fan-out (default: the client's ``deadline_s``).
         """
+        deadline = time.monotonic() + (self.deadline_s if timeout_s is None else timeout_s)
+        t, calls = self.prepare(table_id, indices, blocks, weights)
+        num_tokens = indices.shape[0]
+        results = await self._fan_out(t, calls, num_tokens, deadline)
+        return self.combine(t, results, num_tokens)
+
+    def prepare(
+        self, table_id: str, indices: torch.Tensor, blocks: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[TableLayout, list[tuple[int, pb.GatherRequest]]]:
+        """Check a batch and build the per-shard requests: ``(table, [(shard, request)])``.
+        Row tables: only shards owning some entry get a request; dim tables: every shard."""
         t = self.table(table_id)
         self._check_inputs(t, indices, blocks, weights)
-        deadline = time.monotonic() + (self.deadline_s if timeout_s is None else timeout_s)
-        num_tokens = indices.shape[0]
         calls: list[tuple[int, pb.GatherRequest]] = []
         if t.sharding == "row" and len(t.rows) > 1:
             parts = split_by_owner(indices, blocks, weights, [lo for lo, _ in t.rows])
@@ -284,7 +306,11 @@ class GatherClient:
         else:
             req = self._request(table_id, indices, blocks, weights, None, t.n_rows)
             calls = [(k, req) for k in range(self.layout.num_shards)]
-        results = await self._fan_out(t, calls, num_tokens, deadline)
+        return t, calls
+
+    @staticmethod
+    def combine(t: TableLayout, results: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
+        """The full answer from every called shard's part (row: sum, dim: concatenation)."""
         if t.sharding == "row":
             return sum_partials(results, t.out_shape(num_tokens))
         return concat_columns(results)
