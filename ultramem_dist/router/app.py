@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import signal
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from ultramem_dist._private.readyfile import write_ready_file
 from ultramem_dist.client import GatherClient, fetch_info
 from ultramem_dist.router.config import RouterConfig
 from ultramem_dist.router.servicer import RouterServicer
-from ultramem_dist.serving.app import SERVICE_NAME, register_and_bind
+from ultramem_dist.serving.app import SERVICE_NAME, register_and_bind, serve_until_signal
 from ultramem_dist.serving.metrics import ShardMetrics
 from ultramem_dist.serving.security import (
     BearerTokenInterceptor,
@@ -118,28 +117,14 @@ async def serve_router(cfg: RouterConfig, ready_file: Path | None = None) -> Non
         port,
     )
     if ready_file is not None:
-        tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "port": port,
-                    "pid": os.getpid(),
-                    "version": layout.version,
-                    "num_shards": layout.num_shards,
-                    "tls": cfg.tls_cert is not None,
-                }
-            )
+        write_ready_file(
+            ready_file,
+            {
+                "port": port,
+                "pid": os.getpid(),
+                "version": layout.version,
+                "num_shards": layout.num_shards,
+                "tls": cfg.tls_cert is not None,
+            },
         )
-        os.replace(tmp, ready_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.ensure_future(server.wait_for_termination())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        log.info("router: signal received, draining (grace %.1fs)", cfg.grace_s)
-        await server.stop()
-    waiter.cancel()
-    stopper.cancel()
+    await serve_until_signal(server, "router", cfg.grace_s)

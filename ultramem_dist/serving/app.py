@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 import torch
@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from ultramem_dist._private.readyfile import write_ready_file
 from ultramem_dist.kernels import native
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.serving.config import ServerConfig
@@ -212,20 +213,28 @@ async def serve(
     manifest = server.servicer.shard.manifest
     log.info("shard %d of %s serving on %s:%d", cfg.shard, manifest.version, cfg.host, port)
     if ready_file is not None:
-        tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "port": port,
-                    "pid": os.getpid(),
-                    "shard": cfg.shard,
-                    "version": manifest.version,
-                    "health_port": server.health_port,
-                    "tls": cfg.tls_cert is not None,
-                }
-            )
+        write_ready_file(
+            ready_file,
+            {
+                "port": port,
+                "pid": os.getpid(),
+                "shard": cfg.shard,
+                "version": manifest.version,
+                "health_port": server.health_port,
+                "tls": cfg.tls_cert is not None,
+            },
         )
-        os.replace(tmp, ready_file)
+    await serve_until_signal(server, f"shard {cfg.shard}", cfg.grace_s)
+
+
+class _Stoppable(Protocol):
+    async def wait_for_termination(self) -> Any: ...
+    async def stop(self) -> Any: ...
+
+
+async def serve_until_signal(server: _Stoppable, name: str, grace_s: float) -> None:
+    """Serve until the server ends or SIGTERM/SIGINT arrives; on a signal, ``server.stop()``
+    (its graceful drain). Shared by the shard server and the router."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,7 +243,7 @@ async def serve(
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
-        log.info("shard %d: signal received, draining (grace %.1fs)", cfg.shard, cfg.grace_s)
+        log.info("%s: signal received, draining (grace %.1fs)", name, grace_s)
         await server.stop()
     waiter.cancel()
     stopper.cancel()

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ultramem_dist._private.readyfile import write_ready_file
 from ultramem_dist.serving.config import ServerConfig
 
 __all__ = [
@@ -351,9 +352,7 @@ class ShardSupervisor:
             )  # fmt: skip
         if self.ready_file is not None:
             payload = {**info, "supervisor_pid": os.getpid(), "respawns": self.respawns}
-            tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, self.ready_file)
+            write_ready_file(self.ready_file, payload)
 
     def _unpublish(self) -> None:
         if self.ready_file is not None:
