@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from ultramem_dist._private.pem import read_pem
+
 __all__ = [
     "ChannelOptions",
     "is_loopback_target",
@@ -89,9 +91,9 @@ class ChannelOptions:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """TLS credentials (plus the bearer token as call credentials, if any)."""
         creds = grpc.ssl_channel_credentials(
-            root_certificates=_read_pem(self.tls_ca, "CA") if self.tls_ca else None,
-            private_key=_read_pem(self.tls_key, "client key") if self.tls_key else None,
-            certificate_chain=_read_pem(self.tls_cert, "client certificate")
+            root_certificates=read_pem(self.tls_ca, "TLS CA") if self.tls_ca else None,
+            private_key=read_pem(self.tls_key, "TLS client key") if self.tls_key else None,
+            certificate_chain=read_pem(self.tls_cert, "TLS client certificate")
             if self.tls_cert
             else None,
         )
@@ -145,17 +147,6 @@ class ChannelOptions:
             opts.append(("grpc.initial_reconnect_backoff_ms", min(backoff, 1000)))
             opts.append(("grpc.min_reconnect_backoff_ms", min(backoff, 1000)))
         return opts
-
-
-def _read_pem(path: str | Path, what: str) -> bytes:
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read the TLS {what} file {p}: {exc.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"the TLS {what} file {p} is not PEM (no '-----BEGIN' line)")
-    return data
 
 
 class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
@@ -241,22 +232,28 @@ def is_loopback_target(target: str) -> bool:
     return _resolve(parse_target(target)[0]).is_loopback
 
 
-def make_channel(replicas: Sequence[str], options: ChannelOptions) -> grpc.aio.Channel:
-    """A ``grpc.aio`` channel load-balancing over ``replicas`` (TLS if ``options.secure``)."""
+def _channel_args(replicas: Sequence[str], options: ChannelOptions) -> tuple[str, list]:
+    """Target and options of a channel to ``replicas``; refuses a bearer token in cleartext
+    to anything but loopback."""
     target = replica_target(replicas)
     opts = options.grpc_options()
     if options.secure:
         name = options.tls_server_name or parse_target(replicas[0])[0]
         opts.append(("grpc.ssl_target_name_override", name))
+    elif options.auth_token and not all(is_loopback_target(r) for r in replicas):
+        raise ValueError(
+            "refusing to send a bearer token in cleartext to a non-loopback address; "
+            "enable TLS (tls_ca / --tls-ca)"
+        )
+    return target, opts
+
+
+def make_channel(replicas: Sequence[str], options: ChannelOptions) -> grpc.aio.Channel:
+    """A ``grpc.aio`` channel load-balancing over ``replicas`` (TLS if ``options.secure``)."""
+    target, opts = _channel_args(replicas, options)
+    if options.secure:
         return grpc.aio.secure_channel(target, options.channel_credentials(), options=opts)
-    interceptors = None
-    if options.auth_token:
-        if not all(is_loopback_target(r) for r in replicas):
-            raise ValueError(
-                "refusing to send a bearer token in cleartext to a non-loopback address; "
-                "enable TLS (tls_ca / --tls-ca)"
-            )
-        interceptors = [_BearerToken(options.auth_token)]
+    interceptors = [_BearerToken(options.auth_token)] if options.auth_token else None
     return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
 
 
@@ -276,19 +273,10 @@ class _SyncBearerToken(grpc.UnaryUnaryClientInterceptor):
 def make_sync_channel(replicas: Sequence[str], options: ChannelOptions) -> grpc.Channel:
     """A blocking ``grpc`` channel with the same target, credentials and bearer token as
     :func:`make_channel` (for synchronous callers such as health checks)."""
-    target = replica_target(replicas)
-    opts = options.grpc_options()
+    target, opts = _channel_args(replicas, options)
     if options.secure:
-        name = options.tls_server_name or parse_target(replicas[0])[0]
-        opts.append(("grpc.ssl_target_name_override", name))
         return grpc.secure_channel(target, options.channel_credentials(), options=opts)
     channel = grpc.insecure_channel(target, options=opts)
     if not options.auth_token:
         return channel
-    if not all(is_loopback_target(r) for r in replicas):
-        channel.close()
-        raise ValueError(
-            "refusing to send a bearer token in cleartext to a non-loopback address; "
-            "enable TLS (tls_ca / --tls-ca)"
-        )
     return grpc.intercept_channel(channel, _SyncBearerToken(options.auth_token))

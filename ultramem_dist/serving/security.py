@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from ultramem_dist._private.pem import read_pem
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 
 __all__ = [
@@ -56,18 +57,6 @@ _TABLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 # ----------------------------------------------------------------------------------------- TLS
-
-
-def read_pem(path: str | Path, what: str) -> bytes:
-    """Bytes of a PEM file; raises ``ValueError`` naming ``what`` if unreadable or not PEM."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read the {what} file {p}: {exc.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"the {what} file {p} is not PEM (no '-----BEGIN' line)")
-    return data
 
 
 def server_credentials(
