@@ -27,26 +27,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today, write_json  # noqa: E402
+from common import save  # noqa: E402
 
 from ultramem_dist.client import ChannelOptions  # noqa: E402
 from ultramem_dist.reliability.chaos import ChaosConfig, run_chaos, timeline_stats  # noqa: E402
 from ultramem_dist.reliability.loadtest import LoadTestConfig, Sample, run_loadtest  # noqa: E402
 from ultramem_dist.reliability.procs import ShardFleet  # noqa: E402
 from ultramem_dist.reliability.synthetic import make_synthetic_store  # noqa: E402
-
-
-def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> Path:
-    if out is None and not quick:
-        return write_json(name, payload)
-    out = out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps({"date": today(), "machine": machine(), **payload}, indent=2) + "\n")
-    return path
 
 
 async def ray_scenario(store: Path, concurrency: int, fault_at: float, settle: float) -> dict:
@@ -222,9 +211,9 @@ def main() -> None:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "quick": args.quick,
     }
-    path = save(payload, "chaos.json", args.out, args.quick)
+    out = save(payload, "chaos.json", args.out, args.quick)
     print(json.dumps({k: v for k, v in payload.items() if k != "scenarios"}, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {out / 'chaos.json'}")
     sys.exit(0 if totals["errors"] == totals["wrong"] == totals["partial"] == 0 else 1)
 
 

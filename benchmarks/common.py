@@ -135,3 +135,41 @@ class ReadyProcs:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def echo_server(ready_file: Path, max_message_bytes: int = 64 << 20) -> None:
+    """The benchmarks' bare gRPC baseline: method ``/bench.Echo/Echo`` on a free loopback port,
+    raw bytes, no protobuf and no work; it replies with as many zero bytes as the request's
+    first 8 bytes say (cached per size). Writes ``ready_file`` once serving; stops on SIGTERM."""
+    import asyncio
+
+    import grpc
+
+    from ultramem_dist._private.readyfile import write_ready_file
+
+    replies: dict[int, bytes] = {}
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        size = int.from_bytes(request[:8], "little")
+        reply = replies.get(size)
+        if reply is None:
+            reply = replies[size] = bytes(size)
+        return reply
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    write_ready_file(ready_file, {"port": port, "pid": os.getpid()})
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(0)

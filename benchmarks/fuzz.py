@@ -25,13 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today, write_json  # noqa: E402
+from common import save  # noqa: E402
 
 from ultramem_dist.reliability.fuzz import (  # noqa: E402
     DEFINED_STATUSES,
@@ -55,14 +54,6 @@ MAX_MSG = 1 << 20
 KW = {"n_rows": 1000, "dv": 32, "d_model": 24, "topm": 4}
 
 
-def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> Path:
-    if out is None and not quick:
-        return write_json(name, payload)
-    out = out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps({"date": today(), "machine": machine(), **payload}, indent=2) + "\n")
-    return path
 
 
 def _bases(store: Path, shard: int) -> list:
@@ -180,10 +171,10 @@ def main() -> None:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "quick": args.quick,
     }
-    path = save(payload, "fuzz.json", args.out, args.quick)
+    out = save(payload, "fuzz.json", args.out, args.quick)
     summary = {k: payload[k] for k in ("cases", "server_crashes", "undefined_status")}
     print(json.dumps({**summary, "huge_shape_memory": payload["huge_shape_memory"]}, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {out / 'fuzz.json'}")
     sys.exit(0 if summary["server_crashes"] == 0 and summary["undefined_status"] == 0 else 1)
 
 

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ReadyProcs, machine, today  # noqa: E402
+from common import ReadyProcs, echo_server, machine, today  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -128,38 +127,6 @@ def bench_kernel(n_rows: int, dv: int, tokens: int, reps: int) -> dict:
         "threads": torch.get_num_threads(),
         "estimator": f"best of {reps} interleaved runs",
     }
-
-
-# ------------------------------------------------------------------------------ echo server
-
-
-async def _echo_server(ready_file: Path) -> None:
-    replies: dict[int, bytes] = {}
-
-    async def echo(request: bytes, context) -> bytes:
-        size = int.from_bytes(request[:8], "little")
-        reply = replies.get(size)
-        if reply is None:
-            reply = replies[size] = bytes(size)
-        return reply
-
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-    )
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MSG),
-            ("grpc.max_send_message_length", MAX_MSG),
-        ]
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    ready_file.write_text(json.dumps({"port": port, "pid": os.getpid()}))
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(0)
 
 
 # ------------------------------------------------------------------------------ rpc bench
@@ -367,7 +334,7 @@ def main() -> None:
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        asyncio.run(_echo_server(args.ready_file))
+        asyncio.run(echo_server(args.ready_file, MAX_MSG))
         return
     t0 = time.time()
     load_before = os.getloadavg()[0]

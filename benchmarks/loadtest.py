@@ -24,25 +24,13 @@ import resource
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today, write_json  # noqa: E402
+from common import save  # noqa: E402
 
 from ultramem_dist.reliability.loadtest import LoadTestConfig, run_loadtest  # noqa: E402
 from ultramem_dist.reliability.procs import ShardFleet, cpu_seconds  # noqa: E402
 from ultramem_dist.reliability.synthetic import make_synthetic_store  # noqa: E402
-
-
-def save(payload: dict[str, Any], name: str, out: Path | None, quick: bool) -> Path:
-    """Into benchmarks/results (full runs) or ``out`` / a temp dir (``--quick``)."""
-    if out is None and not quick:
-        return write_json(name, payload)
-    out = out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps({"date": today(), "machine": machine(), **payload}, indent=2) + "\n")
-    return path
 
 
 def _cpu(fleet: ShardFleet) -> tuple[float, float]:
@@ -120,9 +108,9 @@ def main() -> None:
         "loadavg_after": [round(x, 2) for x in load_after],
         "quick": args.quick,
     }
-    path = save(payload, "loadtest.json", args.out, args.quick)
+    out = save(payload, "loadtest.json", args.out, args.quick)
     print(json.dumps(payload, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {out / 'loadtest.json'}")
     sys.exit(0 if payload["goal_met"] else 1)
 
 

@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -52,7 +51,7 @@ import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ReadyProcs, save  # noqa: E402
+from common import ReadyProcs, echo_server, save  # noqa: E402
 
 from ultramem_dist.reliability.procs import cpu_seconds, free_port  # noqa: E402
 
@@ -72,36 +71,6 @@ SPEC = {"expansion": 4, "num_cores": 2, "topm": 80, "heads": 2}
 TABLE = "t"
 
 Query = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-# ------------------------------------------------------------------------------ echo server
-
-
-async def _echo_server(ready_file: Path) -> None:
-    """Reply with as many zero bytes as the request's first 8 bytes say (cached per size)."""
-    replies: dict[int, bytes] = {}
-
-    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        size = int.from_bytes(request[:8], "little")
-        reply = replies.get(size)
-        if reply is None:
-            reply = replies[size] = bytes(size)
-        return reply
-
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-    )
-    server = grpc.aio.server(options=GRPC_OPTS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    tmp = ready_file.with_name(ready_file.name + ".tmp")
-    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
-    os.replace(tmp, ready_file)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(0)
 
 
 # ------------------------------------------------------------------------------ workload
@@ -591,7 +560,7 @@ def main() -> None:
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        asyncio.run(_echo_server(args.ready_file))
+        asyncio.run(echo_server(args.ready_file, MAX_MSG))
         return
     if args.quick:
         args.rows, args.batches, args.inflight, args.rounds, args.calls = (
