@@ -6,6 +6,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="ultramem-dist",
@@ -19,5 +20,6 @@ console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear sentence to stderr and exit with ``code`` (2 = bad input, 1 = runtime)."""
-    console.print(f"[bold red]error:[/] {message}")
+    # one unwrapped line (logs are grepped), the message never read as markup
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
