@@ -148,15 +148,17 @@ def _ray_classes() -> tuple[Any, Any]:
         """``ultramem.v1.GatherPool/Gather`` as a Serve deployment (the shard server's code)."""
 
         def __init__(self, store: str) -> None:
+            from ultramem_dist.serving.servicer import kernel_plan
             from ultramem_dist.serving.validate import Limits
             from ultramem_dist.store.reader import load_shard
 
             torch.set_num_threads(1)
             self.shard = load_shard(store, 0)
             self.limits = Limits(4096, 1024)
+            self.plans = {tid: kernel_plan(t) for tid, t in self.shard.tables.items()}
 
         def Gather(self, request: Any) -> Any:  # noqa: N802 (gRPC method name)
-            from ultramem_dist._private.codec import encode_tensor
+            from ultramem_dist._private.codec import encode_array
             from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
             from ultramem_dist.serving.servicer import run_kernel
             from ultramem_dist.serving.validate import decode_request
@@ -167,7 +169,7 @@ def _ray_classes() -> tuple[Any, Any]:
                 table_version=self.shard.manifest.version,
                 shard_index=self.shard.shard,
             )
-            encode_tensor(run_kernel(q), reply.pooled)
+            encode_array(run_kernel(q, self.plans[request.table_id]), reply.pooled)
             return reply
 
     return KernelActor, GatherDeployment

@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ultramem_dist.kernels import column_segments, gather_pool, native
+from ultramem_dist.kernels.gather_pool import native_plan
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
 
@@ -108,7 +110,7 @@ def test_native_refuses_out_of_range_rows_and_blocks():
         )
     with pytest.raises(IndexError, match="block id -1 at entry 0"):
         gather_pool(table, torch.tensor([[0, 1]]), torch.tensor([[-1, 0]]), w, 1, backend="native")
-    with pytest.raises(RuntimeError, match="dtypes"):
+    with pytest.raises(RuntimeError, match="table dtype torch.float64 is not supported"):
         gather_pool(
             table.double(),
             torch.tensor([[0, 1]]),
@@ -158,3 +160,27 @@ def test_cli_builds_the_library(tmp_path):
     out = tmp_path / "lib.so"
     assert _run(f"from ultramem_dist.kernels.native import main; main(['--out', '{out}'])")
     assert out.stat().st_size > 0
+
+
+def test_a_plan_refuses_arrays_it_would_misread():
+    """The plan reads its inputs by address: a wrong dtype, shape, layout or CSR end is refused
+    before the C call, never read as garbage."""
+    plan = native_plan(torch.arange(40.0).view(10, 4), column_segments(0, 4, 4, 1), 1)
+    assert plan is not None
+    idx = np.array([1, 2], dtype=np.int64)
+    blk = np.zeros(2, dtype=np.int64)
+    w = np.ones((2, 1), dtype=np.float32)
+    off = np.array([0, 2], dtype=np.int64)
+    out = plan.run(idx, blk, w, off, 1, 1)
+    np.testing.assert_array_equal(out, [[[12.0, 14.0, 16.0, 18.0]]])
+    with pytest.raises(TypeError, match="idx: expected a C-contiguous int64"):
+        plan.run(idx.astype(np.int32), blk, w, off, 1, 1)
+    with pytest.raises(TypeError, match="blk"):
+        plan.run(idx, np.zeros(4, dtype=np.int64)[::2], w, off, 1, 1)
+    with pytest.raises(TypeError, match="weights"):
+        plan.run(idx, blk, np.ones((2, 2), dtype=np.float32), off, 1, 1)
+    with pytest.raises(ValueError, match="tok_off must run from 0 to nnz=2"):
+        plan.run(idx, blk, w, np.array([0, 3], dtype=np.int64), 1, 1)
+    with pytest.raises(IndexError, match="row index 10 at entry 1"):
+        plan.run(np.array([0, 10], dtype=np.int64), blk, w, off, 1, 1)
+

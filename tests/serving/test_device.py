@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import make_table_spec, random_queries
 
+from ultramem_dist.kernels.gather_pool import dense_offsets
 from ultramem_dist.serving.app import shard_to_device
-from ultramem_dist.serving.servicer import run_kernel
+from ultramem_dist.serving.servicer import kernel_plan, run_kernel
 from ultramem_dist.serving.validate import GatherQuery
 from ultramem_dist.store import export_tables
 from ultramem_dist.store.reader import load_shard
@@ -26,10 +27,10 @@ def _query(spec, shard) -> GatherQuery:
     idx, blk, w = random_queries(spec, 3)
     return GatherQuery(
         table=shard.tables["mem0"],
-        indices=idx,
-        blocks=blk,
-        weights=w,
-        offsets=None,
+        indices=idx.reshape(-1).numpy(),
+        blocks=blk.reshape(-1).numpy(),
+        weights=w.reshape(-1, w.shape[-1]).numpy(),
+        offsets=dense_offsets(3, idx.shape[1]),
         num_tokens=3,
         num_blocks=spec.expansion,
     )
@@ -53,6 +54,7 @@ def test_cuda_kernel_matches_cpu(shard):
         pytest.skip("no CUDA device on this machine")
     spec, sl = shard
     q = _query(spec, sl)
-    cpu = run_kernel(q)
+    cpu = torch.from_numpy(run_kernel(q, kernel_plan(q.table)))
     q_gpu = dataclasses.replace(q, table=shard_to_device(sl, "cuda").tables["mem0"])
-    torch.testing.assert_close(run_kernel(q_gpu), cpu, atol=1e-5, rtol=1e-5)
+    assert kernel_plan(q_gpu.table) is None  # a GPU table goes through gather_pool on cuda
+    torch.testing.assert_close(torch.from_numpy(run_kernel(q_gpu)), cpu, atol=1e-5, rtol=1e-5)

@@ -18,9 +18,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import grpc
+import numpy as np
 import torch
 
-from ultramem_dist._private.codec import decode_tensor, encode_tensor
+from ultramem_dist._private.codec import decode_tensor, encode_array
 from ultramem_dist._private.status import error_for
 from ultramem_dist.client.channels import (
     ChannelOptions,
@@ -61,8 +62,14 @@ async def fetch_info(
             ) from None
 
 
-def _ids_dtype(n: int) -> torch.dtype:
-    return torch.int32 if n <= _INT32_MAX else torch.int64
+def _ids_dtype(n: int) -> type[np.integer]:
+    return np.int32 if n <= _INT32_MAX else np.int64
+
+
+def _wire(t: torch.Tensor, dtype: type[np.generic]) -> np.ndarray:
+    """``t`` as a numpy array of ``dtype`` for the wire (a view when it already is one)."""
+    a = t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
+    return a.astype(dtype, copy=False)
 
 
 class GatherClient:
@@ -201,30 +208,33 @@ class GatherClient:
         n_rows: int,
     ) -> pb.GatherRequest:
         req = pb.GatherRequest(table_id=table_id, table_version=self.version)
-        ids_dtype = _ids_dtype(n_rows)
-        encode_tensor(indices.to(ids_dtype), req.indices)
-        encode_tensor(blocks.to(torch.int32), req.blocks)
-        encode_tensor(weights.to(torch.float32), req.weights)
+        encode_array(_wire(indices, _ids_dtype(n_rows)), req.indices)
+        encode_array(_wire(blocks, np.int32), req.blocks)
+        encode_array(_wire(weights, np.float32), req.weights)
         if offsets is not None:
-            encode_tensor(offsets.to(_ids_dtype(int(offsets[-1]))), req.offsets)
+            encode_array(_wire(offsets, _ids_dtype(int(offsets[-1]))), req.offsets)
         return req
 
     async def _call(
         self, shard: int, t: TableLayout, req: pb.GatherRequest, num_tokens: int, deadline: float
     ) -> torch.Tensor:
         timeout = deadline - time.monotonic()
-        where = f"shard {shard} ({','.join(self.replicas[shard])})"
         if timeout <= 0:
-            raise ShardUnavailableError(f"{where}: deadline passed before the call was sent")
+            raise ShardUnavailableError(
+                f"{self._where(shard)}: deadline passed before the call was sent"
+            )
         try:
             reply = await self._stubs[shard].Gather(req, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self.rpc_error(shard, t, exc) from None
         return self.check_reply(shard, t, reply, num_tokens)
 
+    def _where(self, shard: int) -> str:
+        return f"shard {shard} ({','.join(self.replicas[shard])})"
+
     def rpc_error(self, shard: int, t: TableLayout, exc: grpc.RpcError) -> UltraMemError:
         """The typed error for a failed Gather call to ``shard``, naming it and the status."""
-        where = f"shard {shard} ({','.join(self.replicas[shard])})"
+        where = self._where(shard)
         code = exc.code()
         if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
             msg = (
@@ -239,15 +249,15 @@ class GatherClient:
         self, shard: int, t: TableLayout, reply: pb.GatherReply, num_tokens: int
     ) -> torch.Tensor:
         """The pooled tensor of ``shard``'s reply, after checking version, identity, shape."""
-        where = f"shard {shard} ({','.join(self.replicas[shard])})"
         if reply.table_version != self.version:
             raise VersionMismatchError(
-                f"{where} answered with table version {reply.table_version!r}, "
+                f"{self._where(shard)} answered with table version {reply.table_version!r}, "
                 f"requested {self.version!r}"
             )
         if reply.shard_index != shard or reply.table_id != t.table_id:
             raise RemoteError(
-                f"{where} answered as shard {reply.shard_index} for table {reply.table_id!r}"
+                f"{self._where(shard)} answered as shard {reply.shard_index} "
+                f"for table {reply.table_id!r}"
             )
         want = t.out_shape(num_tokens, shard)
         try:
@@ -259,9 +269,11 @@ class GatherClient:
                 ndims=(len(want),),
             )
         except InvalidRequestError as exc:
-            raise RemoteError(f"{where} sent a malformed reply: {exc}") from None
+            raise RemoteError(f"{self._where(shard)} sent a malformed reply: {exc}") from None
         if tuple(pooled.shape) != want:
-            raise RemoteError(f"{where} sent shape {list(pooled.shape)}, expected {list(want)}")
+            raise RemoteError(
+                f"{self._where(shard)} sent shape {list(pooled.shape)}, expected {list(want)}"
+            )
         return pooled
 
     async def gather(

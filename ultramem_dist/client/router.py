@@ -1,4 +1,4 @@
-"""Split a batch of lookups across shards and reassemble the replies (pure torch, no I/O).
+"""Split a batch of lookups across shards and reassemble the replies (no I/O).
 
 Row-wise tables: every entry goes to the shard owning its row; each shard gets a ragged (CSR)
 request holding only its entries, in the original token order, and answers a partial pool that
@@ -88,18 +88,24 @@ def split_by_owner(
     return parts
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() if not t.requires_grad else t.detach().numpy()
+
+
+# numpy, not torch: a torch op of this size runs on torch's thread pool, whose idle threads then
+# spin for a while on cores the gRPC threads (and the shards, on one machine) need.
 def sum_partials(partials: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
-    """Sum of row shards' partial pools (zeros of ``shape`` if no shard had entries)."""
-    if len(partials) == 1:
-        return partials[0].clone()  # writable copy of the reply's read-only view
-    out = torch.zeros(tuple(shape), dtype=torch.float32)
-    for p in partials:
-        out += p
-    return out
+    """Sum of row shards' partial pools (zeros of ``shape`` if no shard had entries); a new,
+    writable tensor (the replies are read-only views)."""
+    if not partials:
+        return torch.zeros(tuple(shape), dtype=torch.float32)
+    out = np.array(_np(partials[0]), dtype=np.float32)
+    for p in partials[1:]:
+        out += _np(p)
+    return torch.from_numpy(out)
 
 
 def concat_columns(slices: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Dimension shards' column slices (in column order) joined along the last axis."""
-    if len(slices) == 1:
-        return slices[0].clone()
-    return torch.cat(list(slices), dim=-1)
+    """Dimension shards' column slices (in column order) joined along the last axis; a new,
+    writable tensor."""
+    return torch.from_numpy(np.concatenate([_np(s) for s in slices], axis=-1))

@@ -46,7 +46,14 @@ import torch.nn.functional as F
 
 from ultramem_dist.kernels import native
 
-__all__ = ["Backend", "ColumnSegment", "column_segments", "gather_pool"]
+__all__ = [
+    "Backend",
+    "ColumnSegment",
+    "column_segments",
+    "dense_offsets",
+    "gather_pool",
+    "native_plan",
+]
 
 Backend = Literal["auto", "native", "torch"]
 
@@ -174,79 +181,70 @@ def _tiling_cols(segments: tuple[ColumnSegment, ...]) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _segment_array(segments: tuple[ColumnSegment, ...]) -> torch.Tensor:
+def _segment_array(segments: tuple[ColumnSegment, ...]) -> np.ndarray:
     """``[nseg, 3]`` int32 (start, stop, core) for the native kernel (cached: never written)."""
-    return torch.tensor([(s.start, s.stop, s.core) for s in segments], dtype=torch.int32)
+    arr = np.array([(s.start, s.stop, s.core) for s in segments], dtype=np.int32)
+    arr.flags.writeable = False
+    return arr
 
 
-def _i64(t: torch.Tensor) -> torch.Tensor:
-    """A flat contiguous int64 CPU tensor (the same memory when it already is one). numpy does
-    the conversion: per-call torch dispatch would cost more than the copy on request sizes."""
-    if t.dtype == torch.int64 and t.dim() == 1 and t.is_contiguous():
-        return t
-    a = t.numpy() if not t.requires_grad else t.detach().numpy()
-    return torch.from_numpy(np.ascontiguousarray(a.reshape(-1), dtype=np.int64))
+def _i64(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A flat C-contiguous int64 array (the same memory when it already is one)."""
+    a = t if isinstance(t, np.ndarray) else t.detach().numpy()
+    return np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=256)
-def _dense_offsets(num_tokens: int, per_token: int) -> torch.Tensor:
-    """CSR offsets of ``num_tokens`` queries of ``per_token`` entries (cached, never written)."""
-    return torch.arange(0, (num_tokens + 1) * per_token, per_token)
+def dense_offsets(num_tokens: int, per_token: int) -> np.ndarray:
+    """CSR offsets of ``num_tokens`` queries of ``per_token`` entries (cached, read-only)."""
+    offs = np.arange(num_tokens + 1, dtype=np.int64) * per_token
+    offs.flags.writeable = False
+    return offs
 
 
-def _native_for(
+def native_plan(
     table: torch.Tensor,
-    weights: torch.Tensor,
     segments: tuple[ColumnSegment, ...],
-    backend: Backend,
-) -> native.NativeLib | None:
-    """The native library when it can run this call, else ``None`` (``backend="native"``:
-    raise, naming why)."""
+    num_cores: int,
+    *,
+    sum_segments: bool = False,
+    backend: Backend = "auto",
+) -> native.NativePlan | None:
+    """The native kernel bound to ``table`` when it can pool it (CPU, a supported dtype,
+    contiguous columns tiled by ``segments``), else ``None`` (``backend="native"``: raise,
+    naming why). Shards build one per table at start and reuse it for every request."""
     why = None
-    lib = native.library()
+    lib = native.library() if backend != "torch" else None
     if lib is None:
         why = "the native library is not available (see the log / ULTRAMEM_NATIVE)"
-    elif table.device.type != "cpu" or weights.device.type != "cpu":
-        why = "tensors are not on the CPU"
-    elif weights.dtype != torch.float32 or table.dtype not in lib.dtypes:
-        why = f"dtypes table={table.dtype}, weights={weights.dtype} are not supported"
-    elif table.stride(1) != 1:
+    elif table.device.type != "cpu":
+        why = "the table is not on the CPU"
+    elif table.dtype not in lib.dtypes:
+        why = f"table dtype {table.dtype} is not supported"
+    elif table.dim() != 2 or table.stride(1) != 1:
         why = "table columns are not contiguous"
-    elif torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
-        why = "autograd needs the torch path"
     elif _tiling_cols(segments) != table.shape[1]:
         why = "segments do not tile the table's columns"
     if why is None:
-        return lib
+        out_cols = segments[0].width if sum_segments else table.shape[1]
+        return native.NativePlan(
+            lib, table, _segment_array(segments), num_cores, sum_segments, out_cols
+        )
     if backend == "native":
         raise RuntimeError(f"native gather-pool cannot run this call: {why}")
     return None
 
 
-def _gather_native(
-    lib: native.NativeLib,
-    table: torch.Tensor,
-    indices: torch.Tensor,
-    blocks: torch.Tensor,
-    weights: torch.Tensor,
-    num_blocks: int,
-    segments: tuple[ColumnSegment, ...],
-    offsets: torch.Tensor | None,
-    sum_segments: bool,
-) -> torch.Tensor:
-    idx = _i64(indices)
-    blk = _i64(blocks)
-    if offsets is None:
-        num_tokens, per_token = indices.shape
-        tok_off = _dense_offsets(num_tokens, per_token)
-    else:
-        tok_off = _i64(offsets)
-    segs = _segment_array(segments)
-    w = weights.detach().reshape(-1, weights.shape[-1]).contiguous()
-    out_cols = segments[0].width if sum_segments else table.shape[1]
-    return native.native_gather_pool(
-        lib, table.detach(), idx, blk, w, tok_off, num_blocks, segs, sum_segments, out_cols
-    )
+def _native_weights_ok(weights: torch.Tensor, table: torch.Tensor, backend: Backend) -> bool:
+    """Whether this call's weights let the native path run (float32 on the CPU, no autograd)."""
+    why = None
+    if weights.device.type != "cpu" or weights.dtype != torch.float32:
+        why = f"weights must be float32 on the CPU (got {weights.dtype} on {weights.device})"
+    elif torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
+        why = "autograd needs the torch path"
+    if why is not None and backend == "native":
+        raise RuntimeError(f"native gather-pool cannot run this call: {why}")
+    return why is None
 
 
 def gather_pool(
@@ -308,12 +306,15 @@ def gather_pool(
         return torch.zeros(num_tokens, num_blocks, out_w, dtype=weights.dtype, device=table.device)
     if sum_segments and not equal:
         raise ValueError("sum_segments needs equal-width segments covering the table")
-    if backend != "torch":
-        lib = _native_for(table, weights, segments, backend)
-        if lib is not None:
-            return _gather_native(
-                lib, table, indices, blocks, weights, num_blocks, segments, offsets, sum_segments
+    if backend != "torch" and _native_weights_ok(weights, table, backend):
+        plan = native_plan(table, segments, num_cores, sum_segments=sum_segments, backend=backend)
+        if plan is not None:
+            tok_off = dense_offsets(num_tokens, per_token) if offsets is None else _i64(offsets)
+            w = np.ascontiguousarray(weights.detach().reshape(-1, num_cores).numpy())
+            out = plan.run(
+                _i64(indices), _i64(blocks), w, tok_off, num_blocks, torch.get_num_threads()
             )
+            return torch.from_numpy(out)
     # Index bookkeeping is integer work on a few thousand entries: numpy does it with a
     # fraction of torch's per-call overhead. Weights stay torch (one differentiable gather).
     flat_w = weights.reshape(-1)  # entry j, core c -> j * num_cores + c

@@ -32,9 +32,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["NativeLib", "build", "library", "native_gather_pool"]
+__all__ = ["NativeLib", "NativePlan", "build", "library"]
 
 log = logging.getLogger(__name__)
 
@@ -152,62 +153,101 @@ def library() -> NativeLib | None:
     return _LIB
 
 
-def native_gather_pool(
-    lib: NativeLib,
-    table: torch.Tensor,
-    idx: torch.Tensor,
-    blk: torch.Tensor,
-    weights: torch.Tensor,
-    tok_off: torch.Tensor,
-    num_blocks: int,
-    segments: torch.Tensor,
-    sum_segments: bool,
-    out_cols: int,
-) -> torch.Tensor:
-    """``[T, num_blocks, out_cols]`` float32 for a CPU table (row-major rows, unit column
-    stride), contiguous int64 ``idx``/``blk`` of the entries in token order, int64 ``tok_off``
-    ``[T + 1]``, contiguous float32 ``weights`` ``[nnz, h_c]`` and int32 ``segments``
-    ``[nseg, 3]`` (start, stop, core). Tensors are passed by address: the caller keeps them
-    alive and of these dtypes (checked here, since a wrong dtype would be read as garbage)."""
-    for name, t, dt in (
-        ("idx", idx, torch.int64),
-        ("blk", blk, torch.int64),
-        ("tok_off", tok_off, torch.int64),
-        ("weights", weights, torch.float32),
-        ("segments", segments, torch.int32),
-    ):
-        if t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
-            raise TypeError(f"{name}: expected a contiguous CPU {dt} tensor, got {t.dtype}")
-    num_tokens = tok_off.numel() - 1
-    out = torch.empty(num_tokens, num_blocks, out_cols, dtype=torch.float32)
-    bad = _i64(0)
-    rc = lib.gather_pool(
-        table.data_ptr(),
-        DTYPE_CODES[table.dtype],
-        table.shape[0],
-        table.stride(0),
-        table.shape[1],
-        idx.data_ptr(),
-        blk.data_ptr(),
-        weights.data_ptr(),
-        weights.shape[-1],
-        tok_off.data_ptr(),
-        num_tokens,
-        num_blocks,
-        segments.data_ptr(),
-        segments.shape[0],
-        int(sum_segments),
-        out.data_ptr(),
-        out_cols,
-        torch.get_num_threads(),
-        ctypes.byref(bad),
-    )
-    if rc != 0:
-        exc, msg = _ERRORS.get(rc, (RuntimeError, f"native gather-pool failed ({rc})"))
-        b = bad.value
-        v = int(idx[b]) if rc == -1 else int(blk[b]) if rc == -2 else None
-        raise exc(msg.format(v=v, bad=b, rows=table.shape[0], E=num_blocks))
-    return out
+PARALLEL_GRAIN = 256 << 10  # bytes of value rows per kernel thread, at least
+_I64 = np.dtype(np.int64)
+_F32 = np.dtype(np.float32)
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+class NativePlan:
+    """One table's native gather-pool call with everything about the table checked and
+    converted once; :meth:`run` then pools a batch with one C call.
+
+    ``table`` is a CPU ``[rows, cols]`` tensor (unit column stride, a dtype of
+    ``lib.dtypes``); ``segments`` the ``[nseg, 3]`` (start, stop, core) column segments, which
+    must fit the table; ``out_cols`` the output width. The plan keeps the table alive.
+    """
+
+    def __init__(
+        self,
+        lib: NativeLib,
+        table: torch.Tensor,
+        segments: np.ndarray,
+        num_cores: int,
+        sum_segments: bool,
+        out_cols: int,
+    ) -> None:
+        if table.device.type != "cpu" or table.dim() != 2 or table.stride(1) != 1:
+            raise TypeError("native gather-pool needs a CPU table with contiguous columns")
+        if table.dtype not in lib.dtypes:
+            raise TypeError(f"native gather-pool: table dtype {table.dtype} not supported")
+        self.lib = lib
+        self.table = table.detach()
+        self.segments = np.ascontiguousarray(segments, dtype=np.int32).reshape(-1, 3)
+        self.num_cores = num_cores
+        self.out_cols = out_cols
+        t = self.table
+        self._head = (t.data_ptr(), DTYPE_CODES[t.dtype], t.shape[0], t.stride(0), t.shape[1])
+        self._segs = (_addr(self.segments), self.segments.shape[0], int(sum_segments))
+        self._row_bytes = t.shape[1] * t.element_size()
+
+    def run(
+        self,
+        idx: np.ndarray,
+        blk: np.ndarray,
+        weights: np.ndarray,
+        tok_off: np.ndarray,
+        num_blocks: int,
+        nthreads: int,
+    ) -> np.ndarray:
+        """``[T, num_blocks, out_cols]`` float32 for C-contiguous int64 ``idx``/``blk``
+        ``[nnz]`` in token order, float32 ``weights`` ``[nnz, num_cores]`` and int64 CSR
+        ``tok_off`` ``[T + 1]`` (``tok_off[-1] == nnz``). These are read by address, so their
+        dtypes and sizes are checked here: a wrong one would be read as garbage."""
+        nnz = idx.shape[0]
+        for name, a, dt, shape in (
+            ("idx", idx, _I64, (nnz,)),
+            ("blk", blk, _I64, (nnz,)),
+            ("weights", weights, _F32, (nnz, self.num_cores)),
+            ("tok_off", tok_off, _I64, tok_off.shape[:1]),
+        ):
+            if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
+                raise TypeError(
+                    f"{name}: expected a C-contiguous {dt} array of shape {shape}, "
+                    f"got {a.dtype} {a.shape}"
+                )
+        num_tokens = tok_off.shape[0] - 1
+        if num_tokens < 0 or int(tok_off[0]) != 0 or int(tok_off[-1]) != nnz:
+            raise ValueError(f"tok_off must run from 0 to nnz={nnz}")
+        out = np.empty((num_tokens, num_blocks, self.out_cols), dtype=np.float32)
+        # a thread per PARALLEL_GRAIN bytes of rows read: waking a thread costs more than it
+        # saves on a small batch (the C side also caps threads at the token count)
+        nthreads = min(nthreads, 1 + nnz * self._row_bytes // PARALLEL_GRAIN)
+        bad = _i64(0)
+        rc = self.lib.gather_pool(
+            *self._head,
+            _addr(idx),
+            _addr(blk),
+            _addr(weights),
+            self.num_cores,
+            _addr(tok_off),
+            num_tokens,
+            num_blocks,
+            *self._segs,
+            _addr(out),
+            self.out_cols,
+            nthreads,
+            ctypes.byref(bad),
+        )
+        if rc != 0:
+            exc, msg = _ERRORS.get(rc, (RuntimeError, f"native gather-pool failed ({rc})"))
+            b = bad.value
+            v = int(idx[b]) if rc == -1 else int(blk[b]) if rc == -2 else None
+            raise exc(msg.format(v=v, bad=b, rows=self._head[2], E=num_blocks))
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,11 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from ultramem_dist._private.codec import encode_tensor
+from ultramem_dist._private.codec import encode_array, encode_tensor
 from ultramem_dist._private.status import status_for
 from ultramem_dist.errors import UltraMemError
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
-from ultramem_dist.serving.servicer import run_kernel
+from ultramem_dist.serving.servicer import kernel_plan, run_kernel
 from ultramem_dist.serving.validate import Limits, decode_request
 from ultramem_dist.store.reader import ShardSlice
 
@@ -294,9 +294,9 @@ def evaluate_in_process(shard: ShardSlice, limits: Limits, payload: bytes) -> tu
         return "INVALID_ARGUMENT", f"undecodable: {exc}"
     try:
         q = decode_request(req, shard, limits)
-        pooled = run_kernel(q)
+        pooled = run_kernel(q, kernel_plan(q.table))
         reply = pb.GatherReply(table_id=req.table_id, table_version=shard.manifest.version)
-        encode_tensor(pooled, reply.pooled)
+        encode_array(pooled, reply.pooled)
     except UltraMemError as exc:
         return status_for(exc).name, str(exc)
     except Exception as exc:  # a bug: the server would answer INTERNAL

@@ -20,22 +20,21 @@ import time
 import grpc
 import torch
 
-from ultramem_dist._private.codec import decode_tensor, encode_tensor
+from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist._private.status import status_for
 from ultramem_dist.client import GatherClient
-from ultramem_dist.errors import InvalidRequestError, UltraMemError, VersionMismatchError
+from ultramem_dist.errors import UltraMemError
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving.metrics import (
     ShardMetrics,
     measured_gather,
 )
-from ultramem_dist.serving.validate import decode_blocks_weights
+from ultramem_dist.serving.validate import Limits, check_version, decode_entries
 
 __all__ = ["RouterServicer", "whole_table_info"]
 
 log = logging.getLogger(__name__)
-_INT = (torch.int32, torch.int64)
 
 
 def whole_table_info(shard_info: pb.InfoReply, max_message_bytes: int) -> pb.InfoReply:
@@ -120,49 +119,14 @@ class RouterServicer(pb_grpc.GatherPoolServicer):
         self, req: pb.GatherRequest
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Dense ``[T, L]`` indices, blocks, ``[T, L, h_c]`` weights and the entry count."""
-        served = self._client.version
-        if not req.table_version:
-            raise InvalidRequestError(
-                f"table_version is empty; expected the served version {served!r}"
-            )
-        if req.table_version != served:
-            raise VersionMismatchError(
-                f"requested table version {req.table_version!r}, but this router serves {served!r}"
-            )
+        check_version(req, self._client.version, "router")
         t = self._client.table(req.table_id)  # TableNotFoundError -> NOT_FOUND
         layout = self._client.layout
-        max_nnz = layout.max_batch * layout.max_per_query
-        ragged = req.HasField("offsets")
-        indices = decode_tensor(
-            req.indices,
-            name="indices",
-            dtypes=_INT,
-            max_elements=max_nnz,
-            ndims=(1,) if ragged else (2,),
-        )
-        blocks, weights = decode_blocks_weights(req, indices, max_nnz, t.num_cores)
-        entries = indices.numel()
-        if ragged:
-            offsets = decode_tensor(
-                req.offsets,
-                name="offsets",
-                dtypes=_INT,
-                max_elements=layout.max_batch + 1,
-                ndims=(1,),
-            ).to(torch.int64)
-            nnz = indices.shape[0]
-            if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
-                raise InvalidRequestError(
-                    f"offsets: expected T + 1 CSR offsets from 0 to the number of indices ({nnz})"
-                )
-            lengths = offsets[1:] - offsets[:-1]
-            if lengths.numel() and int(lengths.min()) < 0:
-                raise InvalidRequestError("offsets: decreasing; expected non-decreasing offsets")
-            if lengths.numel() and int(lengths.max()) > layout.max_per_query:
-                raise InvalidRequestError(
-                    f"offsets: a query has {int(lengths.max())} entries; expected at most "
-                    f"{layout.max_per_query} per query"
-                )
+        e = decode_entries(req, Limits(layout.max_batch, layout.max_per_query), t.num_cores)
+        entries = e.indices.size
+        indices, blocks, weights = (torch.from_numpy(a) for a in (e.indices, e.blocks, e.weights))
+        if e.offsets is not None:
+            offsets = torch.from_numpy(e.offsets)
             indices, blocks, weights = _dense_from_ragged(indices, blocks, weights, offsets)
         return indices, blocks, weights, entries
 

@@ -8,12 +8,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import torch
 
-from ultramem_dist._private.codec import DTYPE_TO_PB, encode_tensor
+from ultramem_dist._private.codec import DTYPE_TO_PB, encode_array
 from ultramem_dist._private.status import status_for
 from ultramem_dist.errors import UltraMemError
 from ultramem_dist.kernels import gather_pool
+from ultramem_dist.kernels.gather_pool import native_plan
+from ultramem_dist.kernels.native import NativePlan
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving.metrics import (
@@ -22,9 +25,9 @@ from ultramem_dist.serving.metrics import (
 )
 from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
 from ultramem_dist.store.manifest import SCHEMA_VERSION
-from ultramem_dist.store.reader import ShardSlice
+from ultramem_dist.store.reader import ShardSlice, ShardTable
 
-__all__ = ["GatherPoolServicer", "run_kernel"]
+__all__ = ["GatherPoolServicer", "kernel_plan", "run_kernel"]
 
 log = logging.getLogger(__name__)
 _STORAGE_PB = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,26 +45,34 @@ def _entries(request: pb.GatherRequest) -> int:
     return n
 
 
-def run_kernel(q: GatherQuery) -> torch.Tensor:
-    """The shard's answer for a validated query: ``[T, E, cols]`` or merged ``[T, cols]``."""
+def kernel_plan(table: ShardTable) -> NativePlan | None:
+    """The native kernel bound to a served table (``None``: it is on a GPU, or no compiler)."""
+    e = table.entry
+    return native_plan(table.values, table.segments, e.num_cores, sum_segments=e.merged)
+
+
+def run_kernel(q: GatherQuery, plan: NativePlan | None = None) -> np.ndarray:
+    """The shard's answer for a validated query: ``[T, E, cols]`` or merged ``[T, cols]``,
+    float32. ``plan`` is the table's :func:`kernel_plan` (servers build it once); without one
+    the call goes through :func:`~ultramem_dist.kernels.gather_pool` (GPU or torch path)."""
     t = q.table
-    dev = t.values.device  # cuda when the shard was started with ServerConfig.device="cuda"
-    idx, blk, w, offs = q.indices, q.blocks, q.weights, q.offsets
-    if dev.type != "cpu":
-        idx, blk, w = idx.to(dev), blk.to(dev), w.to(dev)
-        offs = None if offs is None else offs.to(dev)
-    out = gather_pool(
-        t.values,
-        idx,
-        blk,
-        w,
-        q.num_blocks,
-        segments=t.segments,
-        offsets=offs,
-        sum_segments=t.entry.merged,
-    )
-    if out.device.type != "cpu":
-        out = out.cpu()
+    if plan is not None:
+        out = plan.run(
+            q.indices, q.blocks, q.weights, q.offsets, q.num_blocks, torch.get_num_threads()
+        )
+    else:
+        dev = t.values.device  # cuda when the shard was started with ServerConfig.device="cuda"
+        out = gather_pool(
+            t.values,
+            torch.from_numpy(q.indices).to(dev),
+            torch.from_numpy(q.blocks).to(dev),
+            torch.from_numpy(q.weights).to(dev),
+            q.num_blocks,
+            segments=t.segments,
+            offsets=torch.from_numpy(q.offsets).to(dev),
+            sum_segments=t.entry.merged,
+        )
+        out = out.cpu().numpy()
     return out.reshape(q.num_tokens, out.shape[-1]) if t.entry.merged else out
 
 
@@ -86,6 +97,8 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             if kernel_workers
             else None
         )
+        # the native kernel bound to each table once (None: GPU tables / no compiler)
+        self._plans = {tid: kernel_plan(t) for tid, t in shard.tables.items()}
         self._info = self._build_info()
         self._info_bytes = self._info.ByteSize()
         m = shard.manifest
@@ -151,13 +164,13 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
 
     def _gather_sync(self, request: pb.GatherRequest) -> pb.GatherReply:
         q = decode_request(request, self._shard, self._limits)
-        pooled = run_kernel(q)
+        pooled = run_kernel(q, self._plans[request.table_id])
         reply = pb.GatherReply(
             table_id=request.table_id,
             table_version=self._shard.manifest.version,
             shard_index=self._shard.shard,
         )
-        encode_tensor(pooled, reply.pooled)
+        encode_array(pooled, reply.pooled)
         return reply
 
     @staticmethod

@@ -2,8 +2,8 @@
 
 Every check raises a typed error whose message names the field, what was wrong and what was
 expected. Sizes are validated from the declared shapes before anything is allocated
-(:func:`~ultramem_dist._private.codec.decode_tensor`), and tensors are zero-copy views of the
-request bytes until the kernel runs.
+(:func:`~ultramem_dist._private.codec.decode_array`), and arrays are zero-copy views of the
+request bytes where no conversion is needed.
 """
 
 from __future__ import annotations
@@ -13,12 +13,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ultramem_dist._private.codec import decode_tensor
+from ultramem_dist._private.codec import decode_array
 from ultramem_dist.errors import InvalidRequestError, TableNotFoundError, VersionMismatchError
+from ultramem_dist.kernels.gather_pool import dense_offsets
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.store.reader import ShardSlice, ShardTable
 
-__all__ = ["GatherQuery", "Limits", "decode_request"]
+__all__ = [
+    "Entries",
+    "GatherQuery",
+    "Limits",
+    "check_version",
+    "decode_entries",
+    "decode_request",
+]
 
 _INT = (torch.int32, torch.int64)
 
@@ -31,50 +39,50 @@ class Limits:
 
 @dataclass(frozen=True)
 class GatherQuery:
-    """A validated request, in the shard's local coordinates, ready for ``gather_pool``."""
+    """A validated request in the shard's local coordinates, flattened for the kernel:
+    ``indices``/``blocks`` int64 ``[nnz]`` in token order, ``weights`` float32 ``[nnz, h_c]``,
+    ``offsets`` int64 CSR ``[T + 1]``. Views of the request bytes where no conversion is needed."""
 
     table: ShardTable
-    indices: torch.Tensor
-    blocks: torch.Tensor
-    weights: torch.Tensor
-    offsets: torch.Tensor | None
+    indices: np.ndarray
+    blocks: np.ndarray
+    weights: np.ndarray
+    offsets: np.ndarray
     num_tokens: int
     num_blocks: int
 
 
 def decode_blocks_weights(
-    req: pb.GatherRequest, indices: torch.Tensor, max_nnz: int, num_cores: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    req: pb.GatherRequest, indices: np.ndarray, max_nnz: int, num_cores: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``blocks`` (shaped like ``indices``) and ``weights`` (``indices.shape + [h_c]``,
     float32), bounded by ``max_nnz`` entries before anything is allocated."""
-    blocks = decode_tensor(
-        req.blocks, name="blocks", dtypes=_INT, max_elements=max_nnz, ndims=(indices.dim(),)
+    blocks = decode_array(
+        req.blocks, name="blocks", dtypes=_INT, max_elements=max_nnz, ndims=(indices.ndim,)
     )
     if blocks.shape != indices.shape:
         raise InvalidRequestError(
             f"blocks: shape {list(blocks.shape)}; expected the indices shape {list(indices.shape)}"
         )
-    weights = decode_tensor(
+    weights = decode_array(
         req.weights,
         name="weights",
         dtypes=(torch.float32,),
         max_elements=max_nnz * num_cores,
-        ndims=(indices.dim() + 1,),
+        ndims=(indices.ndim + 1,),
     )
-    want = [*indices.shape, num_cores]
-    if list(weights.shape) != want:
+    want = (*indices.shape, num_cores)
+    if weights.shape != want:
         raise InvalidRequestError(
-            f"weights: shape {list(weights.shape)}; expected {want} (indices shape + h_c)"
+            f"weights: shape {list(weights.shape)}; expected {list(want)} (indices shape + h_c)"
         )
     return blocks, weights
 
 
-def _bounds(t: torch.Tensor) -> tuple[int, int] | None:
-    """(min, max) of an integer tensor; ``None`` if empty. numpy on the shared memory: a few
-    microseconds where a torch reduction costs tens on request-sized arrays."""
-    if t.numel() == 0:
+def _bounds(a: np.ndarray) -> tuple[int, int] | None:
+    """(min, max) of an integer array; ``None`` if empty."""
+    if a.size == 0:
         return None
-    a = t.numpy()
     return int(a.min()), int(a.max())
 
 
@@ -89,25 +97,33 @@ def _range_check(name: str, bounds: tuple[int, int] | None, lo: int, hi: int, wh
         )
 
 
-def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> GatherQuery:
-    """Validate ``req`` for ``shard``; raise InvalidRequest/TableNotFound/VersionMismatch."""
-    served = shard.manifest.version
+def check_version(req: pb.GatherRequest, served: str, who: str) -> None:
+    """``req`` names the served table version (``who``: "shard", "router" for the message)."""
     if not req.table_version:
         raise InvalidRequestError(f"table_version is empty; expected the served version {served!r}")
     if req.table_version != served:
         raise VersionMismatchError(
-            f"requested table version {req.table_version!r}, but this shard serves {served!r}"
+            f"requested table version {req.table_version!r}, but this {who} serves {served!r}"
         )
-    table = shard.tables.get(req.table_id)
-    if table is None:
-        raise TableNotFoundError(
-            f"table {req.table_id!r} is not served here; tables: {sorted(shard.tables)}"
-        )
-    entry, slot = table.entry, table.slot
+
+
+@dataclass(frozen=True)
+class Entries:
+    """A request's lookup entries with shapes, sizes and CSR offsets checked (not values)."""
+
+    indices: np.ndarray  # [T, L], or [nnz] when ragged
+    blocks: np.ndarray  # shaped like indices
+    weights: np.ndarray  # indices.shape + [h_c], float32
+    offsets: np.ndarray | None  # int64 [T + 1] when ragged
+    num_tokens: int
+
+
+def decode_entries(req: pb.GatherRequest, limits: Limits, num_cores: int) -> Entries:
+    """Decode indices/blocks/weights (and offsets) of ``req`` within ``limits``; the one decoder
+    of the shard and the router."""
     max_nnz = limits.max_batch * limits.max_per_query
     ragged = req.HasField("offsets")
-
-    indices = decode_tensor(
+    indices = decode_array(
         req.indices,
         name="indices",
         dtypes=_INT,
@@ -116,21 +132,20 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
     )
     offsets = None
     if ragged:
-        offsets = decode_tensor(
+        offs = decode_array(
             req.offsets, name="offsets", dtypes=_INT, max_elements=limits.max_batch + 1, ndims=(1,)
         )
-        if offsets.numel() < 1:
+        if offs.size < 1:
             raise InvalidRequestError("offsets: empty; expected T + 1 >= 1 CSR offsets")
-        num_tokens = offsets.numel() - 1
-        offsets = offsets.to(torch.int64)
-        offs = offsets.numpy()
+        num_tokens = offs.size - 1
+        offsets = offs.astype(np.int64)
         nnz = indices.shape[0]
         if int(offs[0]) != 0 or int(offs[-1]) != nnz:
             raise InvalidRequestError(
                 f"offsets: starts at {int(offs[0])} and ends at {int(offs[-1])}; "
                 f"expected 0 and the number of indices ({nnz})"
             )
-        lengths = np.diff(offs)
+        lengths = np.diff(offsets)
         if num_tokens and int(lengths.min()) < 0:
             raise InvalidRequestError("offsets: decreasing; expected non-decreasing CSR offsets")
         if num_tokens and int(lengths.max()) > limits.max_per_query:
@@ -148,11 +163,24 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
             raise InvalidRequestError(
                 f"indices: {per_query} entries per query; expected at most {limits.max_per_query}"
             )
-
-    blocks, weights = decode_blocks_weights(req, indices, max_nnz, entry.num_cores)
-    # numpy views: the same memory, a few microseconds cheaper per check than torch ops
-    if weights.numel() and not np.isfinite(weights.numpy()).all():
+    blocks, weights = decode_blocks_weights(req, indices, max_nnz, num_cores)
+    if weights.size and not np.isfinite(weights).all():
         raise InvalidRequestError("weights: contain NaN or Inf; expected finite values")
+    return Entries(indices, blocks, weights, offsets, num_tokens)
+
+
+def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> GatherQuery:
+    """Validate ``req`` for ``shard``; raise InvalidRequest/TableNotFound/VersionMismatch."""
+    check_version(req, shard.manifest.version, "shard")
+    table = shard.tables.get(req.table_id)
+    if table is None:
+        raise TableNotFoundError(
+            f"table {req.table_id!r} is not served here; tables: {sorted(shard.tables)}"
+        )
+    entry, slot = table.entry, table.slot
+    e = decode_entries(req, limits, entry.num_cores)
+    indices, blocks, weights, num_tokens = e.indices, e.blocks, e.weights, e.num_tokens
+    offsets = e.offsets if e.offsets is not None else dense_offsets(*indices.shape)
     _range_check("blocks", _bounds(blocks), 0, entry.expansion, "an IVE block id in")
     ids = _bounds(indices)
     _range_check("indices", ids, 0, entry.n_rows, "a row id in")
@@ -160,11 +188,13 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
         owned = f"rows owned by shard {shard.shard} in"
         _range_check("indices", ids, slot.row_lo, slot.row_hi, owned)
 
-    local = indices - slot.row_lo if slot.row_lo else indices  # the kernel widens to int64
-    blk = blocks
+    # flat int64 in the slice's coordinates: one numpy op each (a view when nothing changes)
+    local = np.subtract(indices.reshape(-1), slot.row_lo, dtype=np.int64)
+    blk = blocks.reshape(-1).astype(np.int64, copy=False)
     num_blocks = entry.expansion
     if entry.merged:  # merged rows are (block, row) pairs, one output bin per token
-        local = blocks.to(torch.int64) * (slot.row_hi - slot.row_lo) + local
-        blk = torch.zeros_like(local)
+        local += blk * (slot.row_hi - slot.row_lo)
+        blk = np.zeros_like(local)
         num_blocks = 1
-    return GatherQuery(table, local, blk, weights, offsets, num_tokens, num_blocks)
+    w = weights.reshape(-1, entry.num_cores)
+    return GatherQuery(table, local, blk, w, offsets, num_tokens, num_blocks)
