@@ -173,3 +173,40 @@ async def echo_server(ready_file: Path, max_message_bytes: int = 64 << 20) -> No
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await server.stop(0)
+
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+async def echo_latencies(
+    target: str, request_bytes: int, reply_bytes: int, calls: int, gap_s: float = 0.0
+) -> list[float]:
+    """Seconds per echo round trip of these sizes, one in flight; ``gap_s`` of idle time
+    (``asyncio.sleep``) before each call, as between the lookups of a decoding model."""
+    import asyncio
+
+    import grpc
+
+    payload = reply_bytes.to_bytes(8, "little") + bytes(max(0, request_bytes - 8))
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(ECHO_METHOD)
+        for _ in range(20):  # connection and warm-up
+            await call(payload, timeout=30)
+        out = []
+        for _ in range(calls):
+            if gap_s:
+                await asyncio.sleep(gap_s)
+            t0 = time.perf_counter()
+            await call(payload, timeout=30)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+if __name__ == "__main__":  # ``python benchmarks/common.py --echo-server --ready-file PATH``
+    import argparse
+    import asyncio
+
+    parser = argparse.ArgumentParser(description="the benchmarks' bare gRPC echo server")
+    parser.add_argument("--echo-server", action="store_true", required=True)
+    parser.add_argument("--ready-file", type=Path, required=True)
+    asyncio.run(echo_server(parser.parse_args().ready_file))

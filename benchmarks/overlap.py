@@ -30,7 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-from common import plot_path, quick_mode, write_json  # noqa: E402
+from common import (  # noqa: E402
+    ReadyProcs,
+    echo_latencies,
+    plot_path,
+    quick_mode,
+    write_json,
+)
 
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
 from ultramem_dist.model import (  # noqa: E402
@@ -73,6 +79,32 @@ def time_decode(model: MemoryLM, prompt: torch.Tensor, tokens: int) -> tuple[flo
     t0 = time.perf_counter()
     out = model.generate(prompt, tokens)
     return 1000 * (time.perf_counter() - t0) / tokens, out
+
+
+def echo_at_cadence(cfg: LMConfig, batch: int, local_ms_per_token: float, workdir: Path) -> dict:
+    """A bare gRPC echo with a lookup's request/reply sizes, timed back to back and with the idle
+    time a decoding model leaves between its lookups (local ms per token / memory layers): the
+    transport's own share of a lookup at decoding cadence, with no ultramem code involved."""
+    import asyncio
+
+    mem = cfg.ultramem
+    entries = batch * mem.heads * mem.topm
+    request_bytes = 60 + entries * (4 + 4 + 4 * mem.num_cores)  # ids, blocks, weights + headers
+    reply_bytes = batch * mem.expansion * (mem.dv or cfg.d_model // 2) * 4
+    gap_ms = local_ms_per_token / max(1, len(cfg.memory_pairs()))
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, ReadyProcs(Path(tmp)) as procs:
+        server = [sys.executable, str(Path(__file__).with_name("common.py")), "--echo-server"]
+        procs.spawn(server, "echo")
+        target = procs.targets()[0]
+        out = {
+            "gap_ms": round(gap_ms, 3),
+            "request_bytes": request_bytes,
+            "reply_bytes": reply_bytes,
+        }
+        for name, gap in (("back_to_back_ms", 0.0), ("at_cadence_ms", gap_ms / 1e3)):
+            lat = asyncio.run(echo_latencies(target, request_bytes, reply_bytes, 300, gap))
+            out[name] = round(statistics.median(lat) * 1e3, 3)
+    return out
 
 
 def measure(ckpt: Path, store: Path, args: argparse.Namespace) -> dict[str, list[float]]:
@@ -166,6 +198,8 @@ def main() -> None:
                     (ms["remote_serial"] - ms["remote_overlapped"]) / extra if extra > 0 else 1.0
                 )
                 cfg = load_pretrained(ckpt).cfg
+                lookups = len(cfg.memory_pairs())
+                echo = echo_at_cadence(cfg, args.batch, ms["local"], Path(tmp))
                 results.append(
                     {
                         "shape": shape,
@@ -175,10 +209,13 @@ def main() -> None:
                         "sharding": args.by,
                         "ms_per_token": ms,
                         "hidden_fraction": round(hidden, 3),
+                        # one lookup's extra time in serial decoding, and a bare echo's
+                        "lookup_ms_serial": round(extra / lookups, 3),
+                        "echo": echo,
                         "samples_ms": {k: [round(x, 3) for x in v] for k, v in times.items()},
                     }
                 )
-                print(shape, shards, "shard(s):", ms, "hidden", round(hidden, 3), flush=True)
+                print(shape, shards, "shard(s):", ms, "hidden", round(hidden, 3), echo, flush=True)
         finally:
             Deployer().down()
             ray.shutdown()
