@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ultramem_dist._private.codec import decode_tensor, encode_tensor
+from ultramem_dist._private.codec import decode_array, decode_tensor, encode_array, encode_tensor
 from ultramem_dist.errors import InvalidRequestError
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 
@@ -54,3 +55,13 @@ def _msg(dtype=pb.DTYPE_FLOAT32, shape=(2, 3), nbytes=24):
 def test_hostile_tensors_are_rejected_before_allocation(msg, match):
     with pytest.raises(InvalidRequestError, match=match):
         decode_tensor(msg, name="x", dtypes=(torch.float32,), max_elements=1000, ndims=(2,))
+
+
+def test_arrays_round_trip_as_read_only_views_of_the_message_bytes():
+    a = np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2]  # strided: encoded in C order
+    msg = encode_array(a, pb.Tensor())
+    back = decode_array(msg, name="x", dtypes=(torch.int32,), max_elements=100, ndims=(2,))
+    np.testing.assert_array_equal(back, a)
+    assert not back.flags.writeable  # a view of the bytes, never written
+    with pytest.raises(TypeError, match="cannot encode numpy dtype bool"):
+        encode_array(np.zeros(3, dtype=bool), pb.Tensor())
