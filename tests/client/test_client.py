@@ -83,6 +83,19 @@ async def test_client_side_checks(shards):
             await client.gather("row", idx, blk, w[..., :1])
 
 
+@pytest.mark.parametrize("table", ["row", "dim"])
+async def test_ids_beyond_int32_are_refused_not_wrapped(shards, table):
+    """The wire narrows ids to int32 for small tables; 2**32 + 3 would wrap to row 3."""
+    async with await GatherClient.connect(_targets(shards)) as client:
+        idx, blk, w = random_queries(SPEC, 2)
+        idx[1, 0] = 2**32 + 3
+        with pytest.raises(InvalidRequestError, match=r"indices: value 4294967299 is out of range"):
+            await client.gather(table, idx, blk, w)
+        blk[0, 0], idx[1, 0] = 2**32 + 1, 3
+        with pytest.raises(InvalidRequestError, match=r"blocks: value 4294967297 is out of range"):
+            await client.gather(table, idx, blk, w)
+
+
 async def test_server_errors_come_back_typed_and_name_the_shard(shards):
     async with await GatherClient.connect(_targets(shards)) as client:
         idx, blk, w = random_queries(SPEC, 2)

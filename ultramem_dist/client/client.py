@@ -67,6 +67,18 @@ def _ids_dtype(n: int) -> type[np.integer]:
     return np.int32 if n <= _INT32_MAX else np.int64
 
 
+def _narrow(a: np.ndarray, dtype: type[np.integer]) -> np.ndarray:
+    """Integers as ``dtype`` for the wire when every value fits, else int64: a value that does
+    not fit must reach the shard as itself (and be refused there), never wrapped into a valid
+    row or block id."""
+    if a.dtype == dtype or a.size == 0:
+        return a
+    info = np.iinfo(dtype)
+    if info.min <= int(a.min()) and int(a.max()) <= info.max:
+        return a.astype(dtype)
+    return a.astype(np.int64, copy=False)
+
+
 def _host(t: torch.Tensor) -> np.ndarray:
     """``t`` as a numpy array on the host (a view of a CPU tensor)."""
     return t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
@@ -210,11 +222,11 @@ class GatherClient:
         n_rows: int,
     ) -> pb.GatherRequest:
         req = pb.GatherRequest(table_id=table_id, table_version=self.version)
-        encode_array(indices.astype(_ids_dtype(n_rows), copy=False), req.indices)
-        encode_array(blocks.astype(np.int32, copy=False), req.blocks)
+        encode_array(_narrow(indices, _ids_dtype(n_rows)), req.indices)
+        encode_array(_narrow(blocks, np.int32), req.blocks)
         encode_array(weights.astype(np.float32, copy=False), req.weights)
         if offsets is not None:
-            encode_array(offsets.astype(_ids_dtype(int(offsets[-1])), copy=False), req.offsets)
+            encode_array(_narrow(offsets, _ids_dtype(int(offsets[-1]))), req.offsets)
         return req
 
     async def _call(
