@@ -93,6 +93,7 @@ def test_status_table_shows_window_qps_and_p50():
     assert 0.25 < float(busy_row[-1]) <= 0.5
     assert idle_row[-3:] == ["0", "0.0", "-"]
     assert VERSION in wide and "p50ms" in wide and "SERVING" in wide
+    assert "over the last 2 s (- = no call in that window)" in " ".join(wide.split())
     # an 80-column terminal keeps every column (the version folds)
     narrow = render(table, 80)
     assert max(len(ln.rstrip()) for ln in narrow.splitlines()) <= 80

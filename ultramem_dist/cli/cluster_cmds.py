@@ -217,6 +217,8 @@ def status_table(first: dict, second: dict, window: float, options: Any = None):
 
     table = Table(
         title=f"ultramem-dist — active deployment: {second['active']}",
+        caption=f"reqs: Gather calls since the replica started; QPS, p50ms: over the last "
+        f"{window:g} s (- = no call in that window)",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         padding=(0, 1, 0, 0),
