@@ -222,15 +222,13 @@ def test_raw_bytes_through_an_in_process_server(store):
 
 
 def test_fuzz_cli_against_a_live_server(store, tmp_path):
-    import importlib
     import json
 
     from typer.testing import CliRunner
 
-    from ultramem_dist.cli import _COMMAND_MODULES, app
+    from ultramem_dist.cli import load_commands
 
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name)
+    app = load_commands()
     server = InProcessShard(ServerConfig(store=store, shard=0, max_message_bytes=128 << 10))
     try:
         out = tmp_path / "fuzz.json"

@@ -118,14 +118,11 @@ def test_helm_test_pod_speaks_the_same_security(tls_auth: Rendered, mutual: Rend
 
 
 def cli_flags() -> dict[str, set[str]]:
-    import importlib
-
     import typer
 
-    from ultramem_dist.cli import _COMMAND_MODULES, app
+    from ultramem_dist.cli import load_commands
 
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name)
+    app = load_commands()
     group = typer.main.get_command(app)
     return {
         cmd: {opt for p in group.commands[cmd].params for opt in getattr(p, "opts", [])}

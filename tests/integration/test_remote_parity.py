@@ -6,7 +6,6 @@ and the two memory layers of a tiny random-init ``MemoryLM`` (6 server processes
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 
@@ -15,15 +14,14 @@ import torch
 from conftest import CLI, REPO, make_table_spec, random_queries
 from typer.testing import CliRunner
 
-from ultramem_dist.cli import _COMMAND_MODULES, app
+from ultramem_dist.cli import load_commands
 from ultramem_dist.client import GatherClient, RemoteValueStore
 from ultramem_dist.kernels import gather_pool
 from ultramem_dist.model import MemoryLM, preset
 from ultramem_dist.store import TableSpec, export_tables
 
 pytestmark = pytest.mark.integration
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name)
+app = load_commands()
 
 SYNTH = make_table_spec(n_rows=900, dv=48, d_model=40, topm=6, heads=2, seed=3)
 TABLES = {  # table id -> (sharding, merged)

@@ -4,7 +4,6 @@ deployment and catches wrong and silently partial answers."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 
 import pytest
@@ -12,14 +11,13 @@ import torch
 from conftest import InProcessShard
 from typer.testing import CliRunner
 
-from ultramem_dist.cli import _COMMAND_MODULES, app
+from ultramem_dist.cli import load_commands
 from ultramem_dist.reliability.loadtest import LoadTestConfig, run_loadtest
 from ultramem_dist.reliability.synthetic import make_synthetic_store, synthetic_spec
 from ultramem_dist.serving import ServerConfig
 from ultramem_dist.store import export_tables
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name)
+app = load_commands()
 
 KW = {"n_rows": 400, "dv": 16, "d_model": 12, "topm": 4}
 

@@ -4,7 +4,6 @@ loopback plaintext, TLS) and the value backend helper of ``generate``."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from unittest import mock
 
@@ -14,7 +13,7 @@ from conftest import make_table_spec
 from tls_certs import make_pki
 from typer.testing import CliRunner
 
-from ultramem_dist.cli import _COMMAND_MODULES, app
+from ultramem_dist.cli import load_commands
 from ultramem_dist.cli.options import server_security_fields
 from ultramem_dist.client import ChannelOptions
 from ultramem_dist.client.channels import make_sync_channel
@@ -25,8 +24,7 @@ from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving import ServerConfig
 from ultramem_dist.store import export_tables
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name)
+app = load_commands()
 
 TOKEN = "sync-channel-token-0123456789abcdef"
 

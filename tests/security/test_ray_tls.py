@@ -9,7 +9,6 @@ leaves no actor behind.
 
 from __future__ import annotations
 
-import importlib
 import time
 
 import pytest
@@ -20,7 +19,7 @@ from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
-from ultramem_dist.cli import _COMMAND_MODULES, app  # noqa: E402
+from ultramem_dist.cli import load_commands  # noqa: E402
 from ultramem_dist.client import ChannelOptions  # noqa: E402
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
 from ultramem_dist.cluster.deploy import ReplicaStartError  # noqa: E402
@@ -31,8 +30,7 @@ from ultramem_dist.store import export_tables  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name)
+app = load_commands()
 
 SPEC = make_table_spec(n_rows=200, dv=16, seed=7)
 TOKEN = "ray-mode-token-0123456789abcdef"

@@ -5,7 +5,6 @@ ones an attacker with write access to part of the volume would try.)"""
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -13,13 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ultramem_dist.cli import _COMMAND_MODULES, app
+from ultramem_dist.cli import load_commands
 from ultramem_dist.errors import ChecksumError, ManifestError, StorePathError
 from ultramem_dist.reliability.synthetic import make_synthetic_store
 from ultramem_dist.store import load_shard, open_manifest, verify_store
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name)
+app = load_commands()
 
 KW = {"n_rows": 100, "dv": 8, "d_model": 8, "topm": 2}
 SHARD0, SHARD1 = "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"

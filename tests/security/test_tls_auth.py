@@ -4,7 +4,6 @@ time. Every server here is a real ``grpc.aio`` server on loopback."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 
 import grpc
 import pytest
@@ -16,7 +15,7 @@ from tls_certs import make_pki
 from typer.testing import CliRunner
 
 from ultramem_dist._private.codec import encode_tensor
-from ultramem_dist.cli import _COMMAND_MODULES, app
+from ultramem_dist.cli import load_commands
 from ultramem_dist.client import ChannelOptions, GatherClient, RemoteValueStore
 from ultramem_dist.client.channels import make_channel
 from ultramem_dist.errors import ShardUnavailableError
@@ -27,8 +26,7 @@ from ultramem_dist.serving import ServerConfig
 from ultramem_dist.serving.security import TokenPolicy, bearer_token
 from ultramem_dist.store import export_tables
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name)
+app = load_commands()
 
 SPEC = make_table_spec(n_rows=300, dv=16, seed=5)
 FULL_TOKEN = "full-access-token-0123456789abcdef"

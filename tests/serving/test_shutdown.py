@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import signal
 import time
 
@@ -14,14 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_bad_requests import request
 from typer.testing import CliRunner
 
-from ultramem_dist.cli import _COMMAND_MODULES, app
+from ultramem_dist.cli import load_commands
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving import ServerConfig
 from ultramem_dist.store import export_tables
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name)
+app = load_commands()
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from ultramem_dist.cli import _COMMAND_MODULES, app
+from ultramem_dist.cli import load_commands
 from ultramem_dist.model import MemoryLM, preset, save_pretrained
 from ultramem_dist.store import load_shard, open_manifest
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name)
+app = load_commands()
 
 
 @pytest.fixture(scope="module")

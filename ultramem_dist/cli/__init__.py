@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+import typer
+
 from ultramem_dist.cli.app import app
 
 # One module per command group; importing it registers its commands on ``app``.
@@ -33,11 +35,17 @@ def _idle_threads_sleep(argv: list[str]) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def main() -> None:
-    _idle_threads_sleep(sys.argv[1:])
+def load_commands() -> typer.Typer:
+    """The app with every command registered (importing each command module once); what
+    :func:`main` runs and what in-process callers (``CliRunner``, docs tools) invoke."""
     for name in _COMMAND_MODULES:
         importlib.import_module(name)
-    app()
+    return app
 
 
-__all__ = ["app", "main"]
+def main() -> None:
+    _idle_threads_sleep(sys.argv[1:])
+    load_commands()()
+
+
+__all__ = ["app", "load_commands", "main"]
