@@ -73,6 +73,22 @@ def table_spec():
 # ------------------------------------------------------------------------------ ports
 
 
+def init_local_ray() -> None:
+    """``ray.init`` of a private 2-CPU local Ray in the registry's namespace, quiet (the
+    fixtures that call it ``ray.shutdown()`` when done)."""
+    import ray
+
+    from ultramem_dist.cluster.registry import NAMESPACE
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace=NAMESPACE,
+        logging_level="ERROR",
+    )
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (prefer binding port 0 where possible)."""
     with socket.socket() as s:

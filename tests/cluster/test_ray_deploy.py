@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import init_local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -52,13 +53,7 @@ def store(tmp_path_factory, model):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        namespace=NAMESPACE,
-        logging_level="ERROR",
-    )
+    init_local_ray()
     deployer = Deployer(PlacementOptions(drain_s=1.5))
     yield deployer
     deployer.down()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_table_spec, random_queries
+from conftest import init_local_ray, make_table_spec, random_queries
 from tls_certs import make_pki
 from typer.testing import CliRunner
 
@@ -24,7 +24,6 @@ from ultramem_dist.client import ChannelOptions  # noqa: E402
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
 from ultramem_dist.cluster.deploy import ReplicaStartError  # noqa: E402
 from ultramem_dist.cluster.health import check_health  # noqa: E402
-from ultramem_dist.cluster.registry import NAMESPACE  # noqa: E402
 from ultramem_dist.kernels import gather_pool  # noqa: E402
 from ultramem_dist.store import export_tables  # noqa: E402
 
@@ -74,13 +73,7 @@ def client_options(pki) -> ChannelOptions:
 def deployed(pki, token_file, store):
     """``ultramem-dist up`` (in process, on this test's Ray) of the 1-shard store with mutual TLS
     and a token file; ``down`` at the end."""
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        namespace=NAMESPACE,
-        logging_level="ERROR",
-    )
+    init_local_ray()
     deployer = Deployer(PlacementOptions(drain_s=0.2))
     try:
         res = CliRunner().invoke(
