@@ -9,12 +9,18 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
+MAX_MSG = 64 << 20
+"""Message size limit of the benchmarks' servers and channels."""
+ECHO_METHOD = "/bench.Echo/Echo"
+ECHO_SERVER = [sys.executable, str(Path(__file__).resolve()), "--echo-server"]
+"""Command of the bare gRPC echo server (:func:`echo_server`); pass it to ``ReadyProcs.spawn``."""
 
 
 def quick_mode() -> Path:
@@ -137,7 +143,7 @@ class ReadyProcs:
         self.stop()
 
 
-async def echo_server(ready_file: Path, max_message_bytes: int = 64 << 20) -> None:
+async def echo_server(ready_file: Path, max_message_bytes: int = MAX_MSG) -> None:
     """The benchmarks' bare gRPC baseline: method ``/bench.Echo/Echo`` on a free loopback port,
     raw bytes, no protobuf and no work; it replies with as many zero bytes as the request's
     first 8 bytes say (cached per size). Writes ``ready_file`` once serving; stops on SIGTERM."""
@@ -173,9 +179,6 @@ async def echo_server(ready_file: Path, max_message_bytes: int = 64 << 20) -> No
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await server.stop(0)
-
-
-ECHO_METHOD = "/bench.Echo/Echo"
 
 
 async def echo_latencies(

@@ -39,12 +39,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ReadyProcs, echo_server, machine, today  # noqa: E402
+from common import ECHO_METHOD, ECHO_SERVER, MAX_MSG, ReadyProcs, machine, today  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-ECHO_METHOD = "/bench.Echo/Echo"
-MAX_MSG = 64 << 20
 CLI = [sys.executable, "-c", "from ultramem_dist.cli import main; main()"]
 
 
@@ -246,7 +244,7 @@ def bench_rpc(n_rows: int, dv: int, batches: list[int], calls: int, workdir: Pat
             args += ["--threads", str(max(1, threads))]
             procs.spawn(args, f"{store.name}-{k}")
         for k in range(2):
-            procs.spawn([sys.executable, __file__, "--echo-server"], f"echo-{k}")
+            procs.spawn(ECHO_SERVER, f"echo-{k}")
         tgt = procs.targets()
         rows = []
         rows += asyncio.run(_bench_config([tgt[0]], [tgt[3]], "t", batches, calls, spec))
@@ -349,12 +347,7 @@ def main() -> None:
     parser.add_argument(
         "--batches", help="comma-separated batch sizes (default 1,4,16,64,256; quick 1,16,64)"
     )
-    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.echo_server:
-        asyncio.run(echo_server(args.ready_file, MAX_MSG))
-        return
     t0 = time.time()
     load_before = os.getloadavg()[0]
     if args.quick:

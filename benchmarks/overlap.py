@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ray  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    ECHO_SERVER,
     ReadyProcs,
     echo_latencies,
     plot_path,
@@ -93,8 +94,7 @@ def echo_at_cadence(cfg: LMConfig, batch: int, local_ms_per_token: float, workdi
     reply_bytes = batch * mem.expansion * (mem.dv or cfg.d_model // 2) * 4
     gap_ms = local_ms_per_token / max(1, len(cfg.memory_pairs()))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, ReadyProcs(Path(tmp)) as procs:
-        server = [sys.executable, str(Path(__file__).with_name("common.py")), "--echo-server"]
-        procs.spawn(server, "echo")
+        procs.spawn(ECHO_SERVER, "echo")
         target = procs.targets()[0]
         out = {
             "gap_ms": round(gap_ms, 3),

@@ -51,15 +51,13 @@ import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ReadyProcs, echo_server, save  # noqa: E402
+from common import ECHO_METHOD, ECHO_SERVER, MAX_MSG, ReadyProcs, save  # noqa: E402
 
 from ultramem_dist.reliability.procs import cpu_seconds, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CLI = [sys.executable, "-c", "from ultramem_dist.cli import main; main()"]
-ECHO_METHOD = "/bench.Echo/Echo"
-MAX_MSG = 64 << 20
 GRPC_OPTS = [
     ("grpc.max_receive_message_length", MAX_MSG),
     ("grpc.max_send_message_length", MAX_MSG),
@@ -383,7 +381,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         shard_cmd = [*CLI, "serve-shard", str(store), "--shard", "0", "--threads", "1"]
         procs.spawn([*shard_cmd, *args.shard_args], "shard")
-        procs.spawn([sys.executable, __file__, "--echo-server"], "echo")
+        procs.spawn(ECHO_SERVER, "echo")
         paths = list(args.paths)
         if {"ray_actor", "ray_serve_grpc"} & set(paths):  # while the two servers boot
             ray_paths = RayPaths(store)
@@ -558,12 +556,7 @@ def main() -> None:
         default=[],
         help="extra serve-shard options (last on the line), e.g. --shard-args --kernel-workers 0",
     )
-    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.echo_server:
-        asyncio.run(echo_server(args.ready_file, MAX_MSG))
-        return
     if args.quick:
         args.rows, args.batches, args.inflight, args.rounds, args.calls = (
             65_536,
