@@ -155,7 +155,5 @@ def decode_tensor(
 ) -> torch.Tensor:
     """:func:`decode_array` as a torch tensor (a zero-copy view; same checks and errors)."""
     a = decode_array(msg, name=name, dtypes=dtypes, max_elements=max_elements, ndims=ndims)
-    if a.size == 0:
-        return torch.empty(a.shape, dtype=PB_TO_DTYPE[msg.dtype])
     t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if msg.dtype == pb.DTYPE_BFLOAT16 else t
