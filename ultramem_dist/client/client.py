@@ -30,7 +30,7 @@ from ultramem_dist.client.channels import (
     split_targets,
 )
 from ultramem_dist.client.layout import StoreLayout, TableLayout
-from ultramem_dist.client.router import concat_columns, split_arrays, sum_partials
+from ultramem_dist.client.router import concat_columns, host_array, split_arrays, sum_partials
 from ultramem_dist.errors import (
     InvalidRequestError,
     RemoteError,
@@ -77,11 +77,6 @@ def _narrow(a: np.ndarray, dtype: type[np.integer]) -> np.ndarray:
     if info.min <= int(a.min()) and int(a.max()) <= info.max:
         return a.astype(dtype)
     return a.astype(np.int64, copy=False)
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    """``t`` as a numpy array on the host (a view of a CPU tensor)."""
-    return t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
 
 
 class GatherClient:
@@ -320,7 +315,7 @@ class GatherClient:
         """Check a batch and build the per-shard requests: ``(table, [(shard, request)])``.
         Row tables: only shards owning some entry get a request; dim tables: every shard."""
         t = self.table(table_id)
-        ids, blk, w = _host(indices), _host(blocks), _host(weights)
+        ids, blk, w = host_array(indices), host_array(blocks), host_array(weights)
         self._check_inputs(t, ids, blk, w)
         calls: list[tuple[int, pb.GatherRequest]] = []
         if t.sharding == "row" and len(t.rows) > 1:

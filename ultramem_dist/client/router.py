@@ -19,6 +19,7 @@ from ultramem_dist.kernels.gather_pool import dense_offsets
 __all__ = [
     "ShardPart",
     "concat_columns",
+    "host_array",
     "split_arrays",
     "split_by_owner",
     "sum_partials",
@@ -90,22 +91,26 @@ def split_by_owner(
     if offsets is None:
         offs = dense_offsets(*indices.shape)
     else:
-        offs = _np(offsets).astype(np.int64, copy=False)
+        offs = host_array(offsets).astype(np.int64, copy=False)
     num_cores = weights.shape[-1]
     parts = split_arrays(
-        _np(indices).reshape(-1),
-        _np(blocks).reshape(-1),
-        _np(weights).reshape(-1, num_cores),
+        host_array(indices).reshape(-1),
+        host_array(blocks).reshape(-1),
+        host_array(weights).reshape(-1, num_cores),
         offs,
         row_los,
     )
     return [None if p is None else ShardPart(*map(torch.from_numpy, p)) for p in parts]
 
 
-def _np(t: torch.Tensor | np.ndarray) -> np.ndarray:
+def host_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``t`` as a numpy array on the host: an array as is, a CPU tensor as a view of its memory,
+    anything else (a GPU tensor, one that needs grad) detached and copied to the host."""
     if isinstance(t, np.ndarray):
         return t
-    return t.numpy() if not t.requires_grad else t.detach().numpy()
+    if t.device.type == "cpu" and not t.requires_grad:
+        return t.numpy()
+    return t.detach().cpu().numpy()
 
 
 # numpy, not torch: a torch op of this size runs on torch's thread pool, whose idle threads then
@@ -117,13 +122,13 @@ def sum_partials(
     writable tensor (the replies are read-only views)."""
     if not partials:
         return torch.zeros(tuple(shape), dtype=torch.float32)
-    out = np.array(_np(partials[0]), dtype=np.float32)
+    out = np.array(host_array(partials[0]), dtype=np.float32)
     for p in partials[1:]:
-        out += _np(p)
+        out += host_array(p)
     return torch.from_numpy(out)
 
 
 def concat_columns(slices: Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
     """Dimension shards' column slices (in column order) joined along the last axis; a new,
     writable tensor."""
-    return torch.from_numpy(np.concatenate([_np(s) for s in slices], axis=-1))
+    return torch.from_numpy(np.concatenate([host_array(s) for s in slices], axis=-1))
