@@ -9,6 +9,10 @@ use, 2 as in the tiny preset and 3 as in the released UltraMem config):
 * ``remote_serial`` — remote tables, each lookup awaited right where it is issued (block a);
 * ``remote_overlapped`` — remote tables, lookup issued at block a and awaited after block b.
 
+Both client transports are measured (``--transports``): ``process`` (the default of
+``ClusterValueStore``: the gRPC client runs in a lookup process) and ``thread`` (the client on
+an asyncio thread of the decoding process, sharing its GIL).
+
 hidden_fraction = (serial - overlapped) / (serial - local). Writes benchmarks/results/overlap.json
 and overlap.png.
 
@@ -18,6 +22,7 @@ and overlap.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -40,6 +45,7 @@ from common import (  # noqa: E402
 )
 
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
+from ultramem_dist.cluster.backend import TRANSPORTS  # noqa: E402
 from ultramem_dist.model import (  # noqa: E402
     LMConfig,
     MemoryLM,
@@ -107,26 +113,33 @@ def echo_at_cadence(cfg: LMConfig, batch: int, local_ms_per_token: float, workdi
     return out
 
 
-def measure(ckpt: Path, store: Path, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Deploy ``store`` (1 replica per shard) and time the three decoding modes, interleaved."""
+def measure(
+    ckpt: Path, store: Path, transports: list[str], args: argparse.Namespace
+) -> dict[str, dict[str, list[float]]]:
+    """Deploy ``store`` (1 replica per shard) and time local decoding and, per client
+    transport, the two remote modes, all interleaved round by round."""
     deployer = Deployer(PlacementOptions(drain_s=0.5))
     deployer.up(store, replicas=1)
     local = load_pretrained(ckpt)
     remote = load_pretrained(ckpt)
     remote.drop_value_tables()
-    times: dict[str, list[float]] = {"local": [], "remote_serial": [], "remote_overlapped": []}
     prompt = torch.randint(0, 256, (args.batch, 8), generator=torch.Generator().manual_seed(0))
-    with ClusterValueStore() as backend:
-        remote.set_value_backend(backend)  # warm up every path once, check equality
+    times = {t: {"local": [], "remote_serial": [], "remote_overlapped": []} for t in transports}
+    with contextlib.ExitStack() as stack:
+        backends = {t: stack.enter_context(ClusterValueStore(transport=t)) for t in transports}
         _, ref = time_decode(local, prompt, args.tokens)
-        _, out = time_decode(remote, prompt, args.tokens)
-        assert torch.equal(ref, out), "remote decoding differs from local"
-        for _ in range(args.rounds):
-            times["local"].append(time_decode(local, prompt, args.tokens)[0])
-            remote.set_value_backend(SerialBackend(backend))
-            times["remote_serial"].append(time_decode(remote, prompt, args.tokens)[0])
+        for backend in backends.values():  # warm up every path once, check equality
             remote.set_value_backend(backend)
-            times["remote_overlapped"].append(time_decode(remote, prompt, args.tokens)[0])
+            _, out = time_decode(remote, prompt, args.tokens)
+            assert torch.equal(ref, out), "remote decoding differs from local"
+        for _ in range(args.rounds):
+            ms_local = time_decode(local, prompt, args.tokens)[0]
+            for t, backend in backends.items():
+                times[t]["local"].append(ms_local)
+                remote.set_value_backend(SerialBackend(backend))
+                times[t]["remote_serial"].append(time_decode(remote, prompt, args.tokens)[0])
+                remote.set_value_backend(backend)
+                times[t]["remote_overlapped"].append(time_decode(remote, prompt, args.tokens)[0])
     return times
 
 
@@ -145,6 +158,11 @@ def main() -> None:
         "--shards", default="1,2", help="comma-separated shard counts; the first is the headline"
     )
     parser.add_argument("--by", default="row", choices=["row", "dim"])
+    parser.add_argument(
+        "--transports",
+        default="process,thread",
+        help="comma-separated client transports (process, thread); the first is the headline",
+    )
     parser.add_argument(
         "--shapes",
         default="span2,span3",
@@ -165,6 +183,9 @@ def main() -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     configs = [int(x) for x in args.shards.split(",")]
+    transports = [x.strip() for x in args.transports.split(",")]
+    if unknown := [x for x in transports if x not in TRANSPORTS]:
+        parser.error(f"unknown transport(s) {unknown}; choose from {list(TRANSPORTS)}")
     shapes = [x.strip() for x in args.shapes.split(",")]
     if unknown := [x for x in shapes if x not in SHAPES]:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
@@ -191,31 +212,34 @@ def main() -> None:
                 ckpt = ckpts[shape]
                 store = Path(tmp) / f"store-{shape}-{shards}"
                 export_checkpoint(ckpt, store, shards=shards, by=args.by, version="bench")
-                times = measure(ckpt, store, args)
-                ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
-                extra = ms["remote_serial"] - ms["local"]
-                hidden = (
-                    (ms["remote_serial"] - ms["remote_overlapped"]) / extra if extra > 0 else 1.0
-                )
+                by_transport = measure(ckpt, store, transports, args)
                 cfg = load_pretrained(ckpt).cfg
                 lookups = len(cfg.memory_pairs())
-                echo = echo_at_cadence(cfg, args.batch, ms["local"], Path(tmp))
-                results.append(
-                    {
-                        "shape": shape,
-                        "layers": cfg.n_layers,
-                        "memory_spec": cfg.memory_spec,
-                        "shards": shards,
-                        "sharding": args.by,
-                        "ms_per_token": ms,
-                        "hidden_fraction": round(hidden, 3),
-                        # one lookup's extra time in serial decoding, and a bare echo's
-                        "lookup_ms_serial": round(extra / lookups, 3),
-                        "echo": echo,
-                        "samples_ms": {k: [round(x, 3) for x in v] for k, v in times.items()},
-                    }
-                )
-                print(shape, shards, "shard(s):", ms, "hidden", round(hidden, 3), echo, flush=True)
+                ms_local = statistics.median(by_transport[transports[0]]["local"])
+                echo = echo_at_cadence(cfg, args.batch, ms_local, Path(tmp))
+                for transport, times in by_transport.items():
+                    ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
+                    extra = ms["remote_serial"] - ms["local"]
+                    saved = ms["remote_serial"] - ms["remote_overlapped"]
+                    hidden = saved / extra if extra > 0 else 1.0
+                    results.append(
+                        {
+                            "shape": shape,
+                            "layers": cfg.n_layers,
+                            "memory_spec": cfg.memory_spec,
+                            "shards": shards,
+                            "sharding": args.by,
+                            "transport": transport,
+                            "ms_per_token": ms,
+                            "hidden_fraction": round(hidden, 3),
+                            # one lookup's extra time in serial decoding, and a bare echo's
+                            "lookup_ms_serial": round(extra / lookups, 3),
+                            "echo": echo,
+                            "samples_ms": {k: [round(x, 3) for x in v] for k, v in times.items()},
+                        }
+                    )
+                    print(shape, shards, "shard(s),", transport, ms, "hidden", round(hidden, 3))
+                print("echo", echo, flush=True)
         finally:
             Deployer().down()
             ray.shutdown()
@@ -226,7 +250,8 @@ def main() -> None:
             "ms_per_token": head["ms_per_token"],
             "hidden_fraction": head["hidden_fraction"],
             "headline_config": f"{head['shape']} ({head['layers']} blocks, skip "
-            f"{head['memory_spec']}), {head['shards']} {args.by} shard(s) x 1 replica",
+            f"{head['memory_spec']}), {head['shards']} {args.by} shard(s) x 1 replica, "
+            f"{head['transport']} transport",
             "batch": args.batch,
             "tokens": args.tokens,
             "rounds": args.rounds,
@@ -235,8 +260,9 @@ def main() -> None:
             "cache; shapes differ in the blocks between a memory layer's read and use (span2: 6 "
             "blocks, skip 0:2,3:5 = the tiny preset; span3: 8 blocks, skip 0:3,4:7 = the released "
             "config's span); value shards as Ray actors with their own grpc.aio servers on "
-            "loopback; model thread uses 1 torch thread; local/serial/overlapped interleaved "
-            "round by round",
+            "loopback; model thread uses 1 torch thread; client transport 'process' = gRPC client "
+            "in a lookup process (ClusterValueStore's default), 'thread' = asyncio client on a "
+            "thread of the decoding process; local/serial/overlapped interleaved round by round",
         },
     )
     print("->", path)
@@ -245,7 +271,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 5))
     modes = ["local", "remote_serial", "remote_overlapped"]
     width = 0.8 / len(results)
     for j, r in enumerate(results):
@@ -255,14 +281,15 @@ def main() -> None:
             xs,
             vals,
             width,
-            label=f"{r['shape']}, {r['shards']} shard(s): {100 * r['hidden_fraction']:.0f}% hidden",
+            label=f"{r['shape']}, {r['shards']} shard(s), {r['transport']}: "
+            f"{100 * r['hidden_fraction']:.0f}% hidden",
         )
         for x, v in zip(xs, vals, strict=True):
-            ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+            ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(modes)), modes)
     ax.set_ylabel("ms per decoded token (median)")
     ax.set_title(f"Skip-layer overlap, batch {args.batch} (2-core CPU)")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(plot_path("overlap.png"), dpi=120)
 

@@ -11,6 +11,7 @@ __all__ = [
     "ChecksumError",
     "ExportError",
     "InvalidRequestError",
+    "LookupProcessError",
     "ManifestError",
     "RemoteError",
     "ShardUnavailableError",
@@ -73,3 +74,7 @@ class ShardUnavailableError(UltraMemError):
 
 class RemoteError(UltraMemError):
     """A shard answered with an unexpected error status or an inconsistent reply."""
+
+
+class LookupProcessError(UltraMemError):
+    """The lookup process that runs this process's gRPC client died, hung or was closed."""

@@ -1,5 +1,8 @@
 """``RemoteValueStore``: the model's value backend, backed by the asyncio client on a thread.
 
+(:class:`~ultramem_dist.client.process_store.ProcessValueStore` runs the same client in a
+lookup process instead, which keeps its interpreter time off the model's GIL.)
+
 The model thread calls :meth:`RemoteValueStore.submit` and gets a
 ``concurrent.futures.Future`` at once; the lookup runs on a private event loop in a background
 thread, so the caller can keep computing and collect the pooled tensor later with
@@ -11,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import torch
 
@@ -20,18 +24,50 @@ from ultramem_dist.client.channels import ChannelOptions
 from ultramem_dist.client.client import GatherClient
 from ultramem_dist.client.layout import StoreLayout
 
-__all__ = ["RemoteValueStore"]
+__all__ = ["RemoteValueStore", "SelectionLike", "ValueStoreHandle"]
 
 T = TypeVar("T")
 
 
-class _SelectionLike(Protocol):
+class SelectionLike(Protocol):
     indices: torch.Tensor
     blocks: torch.Tensor
     weights: torch.Tensor
 
 
-class RemoteValueStore:
+class ValueStoreHandle(ABC):
+    """What a remote value backend offers the model: ``submit`` (returns at once), ``layout``,
+    ``version``, ``close``; ``lookup`` and ``with`` come with it."""
+
+    @property
+    @abstractmethod
+    def layout(self) -> StoreLayout: ...
+
+    @property
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def submit(self, table_id: str, sel: SelectionLike) -> concurrent.futures.Future[torch.Tensor]:
+        """Start pooling ``sel`` on the shards; the future resolves to ``[T, E, Dv]``/``[T, D]``."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def lookup(
+        self, table_id: str, sel: SelectionLike, timeout: float | None = None
+    ) -> torch.Tensor:
+        """Blocking convenience: ``submit(...).result(timeout)``."""
+        return self.submit(table_id, sel).result(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteValueStore(ValueStoreHandle):
     """Value backend that pools rows on remote shards (``submit(table_id, sel) -> Future``)."""
 
     def __init__(
@@ -77,15 +113,9 @@ class RemoteValueStore:
     def version(self) -> str:
         return self._client.version
 
-    def submit(self, table_id: str, sel: _SelectionLike) -> concurrent.futures.Future[torch.Tensor]:
+    def submit(self, table_id: str, sel: SelectionLike) -> concurrent.futures.Future[torch.Tensor]:
         """Start pooling ``sel`` on the shards; the future resolves to ``[T, E, Dv]``/``[T, D]``."""
         return self._run(self._client.gather(table_id, sel.indices, sel.blocks, sel.weights))
-
-    def lookup(
-        self, table_id: str, sel: _SelectionLike, timeout: float | None = None
-    ) -> torch.Tensor:
-        """Blocking convenience: ``submit(...).result(timeout)``."""
-        return self.submit(table_id, sel).result(timeout)
 
     def close(self) -> None:
         """Close the channels and stop the background loop (idempotent)."""
@@ -103,9 +133,3 @@ class RemoteValueStore:
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
-
-    def __enter__(self) -> RemoteValueStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

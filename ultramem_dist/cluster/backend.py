@@ -1,10 +1,13 @@
 """``ClusterValueStore``: a value backend that follows the registry's active deployment.
 
-It holds one :class:`~ultramem_dist.client.remote_store.RemoteValueStore` for the active
-deployment and a watcher thread that long-polls the registry. When the active deployment (or its
-set of endpoints) changes, a new store is connected *before* it replaces the old one, so every
-lookup is served wholly by one deployment — one layout, one table version — and the old one is
-closed only after the requests already sent to it finished.
+It holds one client store for the active deployment — a
+:class:`~ultramem_dist.client.process_store.ProcessValueStore` (``transport="process"``, the
+default: the gRPC client runs in a lookup process, off the model's GIL) or a
+:class:`~ultramem_dist.client.remote_store.RemoteValueStore` (``transport="thread"``: on a thread
+of this process) — and a watcher thread that long-polls the registry. When the active
+deployment (or its set of endpoints) changes, a new store is connected *before* it replaces the
+old one, so every lookup is served wholly by one deployment — one layout, one table version —
+and the old one is closed only after the requests already sent to it finished.
 
 ``options`` (:class:`~ultramem_dist.client.channels.ChannelOptions`) secure every connection,
 including the ones opened after a switch: ``tls_ca`` / ``tls_cert`` + ``tls_key`` (mutual TLS)
@@ -25,10 +28,13 @@ import ray
 import torch
 
 from ultramem_dist.client.channels import ChannelOptions
-from ultramem_dist.client.remote_store import RemoteValueStore
+from ultramem_dist.client.process_store import LookupProcess, ProcessValueStore
+from ultramem_dist.client.remote_store import RemoteValueStore, ValueStoreHandle
 from ultramem_dist.cluster.registry import get_registry
 
 log = logging.getLogger(__name__)
+
+TRANSPORTS = ("process", "thread")
 
 
 def _endpoints(dep: dict[str, Any]) -> list[str]:
@@ -45,7 +51,11 @@ class ClusterValueStore:
         poll_s: float = 5.0,
         close_grace_s: float | None = None,
         options: ChannelOptions | None = None,
+        transport: str = "process",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        self.transport = transport
         self.deadline_s = deadline_s
         self.options = options
         self.poll_s = poll_s
@@ -56,7 +66,13 @@ class ClusterValueStore:
             raise LookupError("the registry has no active deployment (run `ultramem-dist up`)")
         self._epoch = state["epoch"]
         self._key = (state["deployment"]["deployment_id"], _endpoints(state["deployment"]))
-        self._store = self._connect(state["deployment"])
+        self._process = LookupProcess() if transport == "process" else None
+        try:
+            self._store = self._connect(state["deployment"])
+        except BaseException:
+            if self._process is not None:
+                self._process.close()
+            raise
         self.switches = 0
         self._stopping = threading.Event()
         self._watcher = threading.Thread(
@@ -64,7 +80,15 @@ class ClusterValueStore:
         )
         self._watcher.start()
 
-    def _connect(self, dep: dict[str, Any]) -> RemoteValueStore:
+    def _connect(self, dep: dict[str, Any]) -> ValueStoreHandle:
+        if self._process is not None:
+            return ProcessValueStore(
+                _endpoints(dep),
+                version=dep["version"],
+                deadline_s=self.deadline_s,
+                options=self.options,
+                process=self._process,
+            )
         return RemoteValueStore(
             _endpoints(dep),
             version=dep["version"],
@@ -108,14 +132,18 @@ class ClusterValueStore:
             self.switches += 1
             threading.Thread(target=self._close_later, args=(old,), daemon=True).start()
 
-    def _close_later(self, store: RemoteValueStore) -> None:
+    def _close_later(self, store: ValueStoreHandle) -> None:
         time.sleep(self.close_grace_s)
         store.close()
 
     def close(self) -> None:
         self._stopping.set()
         self._watcher.join(timeout=self.poll_s + 5)
-        self._store.close()
+        try:
+            self._store.close()
+        finally:
+            if self._process is not None:
+                self._process.close()  # also ends stores still waiting in _close_later
 
     def __enter__(self) -> ClusterValueStore:
         return self

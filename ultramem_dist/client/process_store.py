@@ -1,0 +1,353 @@
+"""``ProcessValueStore``: the model's value backend with the gRPC client in a lookup process.
+
+:class:`~ultramem_dist.client.RemoteValueStore` runs the asyncio client on a thread of the
+decoding process. Every lookup then spends about a millisecond of interpreter time (gRPC's
+Python layer, encode, fan-in) under the same GIL as the model's own Python, so a lookup that
+"overlaps" blocks a..b in fact stalls them. Here that work runs in a child process
+(:mod:`ultramem_dist.client.lookup_worker`); the decoding thread only pickles the selection onto
+a socketpair (tens of microseconds) and reads the pooled values back when it needs them.
+
+>>> with ProcessValueStore(["10.0.0.1:7000", "10.0.0.2:7000"]) as store:
+...     model.set_value_backend(store)
+...     model.generate(prompt, 64)
+
+Replies are read by whichever thread waits on a future (``result()``/``exception()``/
+``done()``): there is no reader thread to compete for the GIL. Several threads may wait at
+once; frames for another thread's future are handed to it. If the lookup process dies, every
+pending and later lookup fails with :class:`~ultramem_dist.errors.LookupProcessError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pickle
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ultramem_dist._private.frames import HEADER, Kind, decode_error, frame
+from ultramem_dist.client.channels import ChannelOptions
+from ultramem_dist.client.layout import StoreLayout
+from ultramem_dist.client.remote_store import SelectionLike, ValueStoreHandle
+from ultramem_dist.errors import LookupProcessError
+
+__all__ = ["LookupProcess", "ProcessValueStore"]
+
+_GRACE_S = 10.0
+"""How long past a lookup's own deadline the caller waits for the lookup process's answer
+before declaring it hung (the process enforces the deadline itself; this is a backstop)."""
+
+
+class _Pending(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A future whose waiters read the lookup process's replies themselves."""
+
+    def __init__(
+        self,
+        owner: LookupProcess,
+        rid: int,
+        backstop: float,
+        convert: Callable[[Any], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self._owner = owner
+        self._rid = rid
+        self._backstop = backstop
+        self._convert = convert
+
+    def _settled(self) -> bool:
+        return super().done()
+
+    def done(self) -> bool:
+        if not self._settled():
+            self._owner._pump(self, 0.0)
+        return self._settled()
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._owner._pump(self, timeout)
+        return super().result(timeout=0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._owner._pump(self, timeout)
+        return super().exception(timeout=0)
+
+
+class LookupProcess:
+    """A child process that runs gRPC gather clients for this process (one per worker is
+    enough; it hosts any number of :class:`ProcessValueStore` handles)."""
+
+    def __init__(self, *, start_timeout_s: float = 60.0) -> None:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")  # it pools in numpy; no torch thread pool
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ultramem_dist.client.lookup_worker",
+                    "--fd",
+                    str(theirs.fileno()),
+                ],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._next_rid = 1
+        self._dead: str | None = None
+        self._closed = False
+        ready = _Pending(self, 0, time.monotonic() + start_timeout_s)  # request id 0: READY
+        self._pending: dict[int, _Pending] = {0: ready}
+        try:
+            ready.result()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._proc.poll() is None
+
+    # ------------------------------------------------------------------ requests
+    def _request(
+        self,
+        kind: int,
+        payload: Any,
+        backstop: float,
+        convert: Callable[[Any], Any] | None = None,
+    ) -> _Pending:
+        if self._dead is not None:
+            raise LookupProcessError(self._dead)
+        if self._closed:
+            raise LookupProcessError("the lookup process is closed")
+        with self._send_lock:
+            rid, self._next_rid = self._next_rid, self._next_rid + 1
+            fut = _Pending(self, rid, backstop, convert)
+            self._pending[rid] = fut
+            try:
+                self._sock.sendall(frame(kind, rid, payload))
+            except OSError as exc:
+                self._pending.pop(rid, None)
+                self._fail_all(f"the lookup process is gone ({self._exit_status()}): {exc}")
+                raise LookupProcessError(self._dead or str(exc)) from None
+        return fut
+
+    def call(self, kind: int, payload: Any, timeout_s: float) -> Any:
+        """Send one request and wait for its answer (raises what the lookup process raised)."""
+        return self._request(kind, payload, time.monotonic() + timeout_s).result()
+
+    def gather(
+        self,
+        handle: int,
+        table_id: str,
+        indices: np.ndarray,
+        blocks: np.ndarray,
+        weights: np.ndarray,
+        deadline_s: float,
+    ) -> concurrent.futures.Future[torch.Tensor]:
+        """Start one lookup on store ``handle``; resolves to the pooled float32 tensor."""
+        payload = (handle, table_id, indices, blocks, weights)
+        backstop = time.monotonic() + deadline_s + _GRACE_S
+        return self._request(Kind.GATHER, payload, backstop, torch.from_numpy)
+
+    # ------------------------------------------------------------------ replies
+    def _pump(self, fut: _Pending, timeout: float | None) -> None:
+        """Read replies until ``fut`` settles or ``timeout`` passes (TimeoutError; ``0`` only
+        polls). Past its backstop the future fails with LookupProcessError."""
+        until = None if timeout is None else time.monotonic() + timeout
+        while not fut._settled():
+            now = time.monotonic()
+            if now >= fut._backstop:
+                self._give_up(fut)
+                return
+            limit = fut._backstop if until is None else min(until, fut._backstop)
+            if self._read_lock.acquire(blocking=False):
+                try:
+                    while not fut._settled() and self._read_one(limit - time.monotonic()):
+                        pass
+                finally:
+                    self._read_lock.release()
+            else:  # another thread is reading; it hands our reply over
+                concurrent.futures.wait([fut], timeout=max(0.0, min(limit - now, 0.002)))
+            if until is not None and time.monotonic() >= until and not fut._settled():
+                if timeout == 0:
+                    return
+                raise TimeoutError(f"no lookup result within {timeout} s")
+
+    def _give_up(self, fut: _Pending) -> None:
+        if self._pending.pop(fut._rid, None) is fut:
+            fut.set_exception(
+                LookupProcessError(
+                    f"the lookup process did not answer request {fut._rid} in time "
+                    f"({self._exit_status()})"
+                )
+            )
+
+    def _read_one(self, timeout: float) -> bool:
+        """Read and dispatch one frame if one arrives within ``timeout``; False if none did."""
+        if self._dead is not None:
+            self._fail_all(self._dead)
+            return False
+        ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
+        if not ready:
+            return False
+        try:
+            size, kind, rid = HEADER.unpack(self._recv_exact(HEADER.size))
+            payload = pickle.loads(self._recv_exact(size))
+        except (OSError, EOFError) as exc:
+            self._fail_all(f"the lookup process is gone ({self._exit_status()}): {exc}")
+            return False
+        fut = self._pending.pop(rid, None)
+        if fut is None:  # its waiter gave up (backstop) before the answer came
+            return True
+        if kind == Kind.ERROR:
+            fut.set_exception(decode_error(payload))
+        else:
+            fut.set_result(payload if fut._convert is None else fut._convert(payload))
+        return True
+
+    def _recv_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self._sock.recv_into(view[got:])
+            if k == 0:
+                raise EOFError("connection closed")
+            got += k
+        return buf
+
+    def _exit_status(self) -> str:
+        code = self._proc.poll()
+        if code is None:
+            return f"pid {self._proc.pid} still running"
+        return f"pid {self._proc.pid} exited with code {code}"
+
+    def _fail_all(self, reason: str) -> None:
+        if self._dead is None:
+            self._dead = reason
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut._settled():
+                fut.set_exception(LookupProcessError(reason))
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the lookup process (it closes its channels first); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._sock.close()
+        self._fail_all("the lookup process is closed")
+
+    def __enter__(self) -> LookupProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ProcessValueStore(ValueStoreHandle):
+    """Value backend that pools rows on remote shards through a :class:`LookupProcess`
+    (``submit(table_id, sel) -> Future``); same arguments as ``RemoteValueStore``.
+
+    ``process``: a lookup process to share (its owner closes it); by default this store starts
+    its own and stops it on :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        targets: str | Sequence[str],
+        *,
+        version: str | None = None,
+        deadline_s: float = 5.0,
+        connect_timeout_s: float = 10.0,
+        options: ChannelOptions | None = None,
+        process: LookupProcess | None = None,
+    ) -> None:
+        self._owns_process = process is None
+        self._proc = LookupProcess() if process is None else process
+        self.deadline_s = deadline_s
+        self._closed = False
+        try:
+            self._handle, self._layout, self._version = self._proc.call(
+                Kind.OPEN,
+                (targets, version, deadline_s, connect_timeout_s, options),
+                # Info to every target, then channel set-up: connect_timeout_s bounds both
+                timeout_s=2 * connect_timeout_s + _GRACE_S,
+            )
+        except BaseException:
+            if self._owns_process:
+                self._proc.close()
+            raise
+
+    @property
+    def layout(self) -> StoreLayout:
+        return self._layout
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def process(self) -> LookupProcess:
+        return self._proc
+
+    def submit(self, table_id: str, sel: SelectionLike) -> concurrent.futures.Future[torch.Tensor]:
+        """Start pooling ``sel``; the future resolves to ``[T, E, Dv]``/``[T, D]`` float32."""
+        if self._closed:
+            raise RuntimeError("ProcessValueStore is closed")
+        return self._proc.gather(
+            self._handle,
+            table_id,
+            _host(sel.indices),
+            _host(sel.blocks),
+            _host(sel.weights),
+            self.deadline_s,
+        )
+
+    def close(self) -> None:
+        """Close this store's channels (and the lookup process if it owns it); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._proc.alive:
+                self._proc.call(Kind.CLOSE, self._handle, timeout_s=_GRACE_S)
+        except LookupProcessError:
+            pass  # the process is gone: nothing left to close there
+        finally:
+            if self._owns_process:
+                self._proc.close()
+
+
+def _host(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
+    return t.detach().cpu().contiguous().numpy()
