@@ -39,23 +39,26 @@ def test_up_status_generate_scale_down(tmp_path):
         res = _run(["status", "--json"], env)
         assert res.returncode == 0, res.stderr
         assert len(json.loads(res.stdout)["active_endpoints"]) == 2
-        res = _run(
-            [
-                "generate",
-                "--checkpoint",
-                str(ckpt),
-                "--store",
-                "ray",
-                "--prompt",
-                "def f(",
-                "--max-new-tokens",
-                "8",
-                "--compare-local",
-            ],
-            env,
-        )
-        assert res.returncode == 0, res.stderr
-        assert "identical" in res.stderr
+        for lookup in ("process", "thread"):  # the gRPC client in a lookup process / a thread
+            res = _run(
+                [
+                    "generate",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--store",
+                    "ray",
+                    "--prompt",
+                    "def f(",
+                    "--max-new-tokens",
+                    "8",
+                    "--compare-local",
+                    "--lookup",
+                    lookup,
+                ],
+                env,
+            )
+            assert res.returncode == 0, res.stderr
+            assert "identical" in res.stderr
         res = _run(["scale", "--shard", "1", "--replicas", "2"], env)
         assert res.returncode == 0, res.stderr
         res = _run(["status", "--window", "0.2"], env)

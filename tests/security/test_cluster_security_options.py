@@ -105,6 +105,7 @@ def test_placement_records_absolute_server_files_and_reads_back(tmp_path, monkey
         (["roll", "{store}", "--tls-cert", "c"], "--tls-cert and --tls-key"),
         (["status", "--tls-cert", "c"], "tls_cert and tls_key"),
         (["generate", "--prompt", "x", "--checkpoint", "{store}", "--tls-ca", "c"], "add --store"),
+        (["generate", "--prompt", "x", "--checkpoint", "{store}", "--lookup", "x"], "--lookup"),
     ],
 )
 def test_cluster_commands_refuse_inconsistent_security_flags(tmp_path, args, message):
@@ -123,9 +124,12 @@ def test_generate_hands_the_client_options_to_the_value_backend():
         mock.patch("ultramem_dist.cluster.local.connect"),
     ):
         open_value_store("ray", deadline_s=3.0, options=opts)
-    cluster.assert_called_once_with(deadline_s=3.0, options=opts)
-    with mock.patch("ultramem_dist.client.remote_store.RemoteValueStore") as remote:
+    cluster.assert_called_once_with(deadline_s=3.0, options=opts, transport="process")
+    with mock.patch("ultramem_dist.client.process_store.ProcessValueStore") as proc:
         open_value_store("127.0.0.1:1", options=opts)
+    proc.assert_called_once_with("127.0.0.1:1", deadline_s=5.0, options=opts)
+    with mock.patch("ultramem_dist.client.remote_store.RemoteValueStore") as remote:
+        open_value_store("127.0.0.1:1", options=opts, transport="thread")
     remote.assert_called_once_with("127.0.0.1:1", deadline_s=5.0, options=opts)
 
 

@@ -72,17 +72,25 @@ def train(
 
 
 def open_value_store(  # noqa: ANN201
-    store: str, deadline_s: float = 5.0, options: ChannelOptions | None = None
+    store: str,
+    deadline_s: float = 5.0,
+    options: ChannelOptions | None = None,
+    transport: str = "process",
 ):
     """A remote value backend from ``--store``: ``ray`` / ``auto`` / ``ray://host:port`` (the
     registry of a Ray deployment) or ``host:port[,host:port...]`` (shard servers directly).
-    ``options`` (:class:`~ultramem_dist.client.channels.ChannelOptions`) carry TLS and token."""
+    ``options`` (:class:`~ultramem_dist.client.channels.ChannelOptions`) carry TLS and token;
+    ``transport`` runs the gRPC client in a lookup ``process`` or on a ``thread``."""
     if store == "ray" or store == "auto" or store.startswith("ray://"):
         from ultramem_dist.cluster import ClusterValueStore
         from ultramem_dist.cluster.local import connect
 
         connect(None if store == "ray" else store)
-        return ClusterValueStore(deadline_s=deadline_s, options=options)
+        return ClusterValueStore(deadline_s=deadline_s, options=options, transport=transport)
+    if transport == "process":
+        from ultramem_dist.client.process_store import ProcessValueStore
+
+        return ProcessValueStore(store, deadline_s=deadline_s, options=options)
     from ultramem_dist.client.remote_store import RemoteValueStore
 
     return RemoteValueStore(store, deadline_s=deadline_s, options=options)
@@ -101,6 +109,12 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
     compare_local: bool = typer.Option(
         False, "--compare-local", help="Also decode with the local tables and compare tokens."
+    ),
+    lookup: str = typer.Option(
+        "process",
+        "--lookup",
+        help="Where the gRPC client of remote lookups runs: 'process' (a lookup process, off "
+        "the model's GIL: lookups overlap the blocks) or 'thread' (a thread of this process).",
     ),
     tls_ca: Path | None = TLS_CA_OPT,
     tls_cert: Path | None = TLS_CERT_OPT,
@@ -121,6 +135,8 @@ def generate(
     secured = any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
     if store is None and (secured or auth_token_file is not None):
         fail("--tls-*/--auth-token-file apply to remote tables only: add --store")
+    if lookup not in ("process", "thread"):
+        fail(f"--lookup must be 'process' or 'thread', not {lookup!r}")
     try:
         options = client_channel_options(
             tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file
@@ -146,7 +162,7 @@ def generate(
         typer.echo(tok.decode(local[0].tolist()))
         return
     try:
-        backend = open_value_store(store, options=options)
+        backend = open_value_store(store, options=options, transport=lookup)
     except (UltraMemError, ConnectionError, LookupError, ValueError) as exc:
         fail(f"cannot reach the value store {store!r}: {exc}", code=1)
     try:
