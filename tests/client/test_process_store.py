@@ -9,11 +9,21 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_table_spec, random_queries
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ultramem_dist._private.frames import decode_error, encode_error
+from ultramem_dist._private.frames import (
+    decode_error,
+    encode_error,
+    pack_array,
+    pack_gather,
+    unpack_array,
+    unpack_gather,
+)
 from ultramem_dist.client import LookupProcess, ProcessValueStore, RemoteValueStore
 from ultramem_dist.errors import (
     InvalidRequestError,
@@ -219,3 +229,27 @@ def _children() -> set[int]:
         if int(fields[1]) == me and fields[0] != "Z":
             out.add(int(pid))
     return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([np.int32, np.int64, np.float32, np.float64, np.uint8, np.float16]),
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=4),
+    table_id=st.text(max_size=12),
+    handle=st.integers(0, 2**32 - 1),
+)
+def test_gather_frames_round_trip(dtype, shape, table_id, handle):
+    rng = np.random.default_rng(0)
+    arrays = [
+        (rng.standard_normal(shape) * 100).astype(dtype),
+        np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape),
+        np.asfortranarray(rng.standard_normal((3, 2))).astype(dtype),  # not C-contiguous
+    ]
+    h, t, back = unpack_gather(pack_gather(handle, table_id, arrays))
+    assert (h, t) == (handle, table_id)
+    for a, b in zip(arrays, back, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    out, end = unpack_array(bytearray(pack_array(arrays[0])))
+    assert out.flags.writeable and end == len(pack_array(arrays[0]))  # torch.from_numpy-safe
+    np.testing.assert_array_equal(out, arrays[0])

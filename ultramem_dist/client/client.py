@@ -198,9 +198,7 @@ class GatherClient:
             )
         want = (*indices.shape, t.num_cores)
         if weights.shape != want:
-            raise InvalidRequestError(
-                f"weights shape {list(weights.shape)}, expected {list(want)}"
-            )
+            raise InvalidRequestError(f"weights shape {list(weights.shape)}, expected {list(want)}")
         if indices.shape[0] > self.layout.max_batch:
             raise InvalidRequestError(
                 f"batch of {indices.shape[0]} queries is above the shards' limit of "

@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ultramem_dist._private.frames import HEADER, Kind, decode_error, frame
+from ultramem_dist._private.frames import (
+    HEADER,
+    PICKLE_PROTOCOL,
+    Kind,
+    decode_error,
+    pack_gather,
+    raw_frame,
+    unpack_array,
+)
 from ultramem_dist.client.channels import ChannelOptions
 from ultramem_dist.client.layout import StoreLayout
 from ultramem_dist.client.remote_store import SelectionLike, ValueStoreHandle
@@ -129,7 +137,7 @@ class LookupProcess:
     def _request(
         self,
         kind: int,
-        payload: Any,
+        body: bytes,
         backstop: float,
         convert: Callable[[Any], Any] | None = None,
     ) -> _Pending:
@@ -142,7 +150,7 @@ class LookupProcess:
             fut = _Pending(self, rid, backstop, convert)
             self._pending[rid] = fut
             try:
-                self._sock.sendall(frame(kind, rid, payload))
+                self._sock.sendall(raw_frame(kind, rid, body))
             except OSError as exc:
                 self._pending.pop(rid, None)
                 self._fail_all(f"the lookup process is gone ({self._exit_status()}): {exc}")
@@ -151,7 +159,8 @@ class LookupProcess:
 
     def call(self, kind: int, payload: Any, timeout_s: float) -> Any:
         """Send one request and wait for its answer (raises what the lookup process raised)."""
-        return self._request(kind, payload, time.monotonic() + timeout_s).result()
+        body = pickle.dumps(payload, protocol=PICKLE_PROTOCOL)
+        return self._request(kind, body, time.monotonic() + timeout_s).result()
 
     def gather(
         self,
@@ -163,9 +172,9 @@ class LookupProcess:
         deadline_s: float,
     ) -> concurrent.futures.Future[torch.Tensor]:
         """Start one lookup on store ``handle``; resolves to the pooled float32 tensor."""
-        payload = (handle, table_id, indices, blocks, weights)
+        body = pack_gather(handle, table_id, (indices, blocks, weights))
         backstop = time.monotonic() + deadline_s + _GRACE_S
-        return self._request(Kind.GATHER, payload, backstop, torch.from_numpy)
+        return self._request(Kind.GATHER, body, backstop, torch.from_numpy)
 
     # ------------------------------------------------------------------ replies
     def _pump(self, fut: _Pending, timeout: float | None) -> None:
@@ -210,7 +219,8 @@ class LookupProcess:
             return False
         try:
             size, kind, rid = HEADER.unpack(self._recv_exact(HEADER.size))
-            payload = pickle.loads(self._recv_exact(size))
+            body = self._recv_exact(size)
+            payload = unpack_array(body)[0] if kind == Kind.ARRAY else pickle.loads(body)
         except (OSError, EOFError) as exc:
             self._fail_all(f"the lookup process is gone ({self._exit_status()}): {exc}")
             return False
