@@ -46,6 +46,7 @@ from ultramem_dist._private.frames import (
 from ultramem_dist.client.channels import ChannelOptions
 from ultramem_dist.client.layout import StoreLayout
 from ultramem_dist.client.remote_store import SelectionLike, ValueStoreHandle
+from ultramem_dist.client.router import host_array
 from ultramem_dist.errors import LookupProcessError
 
 __all__ = ["LookupProcess", "ProcessValueStore"]
@@ -336,9 +337,9 @@ class ProcessValueStore(ValueStoreHandle):
         return self._proc.gather(
             self._handle,
             table_id,
-            _host(sel.indices),
-            _host(sel.blocks),
-            _host(sel.weights),
+            host_array(sel.indices),
+            host_array(sel.blocks),
+            host_array(sel.weights),
             self.deadline_s,
         )
 
@@ -355,9 +356,3 @@ class ProcessValueStore(ValueStoreHandle):
         finally:
             if self._owns_process:
                 self._proc.close()
-
-
-def _host(t: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(t, np.ndarray):
-        return t
-    return t.detach().cpu().contiguous().numpy()
