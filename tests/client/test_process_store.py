@@ -253,3 +253,26 @@ def test_gather_frames_round_trip(dtype, shape, table_id, handle):
     out, end = unpack_array(bytearray(pack_array(arrays[0])))
     assert out.flags.writeable and end == len(pack_array(arrays[0]))  # torch.from_numpy-safe
     np.testing.assert_array_equal(out, arrays[0])
+
+
+def test_an_unreadable_frame_stops_the_process_instead_of_misreading(shards, monkeypatch):
+    import ultramem_dist.client.process_store as ps
+
+    store = ProcessValueStore(shards)
+    try:
+        sel = _sel(2)
+        torch.testing.assert_close(store.lookup("row", sel, timeout=30), _ref(sel))
+
+        def corrupt(*_):
+            raise ValueError("bad dtype string")
+
+        monkeypatch.setattr(ps, "unpack_array", corrupt)
+        with pytest.raises(LookupProcessError, match="unreadable frame.*bad dtype"):
+            store.lookup("row", sel, timeout=30)
+        monkeypatch.undo()
+        with pytest.raises(LookupProcessError):  # never a later frame read out of step
+            store.lookup("row", sel, timeout=30)
+        store.process._proc.wait(10)
+        assert not store.process.alive
+    finally:
+        store.close()

@@ -221,9 +221,16 @@ class LookupProcess:
         try:
             size, kind, rid = HEADER.unpack(self._recv_exact(HEADER.size))
             body = self._recv_exact(size)
-            payload = unpack_array(body)[0] if kind == Kind.ARRAY else pickle.loads(body)
         except (OSError, EOFError) as exc:
             self._fail_all(f"the lookup process is gone ({self._exit_status()}): {exc}")
+            return False
+        except BaseException:  # e.g. KeyboardInterrupt between a frame's bytes
+            self._abandon("a read from the lookup process was interrupted mid-frame")
+            raise
+        try:
+            payload = unpack_array(body)[0] if kind == Kind.ARRAY else pickle.loads(body)
+        except Exception as exc:  # noqa: BLE001 - a frame we cannot read poisons the stream
+            self._abandon(f"unreadable frame from the lookup process ({type(exc).__name__}: {exc})")
             return False
         fut = self._pending.pop(rid, None)
         if fut is None:  # its waiter gave up (backstop) before the answer came
@@ -250,6 +257,12 @@ class LookupProcess:
         if code is None:
             return f"pid {self._proc.pid} still running"
         return f"pid {self._proc.pid} exited with code {code}"
+
+    def _abandon(self, reason: str) -> None:
+        """The byte stream can no longer be trusted: stop the child and fail every lookup."""
+        self._fail_all(reason)
+        if self._proc.poll() is None:
+            self._proc.kill()
 
     def _fail_all(self, reason: str) -> None:
         if self._dead is None:
