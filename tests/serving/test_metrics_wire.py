@@ -12,7 +12,6 @@ from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.serving.metrics import (
     gather_reply_bytes,
-    gather_request_bytes,
     histogram_quantile,
     tensor_wire_bytes,
 )
@@ -27,19 +26,6 @@ names = st.text(max_size=20)
 def test_tensor_size_matches_protobuf(dtype, shape):
     msg = encode_tensor(torch.zeros(shape, dtype=dtype))
     assert tensor_wire_bytes(msg) == msg.ByteSize()
-
-
-@given(names, names, shapes, st.booleans(), st.sampled_from([torch.int32, torch.int64]))
-@settings(max_examples=60, deadline=None)
-def test_request_size_matches_protobuf(table, version, shape, ragged, ids):
-    req = pb.GatherRequest(table_id=table, table_version=version)
-    encode_tensor(torch.zeros(shape, dtype=ids), req.indices)
-    encode_tensor(torch.zeros(shape, dtype=torch.int32), req.blocks)
-    encode_tensor(torch.zeros([*shape, 2]), req.weights)
-    if ragged:
-        encode_tensor(torch.zeros(len(shape) + 1, dtype=torch.int64), req.offsets)
-    assert gather_request_bytes(req) == req.ByteSize()
-    assert gather_request_bytes(pb.GatherRequest()) == 0
 
 
 @given(names, names, st.integers(0, 2**32 - 1), shapes)

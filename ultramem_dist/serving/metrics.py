@@ -32,7 +32,6 @@ __all__ = [
     "ShardMetrics",
     "call_code",
     "gather_reply_bytes",
-    "gather_request_bytes",
     "histogram_quantile",
     "tensor_wire_bytes",
 ]
@@ -272,15 +271,6 @@ def _str_field(s: str) -> int:
     return _len_field(len(s.encode())) if s else 0
 
 
-def gather_request_bytes(req: pb.GatherRequest) -> int:
-    """Serialized size of a Gather request whose tensors have been validated."""
-    size = _str_field(req.table_id) + _str_field(req.table_version)
-    for name in ("indices", "offsets", "blocks", "weights"):
-        if req.HasField(name):
-            size += _len_field(tensor_wire_bytes(getattr(req, name)))
-    return size
-
-
 def gather_reply_bytes(reply: pb.GatherReply) -> int:
     """Serialized size of a Gather reply built with the codec."""
     size = _str_field(reply.table_id) + _str_field(reply.table_version)
@@ -311,6 +301,6 @@ async def measured_gather(
             "Gather",
             code,
             time.perf_counter() - start,
-            gather_request_bytes(request) if code == "OK" else request.ByteSize(),
+            request.ByteSize(),  # upb: sub-microsecond for a small request, a copy for a big one
             gather_reply_bytes(reply) if reply is not None else 0,
         )
