@@ -63,6 +63,9 @@ async def fetch_info(
             ) from None
 
 
+_LIMITS = {t: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in (np.int32, np.int64)}
+
+
 def _ids_dtype(n: int) -> type[np.integer]:
     return np.int32 if n <= _INT32_MAX else np.int64
 
@@ -73,8 +76,8 @@ def _narrow(a: np.ndarray, dtype: type[np.integer]) -> np.ndarray:
     row or block id."""
     if a.dtype == dtype or a.size == 0:
         return a
-    info = np.iinfo(dtype)
-    if info.min <= int(a.min()) and int(a.max()) <= info.max:
+    lo, hi = _LIMITS[dtype]
+    if lo <= int(a.min()) and int(a.max()) <= hi:
         return a.astype(dtype)
     return a.astype(np.int64, copy=False)
 
