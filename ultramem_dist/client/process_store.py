@@ -20,6 +20,7 @@ pending and later lookup fails with :class:`~ultramem_dist.errors.LookupProcessE
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import pickle
 import select
@@ -113,7 +114,7 @@ class LookupProcess:
         finally:
             theirs.close()
         self._sock = ours
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.RLock()  # also guards _pending against _fail_all
         self._read_lock = threading.Lock()
         self._next_rid = 1
         self._dead: str | None = None
@@ -142,11 +143,11 @@ class LookupProcess:
         backstop: float,
         convert: Callable[[Any], Any] | None = None,
     ) -> _Pending:
-        if self._dead is not None:
-            raise LookupProcessError(self._dead)
-        if self._closed:
-            raise LookupProcessError("the lookup process is closed")
         with self._send_lock:
+            if self._dead is not None:
+                raise LookupProcessError(self._dead)
+            if self._closed:
+                raise LookupProcessError("the lookup process is closed")
             rid, self._next_rid = self._next_rid, self._next_rid + 1
             fut = _Pending(self, rid, backstop, convert)
             self._pending[rid] = fut
@@ -265,11 +266,12 @@ class LookupProcess:
             self._proc.kill()
 
     def _fail_all(self, reason: str) -> None:
-        if self._dead is None:
-            self._dead = reason
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut._settled():
+        with self._send_lock:  # no request can be added to the batch failed here
+            if self._dead is None:
+                self._dead = reason
+            pending, self._pending = self._pending, {}
+        for fut in list(pending.values()):  # a reader may still pop from it: copy first
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
                 fut.set_exception(LookupProcessError(reason))
 
     # ------------------------------------------------------------------ lifecycle
