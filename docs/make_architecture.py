@@ -108,9 +108,10 @@ def draw(out: Path) -> None:
         4.3,
         3.6,
         4.0,
-        "Client (Python)",
+        "Client (lookup process)",
         [
-            "RemoteValueStore.submit() -> Future",
+            "ProcessValueStore.submit() -> Future",
+            "  (socketpair; off the model's GIL)",
             "GatherClient (asyncio):",
             "  row tables: split ids by owner",
             "    (CSR), add partial sums",
