@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -276,3 +277,15 @@ def test_an_unreadable_frame_stops_the_process_instead_of_misreading(shards, mon
         assert not store.process.alive
     finally:
         store.close()
+
+
+def test_a_forked_child_cannot_use_its_parents_lookup_process(store, monkeypatch):
+    import ultramem_dist.client.process_store as ps
+
+    forked = types.SimpleNamespace(getpid=lambda: os.getpid() + 1, environ=os.environ)
+    monkeypatch.setattr(ps, "os", forked)  # the module's view only: as seen from a fork
+    with pytest.raises(LookupProcessError, match="forked child must open its own store"):
+        store.submit("row", _sel(1))
+    monkeypatch.undo()
+    sel = _sel(1)
+    torch.testing.assert_close(store.lookup("row", sel, timeout=30), _ref(sel))

@@ -114,6 +114,7 @@ class LookupProcess:
         finally:
             theirs.close()
         self._sock = ours
+        self._owner_pid = os.getpid()
         self._send_lock = threading.RLock()  # also guards _pending against _fail_all
         self._read_lock = threading.Lock()
         self._next_rid = 1
@@ -143,6 +144,11 @@ class LookupProcess:
         backstop: float,
         convert: Callable[[Any], Any] | None = None,
     ) -> _Pending:
+        if os.getpid() != self._owner_pid:
+            raise LookupProcessError(
+                "this lookup process belongs to the process that started it (pid "
+                f"{self._owner_pid}); a forked child must open its own store"
+            )
         with self._send_lock:
             if self._dead is not None:
                 raise LookupProcessError(self._dead)
