@@ -44,8 +44,8 @@ from common import (  # noqa: E402
     write_json,
 )
 
+from ultramem_dist.client.process_store import TRANSPORTS  # noqa: E402
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
-from ultramem_dist.cluster.backend import TRANSPORTS  # noqa: E402
 from ultramem_dist.model import (  # noqa: E402
     LMConfig,
     MemoryLM,

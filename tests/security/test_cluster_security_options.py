@@ -125,12 +125,17 @@ def test_generate_hands_the_client_options_to_the_value_backend():
     ):
         open_value_store("ray", deadline_s=3.0, options=opts)
     cluster.assert_called_once_with(deadline_s=3.0, options=opts, transport="process")
+    # direct targets: open_remote_store picks the class by transport
     with mock.patch("ultramem_dist.client.process_store.ProcessValueStore") as proc:
         open_value_store("127.0.0.1:1", options=opts)
-    proc.assert_called_once_with("127.0.0.1:1", deadline_s=5.0, options=opts)
-    with mock.patch("ultramem_dist.client.remote_store.RemoteValueStore") as remote:
+    proc.assert_called_once_with(
+        "127.0.0.1:1", version=None, deadline_s=5.0, options=opts, process=None
+    )
+    with mock.patch("ultramem_dist.client.process_store.RemoteValueStore") as remote:
         open_value_store("127.0.0.1:1", options=opts, transport="thread")
-    remote.assert_called_once_with("127.0.0.1:1", deadline_s=5.0, options=opts)
+    remote.assert_called_once_with("127.0.0.1:1", version=None, deadline_s=5.0, options=opts)
+    with pytest.raises(ValueError, match="transport must be one of process, thread"):
+        open_value_store("127.0.0.1:1", options=opts, transport="udp")
 
 
 # ------------------------------------------------------------------ sync channel and health

@@ -21,13 +21,13 @@ from ultramem_dist import errors
 
 __all__ = [
     "HEADER",
-    "PICKLE_PROTOCOL",
     "Kind",
     "decode_error",
     "encode_error",
     "frame",
     "pack_array",
     "pack_gather",
+    "pickled",
     "raw_frame",
     "unpack_array",
     "unpack_gather",
@@ -50,9 +50,14 @@ class Kind:
     ARRAY = 13  # pack_array(result)
 
 
+def pickled(payload: Any) -> bytes:
+    """The body of a control frame."""
+    return pickle.dumps(payload, protocol=PICKLE_PROTOCOL)
+
+
 def frame(kind: int, rid: int, payload: Any) -> bytes:
     """One frame: header + pickled ``payload``."""
-    return raw_frame(kind, rid, pickle.dumps(payload, protocol=PICKLE_PROTOCOL))
+    return raw_frame(kind, rid, pickled(payload))
 
 
 def raw_frame(kind: int, rid: int, body: bytes) -> bytes:

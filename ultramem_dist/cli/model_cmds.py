@@ -87,13 +87,9 @@ def open_value_store(  # noqa: ANN201
 
         connect(None if store == "ray" else store)
         return ClusterValueStore(deadline_s=deadline_s, options=options, transport=transport)
-    if transport == "process":
-        from ultramem_dist.client.process_store import ProcessValueStore
+    from ultramem_dist.client.process_store import open_remote_store
 
-        return ProcessValueStore(store, deadline_s=deadline_s, options=options)
-    from ultramem_dist.client.remote_store import RemoteValueStore
-
-    return RemoteValueStore(store, deadline_s=deadline_s, options=options)
+    return open_remote_store(store, transport=transport, deadline_s=deadline_s, options=options)
 
 
 @app.command()
@@ -135,8 +131,10 @@ def generate(
     secured = any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
     if store is None and (secured or auth_token_file is not None):
         fail("--tls-*/--auth-token-file apply to remote tables only: add --store")
-    if lookup not in ("process", "thread"):
-        fail(f"--lookup must be 'process' or 'thread', not {lookup!r}")
+    from ultramem_dist.client.process_store import TRANSPORTS
+
+    if lookup not in TRANSPORTS:
+        fail(f"--lookup must be one of {', '.join(TRANSPORTS)}, not {lookup!r}")
     try:
         options = client_channel_options(
             tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file

@@ -37,20 +37,23 @@ import torch
 
 from ultramem_dist._private.frames import (
     HEADER,
-    PICKLE_PROTOCOL,
     Kind,
     decode_error,
     pack_gather,
+    pickled,
     raw_frame,
     unpack_array,
 )
 from ultramem_dist.client.channels import ChannelOptions
 from ultramem_dist.client.layout import StoreLayout
-from ultramem_dist.client.remote_store import SelectionLike, ValueStoreHandle
+from ultramem_dist.client.remote_store import RemoteValueStore, SelectionLike, ValueStoreHandle
 from ultramem_dist.client.router import host_array
 from ultramem_dist.errors import LookupProcessError
 
-__all__ = ["LookupProcess", "ProcessValueStore"]
+__all__ = ["TRANSPORTS", "LookupProcess", "ProcessValueStore", "open_remote_store"]
+
+TRANSPORTS = ("process", "thread")
+"""Where a remote store's gRPC client runs: a lookup ``process`` or a ``thread`` of this one."""
 
 _GRACE_S = 10.0
 """How long past a lookup's own deadline the caller waits for the lookup process's answer
@@ -167,8 +170,7 @@ class LookupProcess:
 
     def call(self, kind: int, payload: Any, timeout_s: float) -> Any:
         """Send one request and wait for its answer (raises what the lookup process raised)."""
-        body = pickle.dumps(payload, protocol=PICKLE_PROTOCOL)
-        return self._request(kind, body, time.monotonic() + timeout_s).result()
+        return self._request(kind, pickled(payload), time.monotonic() + timeout_s).result()
 
     def gather(
         self,
@@ -377,3 +379,28 @@ class ProcessValueStore(ValueStoreHandle):
         finally:
             if self._owns_process:
                 self._proc.close()
+
+
+def check_transport(transport: str) -> None:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+
+
+def open_remote_store(
+    targets: str | Sequence[str],
+    *,
+    transport: str = "process",
+    version: str | None = None,
+    deadline_s: float = 5.0,
+    options: ChannelOptions | None = None,
+    process: LookupProcess | None = None,
+) -> ValueStoreHandle:
+    """The value backend for ``targets`` with its gRPC client where ``transport`` says: a
+    :class:`ProcessValueStore` (on ``process`` when given, else its own lookup process) or a
+    :class:`~ultramem_dist.client.remote_store.RemoteValueStore` (``"thread"``)."""
+    check_transport(transport)
+    if transport == "process":
+        return ProcessValueStore(
+            targets, version=version, deadline_s=deadline_s, options=options, process=process
+        )
+    return RemoteValueStore(targets, version=version, deadline_s=deadline_s, options=options)

@@ -28,13 +28,11 @@ import ray
 import torch
 
 from ultramem_dist.client.channels import ChannelOptions
-from ultramem_dist.client.process_store import LookupProcess, ProcessValueStore
-from ultramem_dist.client.remote_store import RemoteValueStore, ValueStoreHandle
+from ultramem_dist.client.process_store import LookupProcess, check_transport, open_remote_store
+from ultramem_dist.client.remote_store import ValueStoreHandle
 from ultramem_dist.cluster.registry import get_registry
 
 log = logging.getLogger(__name__)
-
-TRANSPORTS = ("process", "thread")
 
 
 def _endpoints(dep: dict[str, Any]) -> list[str]:
@@ -53,8 +51,7 @@ class ClusterValueStore:
         options: ChannelOptions | None = None,
         transport: str = "process",
     ) -> None:
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        check_transport(transport)
         self.transport = transport
         self.deadline_s = deadline_s
         self.options = options
@@ -81,19 +78,13 @@ class ClusterValueStore:
         self._watcher.start()
 
     def _connect(self, dep: dict[str, Any]) -> ValueStoreHandle:
-        if self._process is not None:
-            return ProcessValueStore(
-                _endpoints(dep),
-                version=dep["version"],
-                deadline_s=self.deadline_s,
-                options=self.options,
-                process=self._process,
-            )
-        return RemoteValueStore(
+        return open_remote_store(
             _endpoints(dep),
+            transport=self.transport,
             version=dep["version"],
             deadline_s=self.deadline_s,
             options=self.options,
+            process=self._process,
         )
 
     @property
