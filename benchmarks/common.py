@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_MSG = 64 << 20
 """Message size limit of the benchmarks' servers and channels."""
 ECHO_METHOD = "/bench.Echo/Echo"
+ECHO_STREAM_METHOD = "/bench.Echo/EchoStream"
 ECHO_SERVER = [sys.executable, str(Path(__file__).resolve()), "--echo-server"]
 """Command of the bare gRPC echo server (:func:`echo_server`); pass it to ``ReadyProcs.spawn``."""
 
@@ -146,7 +147,8 @@ class ReadyProcs:
 async def echo_server(ready_file: Path, max_message_bytes: int = MAX_MSG) -> None:
     """The benchmarks' bare gRPC baseline: method ``/bench.Echo/Echo`` on a free loopback port,
     raw bytes, no protobuf and no work; it replies with as many zero bytes as the request's
-    first 8 bytes say (cached per size). Writes ``ready_file`` once serving; stops on SIGTERM."""
+    first 8 bytes say (cached per size). ``/bench.Echo/EchoStream`` does the same for every
+    message of a bidirectional stream. Writes ``ready_file`` once serving; stops on SIGTERM."""
     import asyncio
 
     import grpc
@@ -162,8 +164,16 @@ async def echo_server(ready_file: Path, max_message_bytes: int = MAX_MSG) -> Non
             reply = replies[size] = bytes(size)
         return reply
 
+    async def echo_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        while (request := await context.read()) is not grpc.aio.EOF:
+            await context.write(await echo(request, context))
+
     handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        "bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream),
+        },
     )
     server = grpc.aio.server(
         options=[

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -39,7 +40,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ECHO_METHOD, ECHO_SERVER, MAX_MSG, ReadyProcs, machine, today  # noqa: E402
+from common import (  # noqa: E402
+    ECHO_METHOD,
+    ECHO_SERVER,
+    ECHO_STREAM_METHOD,
+    MAX_MSG,
+    ReadyProcs,
+    machine,
+    today,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -144,10 +153,13 @@ async def _bench_config(
     calls: int,
     spec: dict,
 ) -> list[dict]:
-    from ultramem_dist.client import GatherClient
+    from ultramem_dist.client import ChannelOptions, GatherClient
     from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 
-    client = await GatherClient.connect(",".join(targets), deadline_s=30)
+    client = await GatherClient.connect(",".join(targets), deadline_s=30)  # streams (default)
+    unary = await GatherClient.connect(
+        ",".join(targets), deadline_s=30, options=ChannelOptions(streaming=False)
+    )
     t = client.table(table)
     echo_channels = [
         grpc.aio.insecure_channel(
@@ -160,6 +172,7 @@ async def _bench_config(
         for e in echo_targets
     ]
     echo_calls = [ch.unary_unary(ECHO_METHOD) for ch in echo_channels]
+    echo_streams = [ch.stream_stream(ECHO_STREAM_METHOD)() for ch in echo_channels]
     rows = []
     g = torch.Generator().manual_seed(1)
     L = spec["heads"] * spec["topm"]
@@ -179,14 +192,14 @@ async def _bench_config(
             reply.pooled.dtype = pb.DTYPE_FLOAT32
             reply.pooled.shape[:] = [batch, t.expansion, width]
             reply.pooled.data = bytes(batch * t.expansion * width * 4)
-            size = req.ByteSize()
+            size = req.gather.ByteSize()  # what a unary Gather carries
             payload = reply.ByteSize().to_bytes(8, "little") + bytes(max(0, size - 8))
             echo_payloads.append(payload)
 
-        async def one_gather(i: int, queries=queries) -> float:
+        async def one_gather(i: int, queries=queries, c=client) -> float:
             q = queries[i % len(queries)]
             t0 = time.perf_counter()
-            await client.gather(table, *q)
+            await c.gather(table, *q)
             return time.perf_counter() - t0
 
         async def one_echo(i: int, payloads=echo_payloads) -> float:
@@ -194,14 +207,31 @@ async def _bench_config(
             await asyncio.gather(*(echo_calls[k](p, timeout=30) for k, p in enumerate(payloads)))
             return time.perf_counter() - t0
 
+        async def one_echo_stream(i: int, payloads=echo_payloads) -> float:
+            async def round_trip(k: int, p: bytes) -> None:
+                await echo_streams[k].write(p)
+                await echo_streams[k].read()
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(round_trip(k, p) for k, p in enumerate(payloads)))
+            return time.perf_counter() - t0
+
+        series = {
+            "stream": one_gather,
+            "unary": functools.partial(one_gather, c=unary),
+            "echo": one_echo,
+            "echo_stream": one_echo_stream,
+        }
         for i in range(10):  # warm-up (connections, page cache, allocator)
-            await one_gather(i)
-            await one_echo(i)
-        gather_t, echo_t = [], []
-        for i in range(calls):  # interleave so drift hits both equally
-            gather_t.append(await one_gather(i))
-            echo_t.append(await one_echo(i))
+            for fn in series.values():
+                await fn(i)
+        times: dict[str, list[float]] = {name: [] for name in series}
+        for i in range(calls):  # interleave so drift hits every series equally
+            for name, fn in series.items():
+                times[name].append(await fn(i))
+        gather_t, echo_t = times["stream"], times["echo"]
         p50, p99, e50 = _pct(gather_t, 0.5), _pct(gather_t, 0.99), _pct(echo_t, 0.5)
+        u50, es50 = _pct(times["unary"], 0.5), _pct(times["echo_stream"], 0.5)
         rows.append(
             {
                 "batch": batch,
@@ -212,12 +242,19 @@ async def _bench_config(
                 "echo_p50_ms": round(e50 * 1e3, 3),
                 "echo_p99_ms": round(_pct(echo_t, 0.99) * 1e3, 3),
                 "ratio_to_echo": round(p50 / e50, 3),
-                "request_bytes": sum(r.ByteSize() for _, r in shard_reqs),
+                "unary_p50_ms": round(u50 * 1e3, 3),
+                "unary_ratio_to_echo": round(u50 / e50, 3),
+                "echo_stream_p50_ms": round(es50 * 1e3, 3),
+                "ratio_to_echo_stream": round(p50 / es50, 3),
+                "request_bytes": sum(r.gather.ByteSize() for _, r in shard_reqs),
                 "reply_bytes": batch * t.expansion * t.out_width * 4,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     await client.close()
+    await unary.close()
+    for call in echo_streams:
+        call.cancel()
     for ch in echo_channels:
         await ch.close()
     return rows

@@ -9,9 +9,10 @@ use, 2 as in the tiny preset and 3 as in the released UltraMem config):
 * ``remote_serial`` — remote tables, each lookup awaited right where it is issued (block a);
 * ``remote_overlapped`` — remote tables, lookup issued at block a and awaited after block b.
 
-Both client transports are measured (``--transports``): ``process`` (the default of
-``ClusterValueStore``: the gRPC client runs in a lookup process) and ``thread`` (the client on
-an asyncio thread of the decoding process, sharing its GIL).
+Client variants (``--transports``): ``process`` (the default of ``ClusterValueStore``: the gRPC
+client runs in a lookup process) and ``thread`` (the client on an asyncio thread of the decoding
+process, sharing its GIL), each sending its gathers on ``GatherStream`` streams (the default);
+the suffix ``-unary`` (e.g. ``process-unary``) sends unary ``Gather`` calls instead.
 
 hidden_fraction = (serial - overlapped) / (serial - local). Writes benchmarks/results/overlap.json
 and overlap.png.
@@ -44,6 +45,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
+from ultramem_dist.client import ChannelOptions  # noqa: E402
 from ultramem_dist.client.process_store import TRANSPORTS  # noqa: E402
 from ultramem_dist.cluster import ClusterValueStore, Deployer, PlacementOptions  # noqa: E402
 from ultramem_dist.model import (  # noqa: E402
@@ -59,6 +61,8 @@ from ultramem_dist.store.export import export_checkpoint  # noqa: E402
 # a memory layer's read (block a) and its use (after block b), i.e. the compute that can hide
 # the remote lookup. span2 is the tiny preset; span3 is the released UltraMem config's span
 # ("2:5/6:9/10:13/14:17": 3 blocks between read and write).
+UNARY = "-unary"  # client variant suffix: unary Gather calls instead of GatherStream
+
 SHAPES: dict[str, tuple[int, str]] = {
     "span2": (6, "0:2,3:5"),
     "span3": (8, "0:3,4:7"),
@@ -126,7 +130,15 @@ def measure(
     prompt = torch.randint(0, 256, (args.batch, 8), generator=torch.Generator().manual_seed(0))
     times = {t: {"local": [], "remote_serial": [], "remote_overlapped": []} for t in transports}
     with contextlib.ExitStack() as stack:
-        backends = {t: stack.enter_context(ClusterValueStore(transport=t)) for t in transports}
+        backends = {
+            t: stack.enter_context(
+                ClusterValueStore(
+                    transport=t.removesuffix(UNARY),
+                    options=ChannelOptions(streaming=not t.endswith(UNARY)),
+                )
+            )
+            for t in transports
+        }
         _, ref = time_decode(local, prompt, args.tokens)
         for backend in backends.values():  # warm up every path once, check equality
             remote.set_value_backend(backend)
@@ -160,8 +172,9 @@ def main() -> None:
     parser.add_argument("--by", default="row", choices=["row", "dim"])
     parser.add_argument(
         "--transports",
-        default="process,thread",
-        help="comma-separated client transports (process, thread); the first is the headline",
+        default="process,process-unary,thread",
+        help="comma-separated client variants (process, thread; suffix -unary: no streams); "
+        "the first is the headline",
     )
     parser.add_argument(
         "--shapes",
@@ -184,8 +197,8 @@ def main() -> None:
         sys.setswitchinterval(args.switch_interval)
     configs = [int(x) for x in args.shards.split(",")]
     transports = [x.strip() for x in args.transports.split(",")]
-    if unknown := [x for x in transports if x not in TRANSPORTS]:
-        parser.error(f"unknown transport(s) {unknown}; choose from {list(TRANSPORTS)}")
+    if unknown := [x for x in transports if x.removesuffix(UNARY) not in TRANSPORTS]:
+        parser.error(f"unknown transport(s) {unknown}; choose from {list(TRANSPORTS)} (+{UNARY})")
     shapes = [x.strip() for x in args.shapes.split(",")]
     if unknown := [x for x in shapes if x not in SHAPES]:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")

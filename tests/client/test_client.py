@@ -110,7 +110,7 @@ async def test_slow_shard_fails_the_call_within_the_deadline_naming_it(store):
     fast = InProcessShard(ServerConfig(store=store, shard=0, version="v1"))
     slow = InProcessShard(ServerConfig(store=store, shard=1, version="v1"))
     original = slow.server.servicer._gather_sync
-    slow.server.servicer._gather_sync = lambda req: (time.sleep(1.0), original(req))[1]
+    slow.server.servicer._gather_sync = lambda req, out: (time.sleep(1.0), original(req, out))
     try:
         client = await GatherClient.connect([fast.target, slow.target], deadline_s=0.3)
         async with client:
@@ -168,10 +168,9 @@ async def test_reply_from_another_version_is_refused(store):
     b = InProcessShard(ServerConfig(store=store, shard=1, version="v1"))
     original = b.server.servicer._gather_sync
 
-    def wrong_version(req):
-        reply = original(req)
+    def wrong_version(req, reply):
+        original(req, reply)
         reply.table_version = "v2"
-        return reply
 
     b.server.servicer._gather_sync = wrong_version
     try:

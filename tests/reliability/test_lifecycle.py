@@ -13,7 +13,7 @@ import torch
 from conftest import InProcessShard
 
 from ultramem_dist._private.codec import encode_tensor
-from ultramem_dist.client import GatherClient
+from ultramem_dist.client import ChannelOptions, GatherClient
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.reliability.synthetic import make_synthetic_store
@@ -48,34 +48,38 @@ class SlowKernel:
         self._lock = threading.Lock()
         servicer._gather_sync = self
 
-    def __call__(self, request):
+    def __call__(self, request, reply):
         with self._lock:
             self.calls += 1
             self.active += 1
             self.peak = max(self.peak, self.active)
         try:
             time.sleep(self.delay_s)
-            return self.original(request)
+            self.original(request, reply)
         finally:
             with self._lock:
                 self.active -= 1
 
 
-def test_the_shard_sees_the_clients_deadline(store):
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_the_shard_sees_the_clients_deadline(store, streaming):
     shard = InProcessShard(ServerConfig(store=store))
     seen: list[float | None] = []
     servicer = shard.server.servicer
-    original = servicer._deadline_of
+    original = servicer._answer
 
-    def spy(context):
-        seen.append(context.time_remaining())
-        return original(context)
+    async def spy(request, reply, deadline):
+        seen.append(None if deadline is None else deadline - time.monotonic())
+        return await original(request, reply, deadline)
 
-    servicer._deadline_of = spy
+    servicer._answer = spy
+    opts = ChannelOptions(streaming=streaming)
     try:
 
         async def run():
-            async with await GatherClient.connect(shard.target, deadline_s=3.0) as client:
+            async with await GatherClient.connect(
+                shard.target, deadline_s=3.0, options=opts
+            ) as client:
                 g = torch.Generator().manual_seed(1)
                 idx = torch.randint(0, 200, (2, 8), generator=g)
                 await client.gather("row", idx, idx % 4, torch.randn(2, 8, 2))
@@ -84,7 +88,7 @@ def test_the_shard_sees_the_clients_deadline(store):
         asyncio.run(run())
     finally:
         shard.stop()
-    # the shard sees (about) the caller's budget: grpc-timeout is re-based on arrival and rounded
+    # the shard sees (about) the caller's budget: re-based on arrival (grpc-timeout is rounded)
     assert len(seen) >= 2 and all(s is not None for s in seen), seen
     assert 0.5 < seen[0] <= 3.05 and 0.0 < seen[-1] <= 0.85 and seen[-1] < seen[0], seen
 

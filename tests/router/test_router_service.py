@@ -170,10 +170,15 @@ def test_ragged_requests_are_padded_exactly(stub, table):
 async def test_a_generic_client_treats_the_router_as_one_shard(router):
     async with await GatherClient.connect(router.target) as client:
         assert client.layout.num_shards == 1 and client.version == "v1"
-        for table in ("row", "dim"):
+        assert await client.wait_streams_ready(10)
+        for table in ("row", "dim", "row"):
             idx, blk, w = random_queries(SPEC, 5, seed=9)
             out = await client.gather(table, idx, blk, w)
             torch.testing.assert_close(out, _ref(idx, blk, w), atol=1e-5, rtol=1e-5)
+        # the router has no GatherStream: the first streamed call came back UNIMPLEMENTED and
+        # was re-sent unary; later calls go unary straight away
+        (streams,) = client.streams
+        assert streams.unsupported and streams.sent == 1 and streams.resent == 1
 
 
 def _refused(stub, req) -> grpc.RpcError:

@@ -222,6 +222,37 @@ def test_gather_client_sends_its_token(auth_server):
         gather_via(auth_server.target, ChannelOptions(auth_token=ROW_TOKEN), table="dim")
 
 
+async def _stream(target: str, token: str | None, tables: list[str]) -> list:
+    """One GatherStream with a gather per table: each reply, or the call's (code, details)."""
+    md = (("authorization", f"Bearer {token}"),) if token else None
+    async with grpc.aio.insecure_channel(target) as ch:
+        call = pb_grpc.GatherPoolStub(ch).GatherStream(metadata=md)
+        try:
+            for i, table in enumerate(tables):
+                await call.write(pb.StreamGatherRequest(request_id=i, gather=_request(table)))
+            await call.done_writing()
+            return [r async for r in call]
+        except grpc.aio.AioRpcError as exc:
+            return [(exc.code(), exc.details())]
+
+
+@pytest.mark.parametrize("token", [None, "not-a-valid-token-at-all-0000"])
+async def test_gather_stream_without_a_valid_token_is_refused(auth_server, token):
+    # no message written: a write racing the refusal fails as INTERNAL in grpc's aio client
+    ((code, details),) = await _stream(auth_server.target, token, [])
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "token" in details
+
+
+async def test_gather_stream_applies_the_token_scope_to_every_message(auth_server):
+    replies = await _stream(auth_server.target, ROW_TOKEN, ["row", "dim", "row"])
+    assert [r.request_id for r in replies] == [0, 1, 2]
+    assert replies[1].code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert "may not read table 'dim'" in replies[1].message
+    assert replies[0].code == replies[2].code == 0 and replies[0].gather == replies[2].gather
+    full = await _stream(auth_server.target, FULL_TOKEN, ["dim"])
+    assert full[0].code == 0 and list(full[0].gather.pooled.shape) == [2, 4, 16]
+
+
 def test_token_is_never_sent_in_cleartext_off_loopback():
     with pytest.raises(ValueError, match="cleartext"):
         make_channel(["10.255.0.1:50051"], ChannelOptions(auth_token=FULL_TOKEN))

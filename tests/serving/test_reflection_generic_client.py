@@ -71,7 +71,7 @@ def test_list_describe_and_call_through_reflection_only(endpoints, kind):
         # grpcurl -plaintext HOST:PORT describe ultramem.v1.GatherPool.Gather
         pool = descriptor_pool.DescriptorPool(db)
         service = pool.FindServiceByName(SERVICE)
-        assert sorted(m.name for m in service.methods) == ["Gather", "Info"]
+        assert sorted(m.name for m in service.methods) == ["Gather", "GatherStream", "Info"]
         gather = service.methods_by_name["Gather"]
         assert gather.input_type.full_name == "ultramem.v1.GatherRequest"
         assert gather.output_type.full_name == "ultramem.v1.GatherReply"

@@ -34,9 +34,9 @@ def test_graceful_stop_drains_in_flight_calls(store):
     servicer = shard.server.servicer
     original = servicer._gather_sync
 
-    def slow(req):
+    def slow(req, reply):
         time.sleep(0.5)
-        return original(req)
+        original(req, reply)
 
     servicer._gather_sync = slow
     try:

@@ -60,6 +60,11 @@ class ChannelOptions:
     ``grpc.health.v1`` status for the GatherPool service is SERVING, so a draining replica
     (SIGTERM: NOT_SERVING first) gets no new calls before it closes its port. A server without
     the Health service counts as healthy."""
+    streaming: bool = True
+    """Send gathers over one long-lived ``GatherStream`` per replica (about half the per-call
+    cost of unary ``Gather``). A call whose stream breaks is re-sent as a unary ``Gather`` (with
+    the retries above) within its deadline; a server without the stream (UNIMPLEMENTED, e.g. the
+    router) gets unary calls. ``False``: unary calls only."""
     max_reconnect_backoff_ms: int | None = 1000
     """Cap of the backoff between reconnect attempts to a failed replica (``None`` = gRPC's
     default, which grows to 120 s). A small cap puts a restarted replica back into rotation

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -31,6 +32,7 @@ from ultramem_dist.client.channels import (
 )
 from ultramem_dist.client.layout import StoreLayout, TableLayout
 from ultramem_dist.client.router import concat_columns, host_array, split_arrays, sum_partials
+from ultramem_dist.client.streams import GatherStreams, StreamBroken
 from ultramem_dist.errors import (
     InvalidRequestError,
     RemoteError,
@@ -63,6 +65,7 @@ async def fetch_info(
             ) from None
 
 
+_STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _LIMITS = {t: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in (np.int32, np.int64)}
 
 
@@ -99,6 +102,8 @@ class GatherClient:
         self.options = options
         self._channels = [make_channel(r, options) for r in replicas]
         self._stubs = [pb_grpc.GatherPoolStub(c) for c in self._channels]
+        self._streams = [GatherStreams(r, options) for r in replicas] if options.streaming else None
+        self._request_ids = itertools.count(1)
 
     @classmethod
     async def connect(
@@ -170,6 +175,19 @@ class GatherClient:
     def version(self) -> str:
         return self.layout.version
 
+    @property
+    def streams(self) -> list[GatherStreams] | None:
+        """Each shard's ``GatherStream`` state (``None``: ``ChannelOptions.streaming`` is off)."""
+        return self._streams
+
+    async def wait_streams_ready(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every replica can take a stream (gathers sent before that go unary);
+        ``False`` if some replica is not READY within ``timeout_s`` or streaming is off."""
+        if self._streams is None:
+            return False
+        ready = await asyncio.gather(*(s.wait_ready(timeout_s) for s in self._streams))
+        return all(ready)
+
     def table(self, table_id: str) -> TableLayout:
         try:
             return self.layout.tables[table_id]
@@ -180,6 +198,8 @@ class GatherClient:
             ) from None
 
     async def close(self) -> None:
+        if self._streams is not None:
+            await asyncio.gather(*(s.close() for s in self._streams))
         await asyncio.gather(*(c.close() for c in self._channels))
 
     async def __aenter__(self) -> GatherClient:
@@ -216,25 +236,53 @@ class GatherClient:
         weights: np.ndarray,
         offsets: np.ndarray | None,
         n_rows: int,
-    ) -> pb.GatherRequest:
-        req = pb.GatherRequest(table_id=table_id, table_version=self.version)
+    ) -> pb.StreamGatherRequest:
+        msg = pb.StreamGatherRequest()
+        req = msg.gather
+        req.table_id = table_id
+        req.table_version = self.version
         encode_array(_narrow(indices, _ids_dtype(n_rows)), req.indices)
         encode_array(_narrow(blocks, np.int32), req.blocks)
         encode_array(weights.astype(np.float32, copy=False), req.weights)
         if offsets is not None:
             encode_array(_narrow(offsets, _ids_dtype(int(offsets[-1]))), req.offsets)
-        return req
+        return msg
 
-    async def _call(
-        self, shard: int, t: TableLayout, req: pb.GatherRequest, num_tokens: int, deadline: float
-    ) -> np.ndarray:
+    def _time_left(self, shard: int, deadline: float) -> float:
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             raise ShardUnavailableError(
                 f"{self._where(shard)}: deadline passed before the call was sent"
             )
+        return timeout
+
+    async def _call(
+        self,
+        shard: int,
+        t: TableLayout,
+        msg: pb.StreamGatherRequest,
+        num_tokens: int,
+        deadline: float,
+    ) -> np.ndarray:
+        timeout = self._time_left(shard, deadline)
+        if self._streams is not None:
+            try:
+                streamed = await self._streams[shard].gather(msg, timeout)
+            except TimeoutError:
+                raise self.status_error(
+                    shard, t, grpc.StatusCode.DEADLINE_EXCEEDED, "no reply on the gather stream"
+                ) from None
+            except StreamBroken as exc:  # re-sent unary below, within the same deadline
+                log.debug("%s: gather stream broke (%s); re-sending unary", self._where(shard), exc)
+                timeout = self._time_left(shard, deadline)
+            else:
+                if streamed is not None:
+                    if streamed.code:
+                        code = _STATUS_BY_NUMBER.get(streamed.code, grpc.StatusCode.UNKNOWN)
+                        raise self.status_error(shard, t, code, streamed.message)
+                    return self.check_reply(shard, t, streamed.gather, num_tokens)
         try:
-            reply = await self._stubs[shard].Gather(req, timeout=timeout)
+            reply = await self._stubs[shard].Gather(msg.gather, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self.rpc_error(shard, t, exc) from None
         return self.check_reply(shard, t, reply, num_tokens)
@@ -244,15 +292,21 @@ class GatherClient:
 
     def rpc_error(self, shard: int, t: TableLayout, exc: grpc.RpcError) -> UltraMemError:
         """The typed error for a failed Gather call to ``shard``, naming it and the status."""
+        return self.status_error(shard, t, exc.code(), exc.details())
+
+    def status_error(
+        self, shard: int, t: TableLayout, code: grpc.StatusCode, details: str | None
+    ) -> UltraMemError:
+        """The typed error for a gather of ``shard`` that ended with ``code`` (unary or
+        streamed), naming the shard and the status."""
         where = self._where(shard)
-        code = exc.code()
         if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
             msg = (
                 f"{where} could not answer table {t.table_id!r} within the "
-                f"{self.deadline_s:g}s deadline: {code.name}: {exc.details()}"
+                f"{self.deadline_s:g}s deadline: {code.name}: {details}"
             )
         else:
-            msg = f"{where} refused table {t.table_id!r}: {code.name}: {exc.details()}"
+            msg = f"{where} refused table {t.table_id!r}: {code.name}: {details}"
         return error_for(code, msg)
 
     def check_reply(
@@ -304,21 +358,25 @@ class GatherClient:
             weights: ``[T, L, h_c]`` per-core weights.
             timeout_s: deadline for the whole fan-out (default: the client's ``deadline_s``).
         """
-        deadline = time.monotonic() + (self.deadline_s if timeout_s is None else timeout_s)
+        budget = self.deadline_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget
         t, calls = self.prepare(table_id, indices, blocks, weights)
+        for _, msg in calls:  # the shard skips work it dequeues after this (streams only)
+            msg.timeout_us = max(1, int(budget * 1e6))
         num_tokens = indices.shape[0]
         results = await self._fan_out(t, calls, num_tokens, deadline)
         return self.combine(t, results, num_tokens)
 
     def prepare(
         self, table_id: str, indices: torch.Tensor, blocks: torch.Tensor, weights: torch.Tensor
-    ) -> tuple[TableLayout, list[tuple[int, pb.GatherRequest]]]:
+    ) -> tuple[TableLayout, list[tuple[int, pb.StreamGatherRequest]]]:
         """Check a batch and build the per-shard requests: ``(table, [(shard, request)])``.
-        Row tables: only shards owning some entry get a request; dim tables: every shard."""
+        Row tables: only shards owning some entry get a request; dim tables: every shard (one
+        message). Each message carries this call's request id; the unary form is ``.gather``."""
         t = self.table(table_id)
         ids, blk, w = host_array(indices), host_array(blocks), host_array(weights)
         self._check_inputs(t, ids, blk, w)
-        calls: list[tuple[int, pb.GatherRequest]] = []
+        calls: list[tuple[int, pb.StreamGatherRequest]] = []
         if t.sharding == "row" and len(t.rows) > 1:
             num_tokens, per_token = ids.shape
             parts = split_arrays(
@@ -334,6 +392,9 @@ class GatherClient:
         else:
             req = self._request(table_id, ids, blk, w, None, t.n_rows)
             calls = [(k, req) for k in range(self.layout.num_shards)]
+        request_id = next(self._request_ids)
+        for _, msg in calls:
+            msg.request_id = request_id
         return t, calls
 
     @staticmethod
@@ -346,7 +407,7 @@ class GatherClient:
     async def _fan_out(
         self,
         t: TableLayout,
-        calls: list[tuple[int, pb.GatherRequest]],
+        calls: list[tuple[int, pb.StreamGatherRequest]],
         num_tokens: int,
         deadline: float,
     ) -> list[np.ndarray]:

@@ -104,6 +104,7 @@ class ShardServer:
             await asyncio.sleep(self.cfg.drain_s)
         if isinstance(self.health, DrainingHealthServicer):
             self.health.end_watches()  # health watchers must not hold the stop for `grace`
+        self.servicer.end_streams()  # nor gather streams (their callers re-send elsewhere)
         await self.grpc_server.stop(self.cfg.grace_s if grace is None else grace)
         if self.health_server is not None:
             await self.health_server.stop(0)

@@ -24,10 +24,11 @@ compared in constant time (through their SHA-256 digests) and never logged.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,13 @@ import grpc
 
 from ultramem_dist._private.pem import read_pem
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 
 __all__ = [
     "AUTH_HEADER",
     "MIN_TOKEN_CHARS",
     "PROTECTED_SERVICE",
+    "TABLE_SCOPE",
     "BearerTokenInterceptor",
     "TokenGrant",
     "TokenPolicy",
@@ -165,16 +168,39 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | None:
     return None
 
 
+#: Tables the caller of the current RPC may read (``None``: all). Set by
+#: :class:`BearerTokenInterceptor` around a ``GatherStream``, whose servicer checks every message.
+TABLE_SCOPE: contextvars.ContextVar[Collection[str] | None] = contextvars.ContextVar(
+    "ultramem_table_scope", default=None
+)
+
+
 def _ignore_body(_: bytes) -> None:
     return None
 
 
-def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _refusal(code: grpc.StatusCode, message: str, streaming: bool = False) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, message)
 
     # The request bytes of a refused caller are never parsed.
+    if streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, request_deserializer=_ignore_body)
     return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=_ignore_body)
+
+
+def _scoped_stream(inner: Callable[..., Any], tables: frozenset[str]) -> Callable[..., Any]:
+    """A stream handler that runs ``inner`` with :data:`TABLE_SCOPE` = ``tables``: the servicer
+    refuses each message for another table with PERMISSION_DENIED (the stream goes on)."""
+
+    async def scoped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        token = TABLE_SCOPE.set(tables)
+        try:
+            return await inner(request_iterator, context)
+        finally:
+            TABLE_SCOPE.reset(token)
+
+    return scoped
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -200,14 +226,21 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return _refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or invalid bearer token (send 'authorization: Bearer <token>')",
+                streaming=method.endswith("/GatherStream"),
             )
         handler = await continuation(handler_call_details)
-        if grant.tables is None or handler is None or handler.unary_unary is None:
+        if grant.tables is None or handler is None:
             return handler
-        if not method.endswith("/Gather"):
+        tables = frozenset(grant.tables)
+        if method.endswith("/GatherStream") and handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _scoped_stream(handler.stream_stream, tables),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if not method.endswith("/Gather") or handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
-        tables = grant.tables
 
         async def scoped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             table_id = getattr(request, "table_id", None)
@@ -263,12 +296,19 @@ def _guarded(
 
 def add_hardened_gather_pool(servicer: Any, server: grpc.aio.Server) -> None:
     """Like the generated ``add_GatherPoolServicer_to_server``, but undecodable request bytes
-    are answered with ``INVALID_ARGUMENT`` (never ``UNKNOWN``)."""
+    are answered with ``INVALID_ARGUMENT`` (never ``UNKNOWN``). ``GatherStream`` is served only
+    by servicers that implement it; others answer it with ``UNIMPLEMENTED``."""
     handlers = {
         "Gather": grpc.unary_unary_rpc_method_handler(
             _guarded(servicer.Gather, "GatherRequest"),
             request_deserializer=_lenient(pb.GatherRequest.FromString),
             response_serializer=pb.GatherReply.SerializeToString,
+        ),
+        # the servicer ends a stream with INVALID_ARGUMENT at an undecodable message
+        "GatherStream": grpc.stream_stream_rpc_method_handler(
+            servicer.GatherStream,
+            request_deserializer=_lenient(pb.StreamGatherRequest.FromString),
+            response_serializer=pb.StreamGatherReply.SerializeToString,
         ),
         "Info": grpc.unary_unary_rpc_method_handler(
             _guarded(servicer.Info, "InfoRequest"),
@@ -276,6 +316,8 @@ def add_hardened_gather_pool(servicer: Any, server: grpc.aio.Server) -> None:
             response_serializer=pb.InfoReply.SerializeToString,
         ),
     }
+    if type(servicer).GatherStream is pb_grpc.GatherPoolServicer.GatherStream:
+        del handlers["GatherStream"]  # the generated placeholder: let gRPC say UNIMPLEMENTED
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(PROTECTED_SERVICE, handlers),)
     )

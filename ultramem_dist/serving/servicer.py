@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,10 +21,8 @@ from ultramem_dist.kernels.gather_pool import native_plan
 from ultramem_dist.kernels.native import NativePlan
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
-from ultramem_dist.serving.metrics import (
-    ShardMetrics,
-    measured_gather,
-)
+from ultramem_dist.serving.metrics import ShardMetrics, gather_reply_bytes, measured_gather
+from ultramem_dist.serving.security import TABLE_SCOPE
 from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
 from ultramem_dist.store.manifest import SCHEMA_VERSION
 from ultramem_dist.store.reader import ShardSlice, ShardTable
@@ -35,6 +35,16 @@ _STORAGE_PB = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 class _DeadlinePassed(Exception):
     """The caller's deadline passed before the shard started the work (the work is skipped)."""
+
+
+class _StreamState:
+    """One open GatherStream: whether it waits for the next message, whether it must end."""
+
+    __slots__ = ("idle", "closing")
+
+    def __init__(self) -> None:
+        self.idle = True
+        self.closing = False
 
 
 def _entries(request: pb.GatherRequest) -> int:
@@ -100,6 +110,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         # the native kernel bound to each table once (None: GPU tables / no compiler)
         self._plans = {tid: kernel_plan(t) for tid, t in shard.tables.items()}
         self._info = self._build_info()
+        self._ending: asyncio.Event | None = None  # set by end_streams(); made on the loop
         self._info_bytes = self._info.ByteSize()
         m = shard.manifest
         self._metrics.set_table_version(
@@ -162,16 +173,14 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             schema_version=SCHEMA_VERSION,
         )
 
-    def _gather_sync(self, request: pb.GatherRequest) -> pb.GatherReply:
+    def _gather_sync(self, request: pb.GatherRequest, reply: pb.GatherReply) -> None:
+        """Answer ``request`` into ``reply`` (raises on a bad request; ``reply`` is then unset)."""
         q = decode_request(request, self._shard, self._limits)
         pooled = run_kernel(q, self._plans[request.table_id])
-        reply = pb.GatherReply(
-            table_id=request.table_id,
-            table_version=self._shard.manifest.version,
-            shard_index=self._shard.shard,
-        )
+        reply.table_id = request.table_id
+        reply.table_version = self._shard.manifest.version
+        reply.shard_index = self._shard.shard
         encode_array(pooled, reply.pooled)
-        return reply
 
     @staticmethod
     def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -179,10 +188,44 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    def _gather_if_live(self, request: pb.GatherRequest, deadline: float | None) -> pb.GatherReply:
+    def _gather_if_live(
+        self, request: pb.GatherRequest, reply: pb.GatherReply, deadline: float | None
+    ) -> None:
         if deadline is not None and time.monotonic() >= deadline:
             raise _DeadlinePassed
-        return self._gather_sync(request)
+        self._gather_sync(request, reply)
+
+    async def _answer(
+        self, request: pb.GatherRequest, reply: pb.GatherReply, deadline: float | None
+    ) -> None:
+        """Run the kernel for ``request`` into ``reply``, on the loop or on a kernel thread."""
+        if self._executor is None:
+            self._gather_if_live(request, reply, deadline)
+        else:  # a call may wait for a kernel thread: re-check its deadline when it starts
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                self._executor, self._gather_if_live, request, reply, deadline
+            )
+
+    def _failure(self, exc: Exception, table: str) -> tuple[grpc.StatusCode, str]:
+        """The status and message a failed gather ends with (recorded in the metrics)."""
+        where = f"shard {self._shard.shard}"
+        if isinstance(exc, _DeadlinePassed):
+            return (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{where}: the caller's deadline passed before the work started; skipped",
+            )
+        if isinstance(exc, UltraMemError):
+            code = status_for(exc)
+            self._metrics.table_call(table, code.name)
+            return code, f"{where}: {exc}"
+        # never crash the server on a bad request
+        log.error("Gather failed on %s", where, exc_info=exc)
+        self._metrics.table_call(table, "INTERNAL")
+        return grpc.StatusCode.INTERNAL, f"{where}: internal error ({type(exc).__name__}: {exc})"
+
+    def _table_label(self, request: pb.GatherRequest) -> str:
+        return request.table_id if request.table_id in self._shard.tables else "?"
 
     async def Gather(  # noqa: N802 (gRPC method name)
         self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
@@ -193,36 +236,104 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
     ) -> pb.GatherReply:
         start = time.perf_counter()
-        table = request.table_id if request.table_id in self._shard.tables else "?"
-        deadline = self._deadline_of(context)
+        table = self._table_label(request)
+        reply = pb.GatherReply()
+        failure = None
         try:
-            if self._executor is None:
-                reply = self._gather_if_live(request, deadline)
-            else:  # a call may wait for a kernel thread: re-check its deadline when it starts
-                loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(
-                    self._executor, self._gather_if_live, request, deadline
-                )
-        except _DeadlinePassed:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"shard {self._shard.shard}: the caller's deadline passed before the work "
-                "started; skipped",
-            )
-        except UltraMemError as exc:
-            code = status_for(exc)
-            self._metrics.table_call(table, code.name)
-            await context.abort(code, f"shard {self._shard.shard}: {exc}")
-        except Exception as exc:  # never crash the server on a bad request
-            log.exception("Gather failed on shard %d", self._shard.shard)
-            self._metrics.table_call(table, "INTERNAL")
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"shard {self._shard.shard}: internal error ({type(exc).__name__}: {exc})",
-            )
-        entries = _entries(request)
-        self._metrics.table_call(table, "OK", time.perf_counter() - start, entries)
+            await self._answer(request, reply, self._deadline_of(context))
+        except Exception as exc:
+            failure = self._failure(exc, table)
+        if failure is not None:
+            await context.abort(*failure)
+        self._metrics.table_call(table, "OK", time.perf_counter() - start, _entries(request))
         return reply
+
+    # -- GatherStream ------------------------------------------------------------------------
+
+    def end_streams(self) -> None:
+        """End every open GatherStream (a shutdown's drain): a stream waiting for its next
+        message ends now, one answering a message ends right after sending that reply. Both
+        complete with OK; the caller re-sends whatever it had not been answered elsewhere."""
+        if self._ending is None:
+            self._ending = asyncio.Event()
+        self._ending.set()
+
+    async def GatherStream(  # noqa: N802 (gRPC method name)
+        self, request_iterator: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        if self._ending is None:
+            self._ending = asyncio.Event()
+        if self._ending.is_set():
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"shard {self._shard.shard} is shutting down"
+            )
+        state = _StreamState()
+        serving = asyncio.ensure_future(self._serve_stream(context, state))
+        ending = asyncio.ensure_future(self._ending.wait())
+        try:
+            await asyncio.wait({serving, ending}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done():  # draining: end after the reply being computed, if any
+                state.closing = True
+                if state.idle:
+                    serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+            else:
+                serving.result()  # re-raise an abort (unreadable message) for gRPC
+        finally:
+            ending.cancel()
+            if not serving.done():  # the RPC itself was cancelled (caller gone)
+                serving.cancel()
+
+    async def _serve_stream(self, context: grpc.aio.ServicerContext, state: _StreamState) -> None:
+        scope = TABLE_SCOPE.get()
+        while not state.closing:
+            state.idle = True
+            message = await context.read()
+            state.idle = False
+            if message is grpc.aio.EOF:
+                return
+            if type(message) is not pb.StreamGatherRequest:  # the lenient decoder's stand-in
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "stream message is not a valid ultramem.v1.StreamGatherRequest protobuf "
+                    "message; stream ended",
+                )
+            await context.write(await self._stream_gather(message, scope))
+
+    async def _stream_gather(
+        self, message: pb.StreamGatherRequest, scope: Collection[str] | None
+    ) -> pb.StreamGatherReply:
+        """One gather on a stream, recorded like a unary ``Gather``."""
+        start = time.perf_counter()
+        self._metrics.begin("Gather")
+        request = message.gather
+        table = self._table_label(request)
+        out = pb.StreamGatherReply(request_id=message.request_id)
+        failure = None
+        if scope is not None and request.table_id not in scope:
+            failure = (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this token may not read table {request.table_id!r}",
+            )
+        else:
+            timeout_us = message.timeout_us
+            deadline = time.monotonic() + timeout_us * 1e-6 if timeout_us else None
+            try:
+                await self._answer(request, out.gather, deadline)
+            except Exception as exc:
+                failure = self._failure(exc, table)
+        seconds = time.perf_counter() - start
+        if failure is None:
+            self._metrics.table_call(table, "OK", seconds, _entries(request))
+            code, sent = "OK", gather_reply_bytes(out.gather)
+        else:
+            out.ClearField("gather")
+            out.code = failure[0].value[0]
+            out.message = failure[1]
+            code, sent = failure[0].name, 0
+        self._metrics.end("Gather", code, seconds, request.ByteSize(), sent)
+        return out
 
     async def Info(  # noqa: N802 (gRPC method name)
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext

@@ -69,6 +69,28 @@ class GatherReply(_message.Message):
     pooled: Tensor
     def __init__(self, table_id: _Optional[str] = ..., table_version: _Optional[str] = ..., shard_index: _Optional[int] = ..., pooled: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class StreamGatherRequest(_message.Message):
+    __slots__ = ("request_id", "gather", "timeout_us")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GATHER_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    gather: GatherRequest
+    timeout_us: int
+    def __init__(self, request_id: _Optional[int] = ..., gather: _Optional[_Union[GatherRequest, _Mapping]] = ..., timeout_us: _Optional[int] = ...) -> None: ...
+
+class StreamGatherReply(_message.Message):
+    __slots__ = ("request_id", "gather", "code", "message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GATHER_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    gather: GatherReply
+    code: int
+    message: str
+    def __init__(self, request_id: _Optional[int] = ..., gather: _Optional[_Union[GatherReply, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
