@@ -16,10 +16,13 @@ the native CPU path that ``backend="auto"`` picks.
 
 RPC: real ``ultramem-dist serve-shard`` processes (the machine's cores split between the
 shards of a configuration: ``--threads`` = cores / S) answering the product
-client (``GatherClient``: split, encode, fan out, decode, sum/concat), one call in flight;
-baseline: a bare grpc.aio echo server process (raw bytes, no protobuf, no work) that gets
-requests of the same serialized size and answers replies of the same size, fanned out to the
-same number of echo processes with the same grpc.aio client.
+client (``GatherClient``: split, encode, fan out, decode, sum/concat), one call in flight, sent
+on its ``GatherStream`` streams (the default, ``p50_ms``) and as unary ``Gather`` calls
+(``unary_p50_ms``); baseline: a bare grpc.aio echo server process (raw bytes, no protobuf, no
+work) that gets requests of the same serialized size and answers replies of the same size,
+fanned out to the same number of echo processes, as unary calls (``echo_p50_ms``, the baseline
+of ``ratio_to_echo``) and as messages on one open stream per process (``echo_stream_p50_ms``,
+``ratio_to_echo_stream``). The four series are interleaved call by call.
 """
 
 from __future__ import annotations

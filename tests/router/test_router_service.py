@@ -134,6 +134,7 @@ def test_info_describes_the_whole_table_as_one_shard(router, stub, shards):
     info = stub.Info(pb.InfoRequest(), timeout=10)
     assert (info.shard_index, info.num_shards, info.table_version) == (0, 1, "v1")
     assert info.max_message_bytes == 64 << 20 and info.max_batch == 4096
+    assert not info.gather_stream  # the router answers unary Gather only
     tables = {t.table_id: t for t in info.tables}
     assert sorted(tables) == ["dim", "mrg", "row"]
     for tid, t in tables.items():
@@ -170,15 +171,23 @@ def test_ragged_requests_are_padded_exactly(stub, table):
 async def test_a_generic_client_treats_the_router_as_one_shard(router):
     async with await GatherClient.connect(router.target) as client:
         assert client.layout.num_shards == 1 and client.version == "v1"
-        assert await client.wait_streams_ready(10)
-        for table in ("row", "dim", "row"):
+        for table in ("row", "dim"):
             idx, blk, w = random_queries(SPEC, 5, seed=9)
             out = await client.gather(table, idx, blk, w)
             torch.testing.assert_close(out, _ref(idx, blk, w), atol=1e-5, rtol=1e-5)
-        # the router has no GatherStream: the first streamed call came back UNIMPLEMENTED and
-        # was re-sent unary; later calls go unary straight away
+        # the router's Info does not advertise GatherStream: unary calls only
         (streams,) = client.streams
-        assert streams.unsupported and streams.sent == 1 and streams.resent == 1
+        assert streams.unsupported and streams.sent == 0
+    # a client that streams to it anyway gets UNIMPLEMENTED and re-sends the calls unary
+    forced = GatherClient(client.layout, client.replicas, deadline_s=5,
+                          options=client.options, stream_replicas=client.replicas)  # fmt: skip
+    async with forced:
+        assert await forced.wait_streams_ready(10)
+        for _ in range(3):
+            out = await forced.gather("row", idx, blk, w)
+            torch.testing.assert_close(out, _ref(idx, blk, w), atol=1e-5, rtol=1e-5)
+        (streams,) = forced.streams
+        assert streams.sent >= 1 and streams.resent == streams.sent
 
 
 def _refused(stub, req) -> grpc.RpcError:

@@ -81,6 +81,7 @@ def test_each_message_gets_the_unary_answer_with_its_id(server):
     assert [r.request_id for r in replies] == ids
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.GatherPoolStub(ch)
+        assert stub.Info(pb.InfoRequest(), timeout=10).gather_stream  # advertised
         for req, rep in zip(requests, replies, strict=True):
             assert rep.code == 0 and rep.message == ""
             assert rep.gather == stub.Gather(req, timeout=10)  # bit for bit, header and data
@@ -174,8 +175,40 @@ def test_work_whose_deadline_passed_in_the_queue_is_skipped(store):
     assert "skipped" in late.message and slow.calls == 1
 
 
-def test_graceful_stop_answers_what_it_read_then_ends_open_streams(store):
-    shard = InProcessShard(ServerConfig(store=store, kernel_workers=1))
+def test_with_kernel_threads_a_stream_answers_several_messages_at_once(store):
+    shard = InProcessShard(ServerConfig(store=store, kernel_workers=2))
+    servicer = shard.server.servicer
+    original = servicer._gather_sync
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow(request, reply):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        original(request, reply)
+
+    servicer._gather_sync = slow
+    try:
+        requests = [gather_request(seed) for seed in range(4)]
+        replies, code = asyncio.run(
+            _exchange(shard.target, [message(10 + i, r) for i, r in enumerate(requests)])
+        )
+        with grpc.insecure_channel(shard.target) as ch:
+            want = [pb_grpc.GatherPoolStub(ch).Gather(r, timeout=10) for r in requests]
+    finally:
+        shard.stop()
+    assert code == grpc.StatusCode.OK and peak[0] == 2  # two kernel threads busy at once
+    by_id = {r.request_id: r for r in replies}
+    assert sorted(by_id) == [10, 11, 12, 13]
+    assert [by_id[10 + i].gather for i in range(4)] == want
+
+
+@pytest.mark.parametrize("kernel_workers", [1, 2])
+def test_graceful_stop_answers_what_it_read_then_ends_open_streams(store, kernel_workers):
+    shard = InProcessShard(ServerConfig(store=store, kernel_workers=kernel_workers))
     slow = SlowKernel(shard.server.servicer)
 
     async def run():

@@ -95,14 +95,21 @@ class GatherClient:
         *,
         deadline_s: float,
         options: ChannelOptions,
+        stream_replicas: list[list[str]] | None = None,
     ) -> None:
+        """``stream_replicas``: per shard, the replicas to open GatherStreams to (default: all;
+        :meth:`connect` passes those whose ``Info`` advertises ``gather_stream``)."""
         self.layout = layout
         self.replicas = replicas
         self.deadline_s = deadline_s
         self.options = options
         self._channels = [make_channel(r, options) for r in replicas]
         self._stubs = [pb_grpc.GatherPoolStub(c) for c in self._channels]
-        self._streams = [GatherStreams(r, options) for r in replicas] if options.streaming else None
+        self._streams = (
+            [GatherStreams(r, options) for r in stream_replicas or replicas]
+            if options.streaming
+            else None
+        )
         self._request_ids = itertools.count(1)
 
     @classmethod
@@ -166,10 +173,12 @@ class GatherClient:
             log.warning("skipping unreachable replica: %s", f)
         layout = StoreLayout.from_infos([shards[k][0][1] for k in range(num_shards)])
         replicas = [[t for t, _ in shards[k]] for k in range(num_shards)]
+        # streams go to the replicas whose Info says they answer GatherStream
+        streaming = [[t for t, info in shards[k] if info.gather_stream] for k in range(num_shards)]
         max_msg = min(info.max_message_bytes for k in shards for _, info in shards[k])
         if max_msg and max_msg < opts.max_message_bytes:
             opts = dataclasses.replace(opts, max_message_bytes=max_msg)
-        return cls(layout, replicas, deadline_s=deadline_s, options=opts)
+        return cls(layout, replicas, deadline_s=deadline_s, options=opts, stream_replicas=streaming)
 
     @property
     def version(self) -> str:

@@ -8,7 +8,8 @@ back gets a stream at its next turn. A stream that breaks (the replica died or d
 shutdown, or the server has no such method) fails every gather waiting on it with
 :class:`StreamBroken`; the client re-sends those as unary calls, which carry the channel's retry
 policy. A broken stream's replica gets a new one after a short pause; a shard that answers
-UNIMPLEMENTED is never streamed to again.
+UNIMPLEMENTED is never streamed to again (``GatherClient.connect`` only streams to replicas
+whose ``Info`` advertises ``gather_stream`` in the first place).
 """
 
 from __future__ import annotations
@@ -140,8 +141,9 @@ class GatherStreams:
         self._reopen_at = [0.0] * len(replicas)
         self._turn = itertools.cycle(range(len(replicas)))
         self._closing: set[asyncio.Task[None]] = set()  # broken streams being closed
-        self.unsupported = False
-        """The shard answered UNIMPLEMENTED: it has no GatherStream (unary only from now on)."""
+        self.unsupported = not replicas
+        """No replica of the shard advertised GatherStream in its ``Info``, or one answered
+        UNIMPLEMENTED: unary calls only."""
         self.sent = 0
         """Gathers sent on a stream."""
         self.resent = 0

@@ -45,6 +45,7 @@ def whole_table_info(shard_info: pb.InfoReply, max_message_bytes: int) -> pb.Inf
     info.shard_index = 0
     info.num_shards = 1
     info.max_message_bytes = max_message_bytes
+    info.gather_stream = False  # the router answers unary Gather only
     for t in info.tables:
         t.row_lo, t.row_hi = 0, t.n_rows
         t.col_lo, t.col_hi = 0, t.out_width

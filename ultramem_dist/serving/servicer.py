@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -102,6 +101,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         self._limits = limits
         self._max_message_bytes = max_message_bytes
         self._metrics = metrics or ShardMetrics()
+        self._kernel_workers = kernel_workers
         self._executor = (
             ThreadPoolExecutor(kernel_workers, thread_name_prefix="gather-kernel")
             if kernel_workers
@@ -171,6 +171,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             max_per_query=self._limits.max_per_query,
             max_message_bytes=self._max_message_bytes,
             schema_version=SCHEMA_VERSION,
+            gather_stream=True,
         )
 
     def _gather_sync(self, request: pb.GatherRequest, reply: pb.GatherReply) -> None:
@@ -272,12 +273,11 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         ending = asyncio.ensure_future(self._ending.wait())
         try:
             await asyncio.wait({serving, ending}, return_when=asyncio.FIRST_COMPLETED)
-            if not serving.done():  # draining: end after the reply being computed, if any
+            if not serving.done():  # draining: end after the replies under way, if any
                 state.closing = True
                 if state.idle:
-                    serving.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await serving
+                    serving.cancel()  # interrupts the read only (see _serve_stream)
+                await serving
             else:
                 serving.result()  # re-raise an abort (unreadable message) for gRPC
         finally:
@@ -286,20 +286,56 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
                 serving.cancel()
 
     async def _serve_stream(self, context: grpc.aio.ServicerContext, state: _StreamState) -> None:
+        """Read and answer the stream's messages: one at a time with the kernel on the event
+        loop, up to ``kernel_workers`` at once (replies in completion order) with kernel
+        threads. On a drain, a read in progress is cancelled and the answers under way are
+        still written."""
         scope = TABLE_SCOPE.get()
-        while not state.closing:
-            state.idle = True
-            message = await context.read()
-            state.idle = False
-            if message is grpc.aio.EOF:
-                return
-            if type(message) is not pb.StreamGatherRequest:  # the lenient decoder's stand-in
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "stream message is not a valid ultramem.v1.StreamGatherRequest protobuf "
-                    "message; stream ended",
-                )
-            await context.write(await self._stream_gather(message, scope))
+        width = self._kernel_workers or 1
+        slots = asyncio.Semaphore(width)
+        write_lock = asyncio.Lock()  # one write at a time on a call
+        answering: set[asyncio.Task[None]] = set()
+
+        async def answer(message: pb.StreamGatherRequest) -> None:
+            try:
+                reply = await self._stream_gather(message, scope)
+                async with write_lock:
+                    await context.write(reply)
+            finally:
+                slots.release()
+
+        try:
+            while not state.closing:
+                await slots.acquire()
+                state.idle = True
+                try:
+                    message = await context.read()
+                except asyncio.CancelledError:
+                    if not state.closing:
+                        raise
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    break  # draining: no further message is read
+                finally:
+                    state.idle = False
+                if message is grpc.aio.EOF:
+                    break
+                if type(message) is not pb.StreamGatherRequest:  # the lenient decoder's stand-in
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "stream message is not a valid ultramem.v1.StreamGatherRequest "
+                        "protobuf message; stream ended",
+                    )
+                if width == 1:
+                    await answer(message)
+                else:
+                    task = asyncio.ensure_future(answer(message))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
+            if answering:
+                await asyncio.gather(*answering)
+        finally:
+            for task in answering:
+                task.cancel()
 
     async def _stream_gather(
         self, message: pb.StreamGatherRequest, scope: Collection[str] | None

@@ -132,7 +132,7 @@ class TableInfo(_message.Message):
     def __init__(self, table_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., dv: _Optional[int] = ..., expansion: _Optional[int] = ..., num_cores: _Optional[int] = ..., d_model: _Optional[int] = ..., topm: _Optional[int] = ..., heads: _Optional[int] = ..., merged: _Optional[bool] = ..., sharding: _Optional[_Union[Sharding, str]] = ..., row_lo: _Optional[int] = ..., row_hi: _Optional[int] = ..., col_lo: _Optional[int] = ..., col_hi: _Optional[int] = ..., out_width: _Optional[int] = ..., storage_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "table_version", "model_id", "config_hash", "tables", "max_batch", "max_per_query", "max_message_bytes", "schema_version")
+    __slots__ = ("shard_index", "num_shards", "table_version", "model_id", "config_hash", "tables", "max_batch", "max_per_query", "max_message_bytes", "schema_version", "gather_stream")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class InfoReply(_message.Message):
     MAX_PER_QUERY_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GATHER_STREAM_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     table_version: str
@@ -153,4 +154,5 @@ class InfoReply(_message.Message):
     max_per_query: int
     max_message_bytes: int
     schema_version: int
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., table_version: _Optional[str] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., max_batch: _Optional[int] = ..., max_per_query: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., schema_version: _Optional[int] = ...) -> None: ...
+    gather_stream: bool
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., table_version: _Optional[str] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., max_batch: _Optional[int] = ..., max_per_query: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., schema_version: _Optional[int] = ..., gather_stream: _Optional[bool] = ...) -> None: ...

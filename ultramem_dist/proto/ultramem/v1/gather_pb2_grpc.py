@@ -66,8 +66,9 @@ class GatherPoolServicer:
         cost of a unary RPC (about half the latency at decoding cadence). Each request gets exactly
         one reply with its request_id. The stream ends with OK when either side finishes it, or when
         the shard drains for shutdown (after answering what it read; the caller re-sends anything
-        unanswered elsewhere). An unreadable message ends the stream with INVALID_ARGUMENT. Servers
-        that do not implement it (e.g. the router) answer UNIMPLEMENTED; callers then use Gather.
+        unanswered elsewhere). An unreadable message ends the stream with INVALID_ARGUMENT.
+        InfoReply.gather_stream says whether a server answers it; servers that do not (e.g. the
+        router) answer UNIMPLEMENTED, and callers use Gather.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
