@@ -117,17 +117,17 @@ def draw(out: Path) -> None:
             "    (CSR), add partial sums",
             "  dim tables: same request to all,",
             "    concatenate column slices",
-            "1 grpc.aio channel per shard:",
-            "  round_robin over replicas,",
-            "  retry UNAVAILABLE, deadline,",
-            "  table version in every call",
+            "1 GatherStream per replica;",
+            "  broken: unary Gather on the shard's",
+            "  channel (round_robin, retry),",
+            "  deadline, version in every call",
         ],
         COLORS["client"],
         size=8.3,
     )
 
     shard_lines = [
-        "grpc.aio GatherPool (Gather, Info)",
+        "GatherPool (GatherStream, Gather, Info)",
         "grpc.health.v1 + reflection",
         "Prometheus /metrics :9090",
     ]
@@ -189,7 +189,7 @@ def draw(out: Path) -> None:
     arrow(ax, (4.1, 5.5), (3.5, 5.5), "pooled")
     for y in (7.42, 5.92, 4.42):
         arrow(ax, (7.7, 6.3), (8.7, y))
-    ax.text(8.2, 6.55, "Gather", fontsize=8, ha="center", style="italic")
+    ax.text(8.2, 6.55, "GatherStream", fontsize=8, ha="center", style="italic")
 
     # optional router path
     box(

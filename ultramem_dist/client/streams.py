@@ -128,6 +128,7 @@ class _Stream:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        await asyncio.sleep(0)  # let grpc's own task for the cancelled call's status finish
 
 
 class GatherStreams:
