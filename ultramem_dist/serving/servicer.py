@@ -252,9 +252,9 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
     # -- GatherStream ------------------------------------------------------------------------
 
     def end_streams(self) -> None:
-        """End every open GatherStream (a shutdown's drain): a stream waiting for its next
-        message ends now, one answering a message ends right after sending that reply. Both
-        complete with OK; the caller re-sends whatever it had not been answered elsewhere."""
+        """End every open GatherStream (a shutdown's drain): no further message is read, the
+        replies under way are sent, then the stream completes with OK (at once if it was only
+        waiting for a message). The caller re-sends anything unanswered elsewhere."""
         if self._ending is None:
             self._ending = asyncio.Event()
         self._ending.set()
