@@ -14,7 +14,8 @@ h_c = 2 MCS cores) over one ``N x 256`` fp32 value shard — goes through four p
 loopback, all servers with one kernel thread:
 
 * ``grpc_shard`` — an ``ultramem-dist serve-shard`` process answered through the product client
-  (:class:`~ultramem_dist.client.GatherClient`: encode, call, check, decode);
+  (:class:`~ultramem_dist.client.GatherClient`: encode, call, check, decode; with its defaults,
+  so its gathers travel on ``GatherStream`` streams);
 * ``ray_actor`` — a plain (sync) Ray actor holding the same mmap'd shard; its method calls the
   same kernel (``gather_pool``) and returns the pooled tensor; driven with ``ray.get`` /
   ``ray.wait``. Tensors travel as numpy arrays (``torch.from_numpy`` views on both sides): passing
