@@ -10,6 +10,7 @@ pickle. Both ends are this package in two processes of one user, over a private
 from __future__ import annotations
 
 import builtins
+import math
 import pickle
 import struct
 from collections.abc import Sequence
@@ -66,6 +67,15 @@ def raw_frame(kind: int, rid: int, body: bytes) -> bytes:
 
 _ARRAY_HEAD = struct.Struct("<B4sB")  # dtype string length, dtype string (padded), ndim
 _U32 = struct.Struct("<I")
+_SHAPES = [struct.Struct(f"<{n}Q") for n in range(9)]  # shape structs by ndim, built once
+
+# These run on a decoding thread between model blocks, where every instruction is cold (this VM
+# runs a tiny numpy call ~15x slower right after compute or idle than in a hot loop): keep them
+# to a few C calls each (no np.prod, no per-call format strings).
+
+
+def _shape_struct(ndim: int) -> struct.Struct:
+    return _SHAPES[ndim] if ndim < len(_SHAPES) else struct.Struct(f"<{ndim}Q")
 
 
 def pack_array(a: np.ndarray) -> bytes:
@@ -73,8 +83,8 @@ def pack_array(a: np.ndarray) -> bytes:
     dt = a.dtype.str.encode()
     if len(dt) > 4:
         raise ValueError(f"cannot frame dtype {a.dtype}")
-    head = _ARRAY_HEAD.pack(len(dt), dt, a.ndim) + struct.pack(f"<{a.ndim}Q", *a.shape)
-    return head + np.ascontiguousarray(a).tobytes()
+    ndim = a.ndim
+    return _ARRAY_HEAD.pack(len(dt), dt, ndim) + _shape_struct(ndim).pack(*a.shape) + a.tobytes()
 
 
 def unpack_array(buf: bytes | bytearray, offset: int = 0) -> tuple[np.ndarray, int]:
@@ -82,10 +92,10 @@ def unpack_array(buf: bytes | bytearray, offset: int = 0) -> tuple[np.ndarray, i
     and the offset just past it."""
     n, dt, ndim = _ARRAY_HEAD.unpack_from(buf, offset)
     offset += _ARRAY_HEAD.size
-    shape = struct.unpack_from(f"<{ndim}Q", buf, offset)
+    shape = _shape_struct(ndim).unpack_from(buf, offset)
     offset += 8 * ndim
     dtype = np.dtype(dt[:n].decode())
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     a = np.frombuffer(buf, dtype, count, offset).reshape(shape)
     return a, offset + count * dtype.itemsize
 
