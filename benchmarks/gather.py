@@ -315,28 +315,27 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.2))
     configs = sorted({(r["shards"], r["sharding"]) for r in result["rpc"]})
     for shards, sharding in configs:
         rs = [r for r in result["rpc"] if (r["shards"], r["sharding"]) == (shards, sharding)]
         b = [r["batch"] for r in rs]
         (line,) = ax1.plot(
-            b, [r["p50_ms"] for r in rs], marker="o", label=f"Gather S={shards} {sharding} p50"
+            b, [r["p50_ms"] for r in rs], marker="o", label=f"stream S={shards} {sharding} p50"
         )
-        ax1.plot(
-            b,
-            [r["echo_p50_ms"] for r in rs],
-            ls="--",
-            color=line.get_color(),
-            label=f"echo S={shards} p50",
-        )
-        ax2.plot(
-            b,
-            [r["ratio_to_echo"] for r in rs],
-            marker="o",
-            color=line.get_color(),
-            label=f"S={shards} {sharding}",
-        )
+        c = line.get_color()
+        if "unary_p50_ms" in rs[0]:
+            ax1.plot(b, [r["unary_p50_ms"] for r in rs], marker="x", lw=0.8, color=c,
+                     label=f"unary S={shards} {sharding} p50")  # fmt: skip
+            ax1.plot(b, [r["echo_stream_p50_ms"] for r in rs], ls=":", color=c,
+                     label=f"stream echo S={shards} p50")  # fmt: skip
+        ax1.plot(b, [r["echo_p50_ms"] for r in rs], ls="--", color=c,
+                 label=f"echo S={shards} p50")  # fmt: skip
+        ax2.plot(b, [r["ratio_to_echo"] for r in rs], marker="o", color=c,
+                 label=f"S={shards} {sharding} (stream)")  # fmt: skip
+        if "unary_ratio_to_echo" in rs[0]:
+            ax2.plot(b, [r["unary_ratio_to_echo"] for r in rs], marker="x", lw=0.8, color=c,
+                     label=f"S={shards} {sharding} (unary)")  # fmt: skip
         if "floor_ratio_to_echo" in rs[0]:
             ax2.plot(
                 b,
@@ -350,17 +349,17 @@ def plot(result: dict, path: Path) -> None:
         yscale="log",
         xlabel="batch (queries, L=160 rows each)",
         ylabel="latency (ms)",
-        title="Remote Gather vs bare gRPC echo (loopback)",
+        title="Remote gather (stream / unary) vs bare gRPC echo (unary / stream)",
     )
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=6, ncol=2)
     ax2.axhline(1.5, color="grey", ls=":", label="target 1.5x")
     ax2.set(
         xscale="log",
         xlabel="batch",
-        ylabel="Gather p50 / echo p50",
+        ylabel="gather p50 / unary echo p50",
         title="Overhead over transport floor",
     )
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=6)
     k = result["kernel"]
     fig.suptitle(
         f"kernel: gather_pool {k['gather_gbps']} GB/s vs copy_ {k['memcpy_gbps']} GB/s "

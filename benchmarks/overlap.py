@@ -275,18 +275,29 @@ def main() -> None:
             "config's span); value shards as Ray actors with their own grpc.aio servers on "
             "loopback; model thread uses 1 torch thread; client transport 'process' = gRPC client "
             "in a lookup process (ClusterValueStore's default), 'thread' = asyncio client on a "
-            "thread of the decoding process; local/serial/overlapped interleaved round by round",
+            "thread of the decoding process, both on GatherStream streams ('-unary': unary "
+            "Gather calls); local/serial/overlapped interleaved round by round",
         },
     )
     print("->", path)
+    plot(results, args.batch, plot_path("overlap.png"))
+
+
+def plot(results: list[dict], batch: int, path: Path) -> None:
+    """Bars of ms per token for every configuration: one colour per (shape, shards), one hatch
+    per client variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     modes = ["local", "remote_serial", "remote_overlapped"]
     width = 0.8 / len(results)
+    groups = list(dict.fromkeys((r["shape"], r["shards"]) for r in results))
+    variants = list(dict.fromkeys(r["transport"] for r in results))
+    colors = plt.get_cmap("tab10").colors
+    hatches = ["", "//", "..", "xx", "\\\\"]
     for j, r in enumerate(results):
         xs = [i + (j - (len(results) - 1) / 2) * width for i in range(len(modes))]
         vals = [r["ms_per_token"][m] for m in modes]
@@ -294,6 +305,9 @@ def main() -> None:
             xs,
             vals,
             width,
+            color=colors[groups.index((r["shape"], r["shards"])) % len(colors)],
+            hatch=hatches[variants.index(r["transport"]) % len(hatches)],
+            edgecolor="white",
             label=f"{r['shape']}, {r['shards']} shard(s), {r['transport']}: "
             f"{100 * r['hidden_fraction']:.0f}% hidden",
         )
@@ -301,10 +315,12 @@ def main() -> None:
             ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(modes)), modes)
     ax.set_ylabel("ms per decoded token (median)")
-    ax.set_title(f"Skip-layer overlap, batch {args.batch} (2-core CPU)")
-    ax.legend(fontsize=7)
+    ax.set_title(f"Skip-layer overlap, batch {batch} (2-core CPU)")
+    top = max(r["ms_per_token"][m] for r in results for m in modes)
+    ax.set_ylim(0, top * 1.5)  # room for the legend above the bars
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
-    fig.savefig(plot_path("overlap.png"), dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
