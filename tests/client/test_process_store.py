@@ -74,7 +74,7 @@ def _ref(sel: Selection) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("table", ["row", "dim"])
-@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+@pytest.mark.parametrize("num_tokens", [1, 7, 64, 300])  # 300: a reply above the read buffer
 def test_results_equal_the_local_kernel(store, table, num_tokens):
     sel = _sel(num_tokens, seed=num_tokens)
     fut = store.submit(table, sel)
@@ -94,6 +94,16 @@ def test_same_answers_as_the_thread_store(store, shards):
     with RemoteValueStore(shards) as threaded:
         assert threaded.layout == store.layout and threaded.version == store.version == "v1"
         assert torch.equal(threaded.lookup("row", sel, 30), store.lookup("row", sel, 30))
+
+
+def test_mixed_sizes_in_flight_are_read_back_whole(store):
+    """Small and big replies (below and above the 64 KiB read buffer) queued behind each other
+    are cut into frames correctly whatever the order they are collected in."""
+    sels = [_sel(n, seed=i) for i, n in enumerate([1, 300, 2, 200, 1, 600, 3])]
+    futs = [store.submit("row", sel) for sel in sels]
+    time.sleep(0.5)  # let the replies pile up in the socket
+    for fut, sel in reversed(list(zip(futs, sels, strict=True))):
+        torch.testing.assert_close(fut.result(timeout=30), _ref(sel))
 
 
 def test_many_in_flight_collected_in_any_order(store):

@@ -55,6 +55,15 @@ __all__ = ["TRANSPORTS", "LookupProcess", "ProcessValueStore", "open_remote_stor
 TRANSPORTS = ("process", "thread")
 """Where a remote store's gRPC client runs: a lookup ``process`` or a ``thread`` of this one."""
 
+_RBUF_BYTES = 1 << 16
+_REPLY_KINDS = frozenset((Kind.OK, Kind.ERROR, Kind.READY, Kind.ARRAY))
+_MAX_FRAME_BYTES = 1 << 31  # far above any reply (gRPC messages are capped well below)
+
+
+class _BadHeader(Exception):
+    """A frame header no lookup process writes: the byte stream is out of step."""
+
+
 _GRACE_S = 10.0
 """How long past a lookup's own deadline the caller waits for the lookup process's answer
 before declaring it hung (the process enforces the deadline itself; this is a backstop)."""
@@ -117,6 +126,10 @@ class LookupProcess:
         finally:
             theirs.close()
         self._sock = ours
+        # replies are read into this buffer: a frame's header and body usually come in one recv
+        self._rbuf = bytearray(_RBUF_BYTES)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = self._rend = 0  # unread bytes: _rbuf[_rstart:_rend]
         self._owner_pid = os.getpid()
         self._send_lock = threading.RLock()  # also guards _pending against _fail_all
         self._read_lock = threading.Lock()
@@ -224,12 +237,17 @@ class LookupProcess:
         if self._dead is not None:
             self._fail_all(self._dead)
             return False
-        ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
-        if not ready:
-            return False
         try:
-            size, kind, rid = HEADER.unpack(self._recv_exact(HEADER.size))
-            body = self._recv_exact(size)
+            if self._rend - self._rstart < HEADER.size and not self._recv_some(timeout):
+                return False
+        except (OSError, EOFError) as exc:
+            self._fail_all(f"the lookup process is gone ({self._exit_status()}): {exc}")
+            return False
+        try:  # a frame has begun: read all of it
+            kind, rid, body = self._take_frame()
+        except _BadHeader as exc:  # never block reading a length that means nothing
+            self._abandon(f"unreadable frame from the lookup process ({exc})")
+            return False
         except (OSError, EOFError) as exc:
             self._fail_all(f"the lookup process is gone ({self._exit_status()}): {exc}")
             return False
@@ -250,16 +268,55 @@ class LookupProcess:
             fut.set_result(payload if fut._convert is None else fut._convert(payload))
         return True
 
-    def _recv_exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self._sock.recv_into(view[got:])
+    def _recv_some(self, timeout: float | None) -> bool:
+        """Append what the socket has to the read buffer. With a ``timeout``, wait at most that
+        long for the first byte (False: none came); without, block."""
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        elif self._rend == len(self._rbuf):  # no room at the end: move the unread bytes up
+            n = self._rend - self._rstart
+            self._rbuf[:n] = self._rview[self._rstart : self._rend]
+            self._rstart, self._rend = 0, n
+        room = self._rview[self._rend :]
+        if timeout is None:
+            k = self._sock.recv_into(room)
+        else:
+            try:  # a reply that is already there costs no select() (the usual case at block b)
+                k = self._sock.recv_into(room, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
+                if not ready:
+                    return False
+                k = self._sock.recv_into(room)
+        if k == 0:
+            raise EOFError("connection closed")
+        self._rend += k
+        return True
+
+    def _take_frame(self) -> tuple[int, int, bytearray]:
+        """The next frame's kind, request id and body (a fresh bytearray), blocking until all of
+        it has arrived."""
+        while self._rend - self._rstart < HEADER.size:
+            self._recv_some(None)
+        size, kind, rid = HEADER.unpack_from(self._rbuf, self._rstart)
+        if kind not in _REPLY_KINDS or size > _MAX_FRAME_BYTES:
+            raise _BadHeader(f"header says kind {kind}, {size} bytes")
+        start = self._rstart + HEADER.size
+        have = self._rend - start
+        if have >= size:
+            body = bytearray(self._rview[start : start + size])
+            self._rstart = start + size
+            return kind, rid, body
+        body = bytearray(size)  # a big reply: the rest goes straight into its own buffer
+        body[:have] = self._rview[start : self._rend]
+        self._rstart = self._rend = 0
+        view = memoryview(body)
+        while have < size:
+            k = self._sock.recv_into(view[have:])
             if k == 0:
                 raise EOFError("connection closed")
-            got += k
-        return buf
+            have += k
+        return kind, rid, body
 
     def _exit_status(self) -> str:
         code = self._proc.poll()
