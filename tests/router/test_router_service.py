@@ -244,7 +244,9 @@ class SlowShard(pb_grpc.GatherPoolServicer):
     """Impersonates a 1-shard store (real Info) but takes ``delay`` seconds per Gather."""
 
     def __init__(self, info: pb.InfoReply, delay: float) -> None:
-        self.info, self.delay = info, delay
+        self.info, self.delay = pb.InfoReply(), delay
+        self.info.CopyFrom(info)
+        self.info.gather_stream = False  # this double answers unary Gather only
         self.seen_remaining: list[float | None] = []
         self.cancelled = threading.Event()
         self.started = threading.Event()
