@@ -17,7 +17,7 @@ from ultramem_dist.errors import (
     VersionMismatchError,
 )
 
-__all__ = ["error_for", "status_for"]
+__all__ = ["code_for_number", "error_for", "status_for"]
 
 # error class -> status code (server side). Order matters only for subclasses (none today).
 _ERROR_TO_STATUS: tuple[tuple[type[UltraMemError], grpc.StatusCode], ...] = (
@@ -36,6 +36,15 @@ _STATUS_TO_ERROR: dict[grpc.StatusCode, type[UltraMemError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: ShardUnavailableError,
     grpc.StatusCode.CANCELLED: ShardUnavailableError,
 }
+
+
+_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def code_for_number(number: int) -> grpc.StatusCode:
+    """The status code with wire number ``number`` (as a GatherStream reply carries it);
+    UNKNOWN for a number gRPC does not define."""
+    return _CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:

@@ -62,9 +62,10 @@ class ChannelOptions:
     the Health service counts as healthy."""
     streaming: bool = True
     """Send gathers over one long-lived ``GatherStream`` per replica (about half the per-call
-    cost of unary ``Gather``). A call whose stream breaks is re-sent as a unary ``Gather`` (with
-    the retries above) within its deadline; a server without the stream (UNIMPLEMENTED, e.g. the
-    router) gets unary calls. ``False``: unary calls only."""
+    cost of unary ``Gather``) to each replica whose ``Info`` advertises ``gather_stream``. A
+    call whose stream breaks is re-sent as a unary ``Gather`` (with the retries above) within
+    its deadline; servers that do not advertise it (e.g. the router) get unary calls. ``False``:
+    unary calls only."""
     max_reconnect_backoff_ms: int | None = 1000
     """Cap of the backoff between reconnect attempts to a failed replica (``None`` = gRPC's
     default, which grows to 120 s). A small cap puts a restarted replica back into rotation

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ultramem_dist._private.codec import decode_array, encode_array
-from ultramem_dist._private.status import error_for
+from ultramem_dist._private.status import code_for_number, error_for
 from ultramem_dist.client.channels import (
     ChannelOptions,
     expand_targets,
@@ -65,7 +65,6 @@ async def fetch_info(
             ) from None
 
 
-_STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _LIMITS = {t: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in (np.int32, np.int64)}
 
 
@@ -287,7 +286,7 @@ class GatherClient:
             else:
                 if streamed is not None:
                     if streamed.code:
-                        code = _STATUS_BY_NUMBER.get(streamed.code, grpc.StatusCode.UNKNOWN)
+                        code = code_for_number(streamed.code)
                         raise self.status_error(shard, t, code, streamed.message)
                     return self.check_reply(shard, t, streamed.gather, num_tokens)
         try:

@@ -43,7 +43,6 @@ class StreamBroken(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
-        self.details = details
 
 
 class _Stream:

@@ -48,6 +48,7 @@ __all__ = [
     "TokenGrant",
     "TokenPolicy",
     "add_hardened_gather_pool",
+    "scope_refusal",
     "read_pem",
     "server_credentials",
 ]
@@ -175,6 +176,14 @@ TABLE_SCOPE: contextvars.ContextVar[Collection[str] | None] = contextvars.Contex
 )
 
 
+def scope_refusal(tables: Collection[str] | None, table_id: object) -> str | None:
+    """Why a caller whose token grants ``tables`` (``None``: all) may not read ``table_id``, or
+    ``None`` if it may. Shared by the unary ``Gather`` and every ``GatherStream`` message."""
+    if tables is None or not isinstance(table_id, str) or table_id in tables:
+        return None
+    return f"this token may not read table {table_id!r}"
+
+
 def _ignore_body(_: bytes) -> None:
     return None
 
@@ -243,12 +252,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
 
         async def scoped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            table_id = getattr(request, "table_id", None)
-            if isinstance(table_id, str) and table_id not in tables:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"this token may not read table {table_id!r}",
-                )
+            refusal = scope_refusal(tables, getattr(request, "table_id", None))
+            if refusal is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(

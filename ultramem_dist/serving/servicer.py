@@ -21,7 +21,7 @@ from ultramem_dist.kernels.native import NativePlan
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving.metrics import ShardMetrics, gather_reply_bytes, measured_gather
-from ultramem_dist.serving.security import TABLE_SCOPE
+from ultramem_dist.serving.security import TABLE_SCOPE, scope_refusal
 from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
 from ultramem_dist.store.manifest import SCHEMA_VERSION
 from ultramem_dist.store.reader import ShardSlice, ShardTable
@@ -255,22 +255,24 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         """End every open GatherStream (a shutdown's drain): no further message is read, the
         replies under way are sent, then the stream completes with OK (at once if it was only
         waiting for a message). The caller re-sends anything unanswered elsewhere."""
-        if self._ending is None:
+        self._ending_event().set()
+
+    def _ending_event(self) -> asyncio.Event:
+        if self._ending is None:  # made on first use, on the server's event loop
             self._ending = asyncio.Event()
-        self._ending.set()
+        return self._ending
 
     async def GatherStream(  # noqa: N802 (gRPC method name)
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
-        if self._ending is None:
-            self._ending = asyncio.Event()
-        if self._ending.is_set():
+        ending_event = self._ending_event()
+        if ending_event.is_set():
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"shard {self._shard.shard} is shutting down"
             )
         state = _StreamState()
         serving = asyncio.ensure_future(self._serve_stream(context, state))
-        ending = asyncio.ensure_future(self._ending.wait())
+        ending = asyncio.ensure_future(ending_event.wait())
         try:
             await asyncio.wait({serving, ending}, return_when=asyncio.FIRST_COMPLETED)
             if not serving.done():  # draining: end after the replies under way, if any
@@ -347,11 +349,9 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         table = self._table_label(request)
         out = pb.StreamGatherReply(request_id=message.request_id)
         failure = None
-        if scope is not None and request.table_id not in scope:
-            failure = (
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"this token may not read table {request.table_id!r}",
-            )
+        refusal = scope_refusal(scope, request.table_id)
+        if refusal is not None:
+            failure = (grpc.StatusCode.PERMISSION_DENIED, refusal)
         else:
             timeout_us = message.timeout_us
             deadline = time.monotonic() + timeout_us * 1e-6 if timeout_us else None
