@@ -234,6 +234,24 @@ class InProcessShard:
         self.loop.close()
 
 
+class HeldKernel:
+    """Replaces a shard servicer's kernel step: each call waits (up to 10 s) for ``release``;
+    ``started`` is set by the first call, ``calls`` counts them."""
+
+    def __init__(self, servicer) -> None:
+        self.original = servicer._gather_sync
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        servicer._gather_sync = self
+
+    def __call__(self, request, reply) -> None:
+        self.calls += 1
+        self.started.set()
+        self.release.wait(10)
+        self.original(request, reply)
+
+
 @pytest.fixture(scope="module")
 def in_process_shard() -> Iterator[Callable[..., InProcessShard]]:
     """``start(ServerConfig)`` -> a running in-process shard server (stopped at module end)."""

@@ -5,12 +5,11 @@ another replica within their deadline (nothing lost, nothing partial)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
 import torch
-from conftest import InProcessShard, make_table_spec, random_queries
+from conftest import HeldKernel, InProcessShard, make_table_spec, random_queries
 
 from ultramem_dist.client import ChannelOptions, GatherClient
 from ultramem_dist.errors import InvalidRequestError, ShardUnavailableError
@@ -70,21 +69,6 @@ async def test_a_refused_gather_raises_its_error_and_the_stream_serves_on(pair):
         out = await client.gather("dim", idx, blk, w)
         torch.testing.assert_close(out, expected(idx, blk, w), atol=1e-5, rtol=1e-5)
         assert all(s.resent == 0 and s.unsupported is False for s in client.streams)
-
-
-class HeldKernel:
-    """Holds every kernel call of a servicer until released."""
-
-    def __init__(self, servicer) -> None:
-        self.original = servicer._gather_sync
-        self.release = threading.Event()
-        self.started = threading.Event()
-        servicer._gather_sync = self
-
-    def __call__(self, request, reply):
-        self.started.set()
-        self.release.wait(10)
-        self.original(request, reply)
 
 
 async def test_a_deadline_fails_only_its_own_call(store):

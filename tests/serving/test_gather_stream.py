@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import InProcessShard, make_table_spec
+from conftest import HeldKernel, InProcessShard, make_table_spec
 
 from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
@@ -131,26 +131,9 @@ def test_stream_gathers_are_counted_like_unary_ones(server):
     assert calls() - before == 4
 
 
-class SlowKernel:
-    """Holds each kernel call until released (counts calls)."""
-
-    def __init__(self, servicer) -> None:
-        self.original = servicer._gather_sync
-        self.started = threading.Event()
-        self.release = threading.Event()
-        self.calls = 0
-        servicer._gather_sync = self
-
-    def __call__(self, request, reply):
-        self.calls += 1
-        self.started.set()
-        self.release.wait(10)
-        self.original(request, reply)
-
-
 def test_work_whose_deadline_passed_in_the_queue_is_skipped(store):
     shard = InProcessShard(ServerConfig(store=store, kernel_workers=1))
-    slow = SlowKernel(shard.server.servicer)
+    slow = HeldKernel(shard.server.servicer)
 
     async def run():
         async with grpc.aio.insecure_channel(shard.target) as ch:
@@ -209,7 +192,7 @@ def test_with_kernel_threads_a_stream_answers_several_messages_at_once(store):
 @pytest.mark.parametrize("kernel_workers", [1, 2])
 def test_graceful_stop_answers_what_it_read_then_ends_open_streams(store, kernel_workers):
     shard = InProcessShard(ServerConfig(store=store, kernel_workers=kernel_workers))
-    slow = SlowKernel(shard.server.servicer)
+    slow = HeldKernel(shard.server.servicer)
 
     async def run():
         async with grpc.aio.insecure_channel(shard.target) as ch:
