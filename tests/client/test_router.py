@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ultramem_dist.client.router import concat_columns, split_by_owner, sum_partials
-from ultramem_dist.kernels import column_segments, gather_pool
+from ultramem_dist.client.router import (
+    concat_columns,
+    split_arrays,
+    split_by_owner,
+    split_for_wire,
+    sum_partials,
+)
+from ultramem_dist.kernels import column_segments, gather_pool, native
 from ultramem_dist.store.layout import column_ranges, owner_of, row_ranges
 
 
@@ -152,3 +160,57 @@ def test_expand_targets_turns_a_multi_address_name_into_every_address(monkeypatc
         "127.0.0.1:7",
         "one.svc:5",
     ]
+
+
+@st.composite
+def wire_batches(draw):
+    """Ragged batches with ids anywhere in int64 (out of the table, negative, past int32)."""
+    shards = draw(st.integers(1, 6))
+    row_los = sorted(draw(st.lists(st.integers(1, 1000), min_size=shards - 1, max_size=shards - 1)))
+    lengths = draw(st.lists(st.integers(0, 7), max_size=6))
+    nnz = sum(lengths)
+    bound = draw(st.sampled_from([1100, 2**31, 2**40]))
+    ids = draw(st.lists(st.integers(-bound, bound), min_size=nnz, max_size=nnz))
+    blk = draw(st.lists(st.integers(-3, 2**33), min_size=nnz, max_size=nnz))
+    cores = draw(st.sampled_from([1, 2, 3]))
+    w = np.arange(nnz * cores, dtype=np.float32).reshape(nnz, cores)
+    offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.array(ids, dtype=np.int64), np.array(blk, dtype=np.int64), w, offs, [0, *row_los]
+
+
+@given(wire_batches())
+@settings(max_examples=150, deadline=None)
+def test_native_split_for_the_wire_equals_the_numpy_split(batch):
+    ids, blk, w, offs, row_los = batch
+    want = split_arrays(ids, blk, w, offs, row_los)
+    got = split_for_wire(ids, blk, w, offs, row_los)
+    assert len(got) == len(want)
+    fits = all(np.iinfo(np.int32).min <= int(x) <= np.iinfo(np.int32).max for x in [*ids, *blk])
+    for g, e in zip(got, want, strict=True):
+        assert (g is None) == (e is None)
+        if g is None:
+            continue
+        for a, b in zip(g, e, strict=True):
+            np.testing.assert_array_equal(a, b)  # same values; narrowed only when all fit
+        if fits and native.library() is not None:
+            assert g[0].dtype == g[1].dtype == g[3].dtype == np.int32
+        else:
+            assert g[0].dtype == np.int64  # never wrapped into another (valid) row id
+
+
+def test_native_split_refuses_arrays_it_would_misread():
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no C compiler: the numpy split is the only path")
+    ids = np.zeros(4, dtype=np.int64)
+    w = np.zeros((4, 2), dtype=np.float32)
+    offs = np.array([0, 4], dtype=np.int64)
+    rl = np.array([0, 2], dtype=np.int64)
+    with pytest.raises(TypeError, match="ids: expected a C-contiguous int64"):
+        lib.split_rows(ids.astype(np.int32), ids, w, offs, rl)
+    with pytest.raises(TypeError, match="w: expected"):
+        lib.split_rows(ids, ids, w[:, :1], offs, rl)
+    with pytest.raises(ValueError, match="tok_off must run from 0 to nnz=4"):
+        lib.split_rows(ids, ids, w, np.array([0, 3], dtype=np.int64), rl)
+    with pytest.raises(ValueError, match="bad offsets"):
+        lib.split_rows(ids, ids, w, np.array([0, 5, 4], dtype=np.int64), rl)

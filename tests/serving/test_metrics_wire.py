@@ -12,6 +12,7 @@ from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.serving.metrics import (
     gather_reply_bytes,
+    gather_request_bytes,
     histogram_quantile,
     tensor_wire_bytes,
 )
@@ -34,6 +35,18 @@ def test_reply_size_matches_protobuf(table, version, shard, shape):
     reply = pb.GatherReply(table_id=table, table_version=version, shard_index=shard)
     encode_tensor(torch.zeros(shape), reply.pooled)
     assert gather_reply_bytes(reply) == reply.ByteSize()
+
+
+@given(
+    names, names, st.sampled_from(DTYPES), shapes, st.lists(st.booleans(), min_size=4, max_size=4)
+)
+@settings(max_examples=60, deadline=None)
+def test_request_size_matches_protobuf(table, version, dtype, shape, present):
+    request = pb.GatherRequest(table_id=table, table_version=version)
+    for name, here in zip(("indices", "offsets", "blocks", "weights"), present, strict=True):
+        if here:
+            encode_tensor(torch.zeros(shape, dtype=dtype), getattr(request, name))
+    assert gather_request_bytes(request) == request.ByteSize()
 
 
 def test_histogram_quantile_interpolates_like_promql():

@@ -31,7 +31,7 @@ from ultramem_dist.client.channels import (
     split_targets,
 )
 from ultramem_dist.client.layout import StoreLayout, TableLayout
-from ultramem_dist.client.router import concat_columns, host_array, split_arrays, sum_partials
+from ultramem_dist.client.router import concat_columns, host_array, split_for_wire, sum_partials
 from ultramem_dist.client.streams import GatherStreams, StreamBroken
 from ultramem_dist.errors import (
     InvalidRequestError,
@@ -386,18 +386,17 @@ class GatherClient:
         self._check_inputs(t, ids, blk, w)
         calls: list[tuple[int, pb.StreamGatherRequest]] = []
         if t.sharding == "row" and len(t.rows) > 1:
-            num_tokens, per_token = ids.shape
-            parts = split_arrays(
+            parts = split_for_wire(
                 ids.reshape(-1),
                 blk.reshape(-1),
                 w.reshape(-1, w.shape[-1]),
-                dense_offsets(num_tokens, per_token),
+                dense_offsets(*ids.shape),
                 [lo for lo, _ in t.rows],
             )
             for k, part in enumerate(parts):
                 if part is not None:  # a shard owning no entry contributes exactly zero
                     calls.append((k, self._request(table_id, *part, t.n_rows)))
-        else:
+        else:  # the whole batch to every shard, dense (no offsets)
             req = self._request(table_id, ids, blk, w, None, t.n_rows)
             calls = [(k, req) for k in range(self.layout.num_shards)]
         request_id = next(self._request_ids)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ultramem_dist.kernels import native
 from ultramem_dist.kernels.gather_pool import dense_offsets
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "host_array",
     "split_arrays",
     "split_by_owner",
+    "split_for_wire",
     "sum_partials",
 ]
 
@@ -69,6 +71,35 @@ def split_arrays(
         # offsets are the number of owned entries before each query boundary.
         parts.append((ids[sel], blk[sel], w[sel], np.searchsorted(sel, offs)))
     return parts
+
+
+def split_for_wire(
+    ids: np.ndarray, blk: np.ndarray, w: np.ndarray, offs: np.ndarray, row_los: Sequence[int]
+) -> list[NpPart | None]:
+    """:func:`split_arrays` for requests about to be encoded: with the native library, one C
+    call (``kernels/csrc/split_rows.c``) that also narrows ids and block ids to int32 and gives
+    int32 offsets (the parts are then slices of one array per field); without it, or when an id
+    does not fit int32, :func:`split_arrays` (the encoder narrows what fits). One shard always
+    gets its part, even an empty one."""
+    lib = native.library()
+    if lib is not None:
+        out = lib.split_rows(
+            np.ascontiguousarray(ids, dtype=np.int64),
+            np.ascontiguousarray(blk, dtype=np.int64),
+            np.ascontiguousarray(w, dtype=np.float32),
+            np.ascontiguousarray(offs, dtype=np.int64),
+            np.asarray(row_los, dtype=np.int64),
+        )
+        if out is not None:
+            ids32, blk32, w32, starts, offs32 = out
+            bounds = starts.tolist()
+            return [
+                (ids32[a:b], blk32[a:b], w32[a:b], offs32[k])
+                if b > a or len(row_los) == 1
+                else None
+                for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))
+            ]
+    return split_arrays(ids, blk, w, offs, row_los)
 
 
 def split_by_owner(

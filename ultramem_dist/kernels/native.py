@@ -39,7 +39,8 @@ __all__ = ["NativeLib", "NativePlan", "build", "library"]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "gather_pool.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "gather_pool.c", CSRC / "split_rows.c")
 BASE_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno"]
 DEFAULT_ARCH_FLAGS = "-march=native"
 
@@ -63,6 +64,14 @@ _i32 = ctypes.c_int32
 _ptr = ctypes.c_void_p
 
 
+_I64 = np.dtype(np.int64)
+_F32 = np.dtype(np.float32)
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
 class NativeLib:
     """The loaded library: ``um_gather_pool`` with its argument types, and the dtypes it has."""
 
@@ -74,9 +83,61 @@ class NativeLib:
         fn.argtypes = [_ptr, _i32, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64]
         fn.argtypes += [_ptr, _i64, _i32, _ptr, _i64, _i32, ctypes.POINTER(_i64)]
         self.gather_pool = fn
+        split = self._lib.um_split_rows
+        split.restype = _i32
+        split.argtypes = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64] + [_ptr] * 5
+        self._split_rows = split
         self._lib.um_dtypes.restype = _i32
         mask = self._lib.um_dtypes()
         self.dtypes = frozenset(dt for dt, code in DTYPE_CODES.items() if mask >> code & 1)
+
+    def split_rows(
+        self,
+        ids: np.ndarray,
+        blk: np.ndarray,
+        w: np.ndarray,
+        tok_off: np.ndarray,
+        row_lo: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """A batch's entries grouped by owning row shard, ids and block ids narrowed to int32
+        (``csrc/split_rows.c``): ``(ids32, blk32, w, starts, offs)`` where shard ``k`` owns
+        entries ``starts[k]:starts[k + 1]`` of the first three (token order kept) and
+        ``offs[k]`` are their int32 CSR offsets per token. ``None`` when an id or block id does
+        not fit int32 (the caller then sends int64).
+
+        Inputs: C-contiguous int64 ``ids``/``blk`` ``[nnz]``, float32 ``w`` ``[nnz, h_c]``,
+        int64 CSR ``tok_off`` ``[T + 1]`` from 0 to ``nnz``, int64 ``row_lo`` ``[S]`` (first row
+        of every shard, ascending, ``row_lo[0] == 0``)."""
+        nnz, num_tokens, shards = ids.shape[0], tok_off.shape[0] - 1, row_lo.shape[0]
+        for name, a, dt, shape in (
+            ("ids", ids, _I64, (nnz,)),
+            ("blk", blk, _I64, (nnz,)),
+            ("w", w, _F32, (nnz, w.shape[-1])),
+            ("tok_off", tok_off, _I64, tok_off.shape[:1]),
+            ("row_lo", row_lo, _I64, (shards,)),
+        ):
+            if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
+                raise TypeError(
+                    f"{name}: expected a C-contiguous {dt} array of shape {shape}, "
+                    f"got {a.dtype} {a.shape}"
+                )
+        if num_tokens < 0 or int(tok_off[-1]) != nnz:
+            raise ValueError(f"tok_off must run from 0 to nnz={nnz}")
+        ids32 = np.empty(nnz, dtype=np.int32)
+        blk32 = np.empty(nnz, dtype=np.int32)
+        w_out = np.empty_like(w)
+        starts = np.empty(shards + 1, dtype=np.int64)
+        offs = np.empty((shards, num_tokens + 1), dtype=np.int32)
+        rc = self._split_rows(
+            _addr(ids), _addr(blk), _addr(w), w.shape[-1], _addr(tok_off), num_tokens,
+            _addr(row_lo), shards, _addr(ids32), _addr(blk32), _addr(w_out), _addr(starts),
+            _addr(offs),
+        )  # fmt: skip
+        if rc == -1:
+            return None
+        if rc != 0:
+            raise ValueError(f"split_rows: bad offsets or shard count ({shards})")
+        return ids32, blk32, w_out, starts, offs
 
 
 def _cache_dir() -> Path:
@@ -102,7 +163,8 @@ def build(out: Path | None = None) -> Path:
         raise RuntimeError("no C compiler found (set CC or install gcc/cc)")
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
     flags = cflags()
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, flags, version)).encode()).hexdigest()
+    code = b"".join(src.read_bytes() for src in SOURCES)
+    key = hashlib.sha256(code + repr((cc, flags, version)).encode()).hexdigest()
     target = out or _cache_dir() / f"libumgather-{key[:16]}.so"
     if out is None and target.exists():
         return target
@@ -115,12 +177,15 @@ def build(out: Path | None = None) -> Path:
         # loaded by torch); pthreads when the compiler has no OpenMP
         for extra in (["-fopenmp"], []):
             proc = subprocess.run(
-                [*cc, *flags, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True
+                [*cc, *flags, *extra, *map(str, SOURCES), "-o", tmp],
+                capture_output=True,
+                text=True,
             )
             if proc.returncode == 0:
                 break
         else:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
+            names = " + ".join(src.name for src in SOURCES)
+            raise RuntimeError(f"compiling {names} failed:\n{proc.stderr.strip()}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -154,12 +219,6 @@ def library() -> NativeLib | None:
 
 
 PARALLEL_GRAIN = 256 << 10  # bytes of value rows per kernel thread, at least
-_I64 = np.dtype(np.int64)
-_F32 = np.dtype(np.float32)
-
-
-def _addr(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
 
 
 class NativePlan:

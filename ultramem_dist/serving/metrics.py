@@ -32,6 +32,8 @@ __all__ = [
     "ShardMetrics",
     "call_code",
     "gather_reply_bytes",
+    "gather_request_bytes",
+    "received_bytes",
     "histogram_quantile",
     "tensor_wire_bytes",
 ]
@@ -281,6 +283,26 @@ def gather_reply_bytes(reply: pb.GatherReply) -> int:
     return size
 
 
+_REQUEST_TENSORS = ("indices", "offsets", "blocks", "weights")
+
+
+def gather_request_bytes(request: pb.GatherRequest) -> int:
+    """Serialized size of a Gather request whose tensors passed validation (their lengths then
+    match their shapes), computed from the fields: upb's ``ByteSize()`` encodes the whole
+    message, a copy of every tensor (0.3 ms for a 640 KiB batch on a 2-core VM)."""
+    size = _str_field(request.table_id) + _str_field(request.table_version)
+    for name in _REQUEST_TENSORS:
+        if request.HasField(name):
+            size += _len_field(tensor_wire_bytes(getattr(request, name)))
+    return size
+
+
+def received_bytes(request: pb.GatherRequest, code: str) -> int:
+    """Bytes a Gather brought in: from the fields when it was answered (validated), else
+    protobuf's own count (a refused request's tensor lengths may not match their shapes)."""
+    return gather_request_bytes(request) if code == "OK" else request.ByteSize()
+
+
 async def measured_gather(
     metrics: ShardMetrics,
     request: pb.GatherRequest,
@@ -301,6 +323,6 @@ async def measured_gather(
             "Gather",
             code,
             time.perf_counter() - start,
-            request.ByteSize(),  # upb: sub-microsecond for a small request, a copy for a big one
+            received_bytes(request, code),
             gather_reply_bytes(reply) if reply is not None else 0,
         )

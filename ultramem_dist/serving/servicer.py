@@ -20,7 +20,12 @@ from ultramem_dist.kernels.gather_pool import native_plan
 from ultramem_dist.kernels.native import NativePlan
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
-from ultramem_dist.serving.metrics import ShardMetrics, gather_reply_bytes, measured_gather
+from ultramem_dist.serving.metrics import (
+    ShardMetrics,
+    gather_reply_bytes,
+    measured_gather,
+    received_bytes,
+)
 from ultramem_dist.serving.security import TABLE_SCOPE, scope_refusal
 from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
 from ultramem_dist.store.manifest import SCHEMA_VERSION
@@ -368,7 +373,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             out.code = failure[0].value[0]
             out.message = failure[1]
             code, sent = failure[0].name, 0
-        self._metrics.end("Gather", code, seconds, request.ByteSize(), sent)
+        self._metrics.end("Gather", code, seconds, received_bytes(request, code), sent)
         return out
 
     async def Info(  # noqa: N802 (gRPC method name)
