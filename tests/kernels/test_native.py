@@ -128,7 +128,7 @@ def test_build_is_cached_and_reports_compiler_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("ULTRAMEM_NATIVE_CFLAGS", "-DUM_TEST_KEY=1")
     assert native.build() != first  # flags are part of the key
     monkeypatch.setenv("ULTRAMEM_NATIVE_CFLAGS", "-fno-such-flag-anywhere")
-    with pytest.raises(RuntimeError, match=r"compiling gather_pool.c \+ split_rows.c failed"):
+    with pytest.raises(RuntimeError, match=r"compiling gather_pool.c \+ entries.c failed"):
         native.build()
     monkeypatch.setenv("CC", "no-such-compiler-xyz")
     with pytest.raises(RuntimeError, match="no C compiler found"):

@@ -77,7 +77,7 @@ def split_for_wire(
     ids: np.ndarray, blk: np.ndarray, w: np.ndarray, offs: np.ndarray, row_los: Sequence[int]
 ) -> list[NpPart | None]:
     """:func:`split_arrays` for requests about to be encoded: with the native library, one C
-    call (``kernels/csrc/split_rows.c``) that also narrows ids and block ids to int32 and gives
+    call (``kernels/csrc/entries.c``) that also narrows ids and block ids to int32 and gives
     int32 offsets (the parts are then slices of one array per field); without it, or when an id
     does not fit int32, :func:`split_arrays` (the encoder narrows what fits). One shard always
     gets its part, even an empty one."""

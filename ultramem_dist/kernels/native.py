@@ -40,7 +40,7 @@ __all__ = ["NativeLib", "NativePlan", "build", "library"]
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "gather_pool.c", CSRC / "split_rows.c")
+SOURCES = (CSRC / "gather_pool.c", CSRC / "entries.c")
 BASE_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno"]
 DEFAULT_ARCH_FLAGS = "-march=native"
 
@@ -66,6 +66,7 @@ _ptr = ctypes.c_void_p
 
 _I64 = np.dtype(np.int64)
 _F32 = np.dtype(np.float32)
+_INTS = (np.dtype(np.int32), _I64)
 
 
 def _addr(a: np.ndarray) -> int:
@@ -87,6 +88,10 @@ class NativeLib:
         split.restype = _i32
         split.argtypes = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64] + [_ptr] * 5
         self._split_rows = split
+        check = self._lib.um_check_entries
+        check.restype = _i32
+        check.argtypes = [_ptr, _i32, _ptr, _i32, _ptr] + [_i64] * 6 + [_ptr, _ptr]
+        self._check_entries = check
         self._lib.um_dtypes.restype = _i32
         mask = self._lib.um_dtypes()
         self.dtypes = frozenset(dt for dt, code in DTYPE_CODES.items() if mask >> code & 1)
@@ -100,7 +105,7 @@ class NativeLib:
         row_lo: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """A batch's entries grouped by owning row shard, ids and block ids narrowed to int32
-        (``csrc/split_rows.c``): ``(ids32, blk32, w, starts, offs)`` where shard ``k`` owns
+        (``csrc/entries.c``): ``(ids32, blk32, w, starts, offs)`` where shard ``k`` owns
         entries ``starts[k]:starts[k + 1]`` of the first three (token order kept) and
         ``offs[k]`` are their int32 CSR offsets per token. ``None`` when an id or block id does
         not fit int32 (the caller then sends int64).
@@ -138,6 +143,38 @@ class NativeLib:
         if rc != 0:
             raise ValueError(f"split_rows: bad offsets or shard count ({shards})")
         return ids32, blk32, w_out, starts, offs
+
+    def check_entries(
+        self,
+        ids: np.ndarray,
+        blk: np.ndarray,
+        w: np.ndarray,
+        rows: tuple[int, int],
+        num_blocks: int,
+        merged_rows: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray] | int:
+        """Check a decoded request's values and convert them for the kernel in one pass
+        (``csrc/entries.c``): flat int64 ``(local rows, block ids)``, or the first check that
+        failed: 1 a non-finite weight, 2 a block id outside ``[0, num_blocks)``, 3 a row id
+        outside ``rows`` (``[lo, hi)``). ``merged_rows`` > 0: a merged table, whose physical
+        row of (row, block) is ``row - lo + block * merged_rows`` (block ids become 0).
+
+        Inputs: C-contiguous int32/int64 ``ids`` and ``blk`` of one size ``nnz``, float32
+        ``w`` of ``nnz * h_c`` elements (any shapes)."""
+        nnz = ids.size
+        for name, a in (("ids", ids), ("blk", blk)):
+            if a.dtype not in _INTS or a.size != nnz or not a.flags.c_contiguous:
+                raise TypeError(f"{name}: expected {nnz} C-contiguous int32/int64, got {a.dtype}")
+        if w.dtype != _F32 or not w.flags.c_contiguous or (nnz and w.size % nnz):
+            raise TypeError(f"w: expected C-contiguous float32 [{nnz}, h_c], got {w.dtype}")
+        cores = w.size // nnz if nnz else 0
+        local = np.empty(nnz, dtype=np.int64)
+        blocks = np.empty(nnz, dtype=np.int64)
+        rc = self._check_entries(
+            _addr(ids), ids.dtype == _I64, _addr(blk), blk.dtype == _I64, _addr(w), nnz, cores,
+            rows[0], rows[1], num_blocks, merged_rows, _addr(local), _addr(blocks),
+        )  # fmt: skip
+        return rc if rc else (local, blocks)
 
 
 def _cache_dir() -> Path:

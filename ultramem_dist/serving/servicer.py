@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -305,9 +305,12 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
 
         async def answer(message: pb.StreamGatherRequest) -> None:
             try:
-                reply = await self._stream_gather(message, scope)
-                async with write_lock:
-                    await context.write(reply)
+                reply, record = await self._stream_gather(message, scope)
+                try:
+                    async with write_lock:
+                        await context.write(reply)
+                finally:
+                    record()  # after the write: the metrics are not on the reply's path
             finally:
                 slots.release()
 
@@ -346,8 +349,9 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
 
     async def _stream_gather(
         self, message: pb.StreamGatherRequest, scope: Collection[str] | None
-    ) -> pb.StreamGatherReply:
-        """One gather on a stream, recorded like a unary ``Gather``."""
+    ) -> tuple[pb.StreamGatherReply, Callable[[], None]]:
+        """One gather on a stream: its reply, and what records it like a unary ``Gather`` (to
+        call once the reply is written)."""
         start = time.perf_counter()
         self._metrics.begin("Gather")
         request = message.gather
@@ -365,16 +369,20 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             except Exception as exc:
                 failure = self._failure(exc, table)
         seconds = time.perf_counter() - start
-        if failure is None:
-            self._metrics.table_call(table, "OK", seconds, _entries(request))
-            code, sent = "OK", gather_reply_bytes(out.gather)
-        else:
+        if failure is not None:
             out.ClearField("gather")
             out.code = failure[0].value[0]
             out.message = failure[1]
-            code, sent = failure[0].name, 0
-        self._metrics.end("Gather", code, seconds, received_bytes(request, code), sent)
-        return out
+
+        def record() -> None:
+            if failure is None:
+                self._metrics.table_call(table, "OK", seconds, _entries(request))
+                code, sent = "OK", gather_reply_bytes(out.gather)
+            else:
+                code, sent = failure[0].name, 0
+            self._metrics.end("Gather", code, seconds, received_bytes(request, code), sent)
+
+        return out, record
 
     async def Info(  # noqa: N802 (gRPC method name)
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext

@@ -15,6 +15,7 @@ import torch
 
 from ultramem_dist._private.codec import decode_array
 from ultramem_dist.errors import InvalidRequestError, TableNotFoundError, VersionMismatchError
+from ultramem_dist.kernels import native
 from ultramem_dist.kernels.gather_pool import dense_offsets
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.store.reader import ShardSlice, ShardTable
@@ -23,6 +24,7 @@ __all__ = [
     "Entries",
     "GatherQuery",
     "Limits",
+    "check_finite",
     "check_version",
     "decode_entries",
     "decode_request",
@@ -118,9 +120,12 @@ class Entries:
     num_tokens: int
 
 
-def decode_entries(req: pb.GatherRequest, limits: Limits, num_cores: int) -> Entries:
+def decode_entries(
+    req: pb.GatherRequest, limits: Limits, num_cores: int, *, check_weights: bool = True
+) -> Entries:
     """Decode indices/blocks/weights (and offsets) of ``req`` within ``limits``; the one decoder
-    of the shard and the router."""
+    of the shard and the router. ``check_weights=False``: the caller checks that the weights are
+    finite (with :func:`check_finite`, or natively)."""
     max_nnz = limits.max_batch * limits.max_per_query
     ragged = req.HasField("offsets")
     indices = decode_array(
@@ -164,9 +169,14 @@ def decode_entries(req: pb.GatherRequest, limits: Limits, num_cores: int) -> Ent
                 f"indices: {per_query} entries per query; expected at most {limits.max_per_query}"
             )
     blocks, weights = decode_blocks_weights(req, indices, max_nnz, num_cores)
+    if check_weights:
+        check_finite(weights)
+    return Entries(indices, blocks, weights, offsets, num_tokens)
+
+
+def check_finite(weights: np.ndarray) -> None:
     if weights.size and not np.isfinite(weights).all():
         raise InvalidRequestError("weights: contain NaN or Inf; expected finite values")
-    return Entries(indices, blocks, weights, offsets, num_tokens)
 
 
 def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> GatherQuery:
@@ -178,9 +188,19 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
             f"table {req.table_id!r} is not served here; tables: {sorted(shard.tables)}"
         )
     entry, slot = table.entry, table.slot
-    e = decode_entries(req, limits, entry.num_cores)
+    lib = native.library()
+    e = decode_entries(req, limits, entry.num_cores, check_weights=lib is None)
     indices, blocks, weights, num_tokens = e.indices, e.blocks, e.weights, e.num_tokens
     offsets = e.offsets if e.offsets is not None else dense_offsets(*indices.shape)
+    num_blocks = 1 if entry.merged else entry.expansion
+    if lib is not None:  # every value check and conversion in one native pass
+        merged_rows = slot.row_hi - slot.row_lo if entry.merged else 0
+        rows = (slot.row_lo, slot.row_hi)
+        out = lib.check_entries(indices, blocks, weights, rows, entry.expansion, merged_rows)
+        if not isinstance(out, int):
+            w = weights.reshape(-1, entry.num_cores)
+            return GatherQuery(table, *out, w, offsets, num_tokens, num_blocks)
+        check_finite(weights)  # a value failed: the checks below name it
     _range_check("blocks", _bounds(blocks), 0, entry.expansion, "an IVE block id in")
     ids = _bounds(indices)
     _range_check("indices", ids, 0, entry.n_rows, "a row id in")
@@ -191,10 +211,8 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
     # flat int64 in the slice's coordinates: one numpy op each (a view when nothing changes)
     local = np.subtract(indices.reshape(-1), slot.row_lo, dtype=np.int64)
     blk = blocks.reshape(-1).astype(np.int64, copy=False)
-    num_blocks = entry.expansion
     if entry.merged:  # merged rows are (block, row) pairs, one output bin per token
         local += blk * (slot.row_hi - slot.row_lo)
         blk = np.zeros_like(local)
-        num_blocks = 1
     w = weights.reshape(-1, entry.num_cores)
     return GatherQuery(table, local, blk, w, offsets, num_tokens, num_blocks)
