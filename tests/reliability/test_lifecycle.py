@@ -66,13 +66,13 @@ def test_the_shard_sees_the_clients_deadline(store, streaming):
     shard = InProcessShard(ServerConfig(store=store))
     seen: list[float | None] = []
     servicer = shard.server.servicer
-    original = servicer._answer
+    original = servicer._kernel_step  # where both paths (general, stream fast path) start
 
-    async def spy(request, reply, deadline):
+    async def spy(step, *args, deadline):
         seen.append(None if deadline is None else deadline - time.monotonic())
-        return await original(request, reply, deadline)
+        return await original(step, *args, deadline=deadline)
 
-    servicer._answer = spy
+    servicer._kernel_step = spy
     opts = ChannelOptions(streaming=streaming)
     try:
 

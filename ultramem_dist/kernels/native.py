@@ -40,7 +40,7 @@ __all__ = ["NativeLib", "NativePlan", "build", "library"]
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "gather_pool.c", CSRC / "entries.c")
+SOURCES = (CSRC / "gather_pool.c", CSRC / "entries.c", CSRC / "wire.c")
 BASE_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno"]
 DEFAULT_ARCH_FLAGS = "-march=native"
 
@@ -92,6 +92,19 @@ class NativeLib:
         check.restype = _i32
         check.argtypes = [_ptr, _i32, _ptr, _i32, _ptr] + [_i64] * 6 + [_ptr, _ptr]
         self._check_entries = check
+        self.wire_parse = self._lib.um_wire_parse
+        self.wire_parse.restype = _i32
+        self.wire_parse.argtypes = [ctypes.c_char_p, _i64, _ptr]
+        self.wire_tokens = self._lib.um_wire_tokens
+        self.wire_tokens.restype = _i64
+        self.wire_tokens.argtypes = [_ptr]
+        self.wire_gather = self._lib.um_wire_gather
+        self.wire_gather.restype = _i32
+        self.wire_gather.argtypes = [ctypes.c_char_p, _ptr, _ptr, _i32, _i64, _i64, _i64, _ptr]
+        self.wire_gather.argtypes += [_i64, _i32] + [_i64] * 8 + [_i32, _i64, _ptr]
+        self.wire_gather.argtypes += [ctypes.POINTER(_i64)]
+        self._lib.um_wire_slots.restype = _i32
+        self.wire_slots = int(self._lib.um_wire_slots())
         self._lib.um_dtypes.restype = _i32
         mask = self._lib.um_dtypes()
         self.dtypes = frozenset(dt for dt, code in DTYPE_CODES.items() if mask >> code & 1)
@@ -344,6 +357,33 @@ class NativePlan:
             v = int(idx[b]) if rc == -1 else int(blk[b]) if rc == -2 else None
             raise exc(msg.format(v=v, bad=b, rows=self._head[2], E=num_blocks))
         return out
+
+    def run_wire(
+        self,
+        raw: bytes,
+        fields_addr: int,
+        rows: tuple[int, int],
+        num_blocks: int,
+        merged_rows: int,
+        limits: tuple[int, int],
+        out_addr: int,
+        nthreads: int,
+    ) -> int | None:
+        """Answer a stream message parsed by ``um_wire_parse`` (``csrc/wire.c``): check it
+        against this table (``rows``: the served slice ``[lo, hi)``, ``num_blocks``: E,
+        ``merged_rows`` as in :meth:`NativeLib.check_entries`) and ``limits`` (max batch, max
+        entries per query) and pool it into ``out_addr`` (room for ``[T, out blocks,
+        out_cols]`` float32, ``T = lib.wire_tokens``). The number of entries pooled, or ``None``
+        when the general path must take the message (its refusal is worded there)."""
+        entries = _i64(0)
+        rc = self.lib.wire_gather(
+            raw, fields_addr, *self._head, *self._segs, self.out_cols, self.num_cores,
+            num_blocks, rows[0], rows[1], merged_rows, limits[0], limits[1], nthreads,
+            PARALLEL_GRAIN, out_addr, ctypes.byref(entries),
+        )  # fmt: skip
+        if rc == -5:
+            raise MemoryError("native gather-pool could not allocate its scratch buffers")
+        return None if rc else entries.value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,8 @@ __all__ = [
     "TokenGrant",
     "TokenPolicy",
     "add_hardened_gather_pool",
+    "read_leniently",
+    "serialize_reply",
     "scope_refusal",
     "read_pem",
     "server_credentials",
@@ -286,6 +288,10 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
+read_leniently = _lenient(pb.StreamGatherRequest.FromString)
+"""A stream message as the generated code reads it, or the stand-in for undecodable bytes."""
+
+
 def _guarded(
     method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], message_name: str
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
@@ -300,6 +306,11 @@ def _guarded(
     return behaviour
 
 
+def serialize_reply(reply: bytes | pb.StreamGatherReply) -> bytes:
+    """``GatherStream``'s response serializer: a fast-path reply is already its bytes."""
+    return reply if type(reply) is bytes else reply.SerializeToString()
+
+
 def add_hardened_gather_pool(servicer: Any, server: grpc.aio.Server) -> None:
     """Like the generated ``add_GatherPoolServicer_to_server``, but undecodable request bytes
     are answered with ``INVALID_ARGUMENT`` (never ``UNKNOWN``). ``GatherStream`` is served only
@@ -310,11 +321,12 @@ def add_hardened_gather_pool(servicer: Any, server: grpc.aio.Server) -> None:
             request_deserializer=_lenient(pb.GatherRequest.FromString),
             response_serializer=pb.GatherReply.SerializeToString,
         ),
-        # the servicer ends a stream with INVALID_ARGUMENT at an undecodable message
+        # the servicer ends a stream with INVALID_ARGUMENT at an undecodable message; a
+        # servicer may read messages itself (the shard's fast path: serving/wire.py)
         "GatherStream": grpc.stream_stream_rpc_method_handler(
             servicer.GatherStream,
-            request_deserializer=_lenient(pb.StreamGatherRequest.FromString),
-            response_serializer=pb.StreamGatherReply.SerializeToString,
+            request_deserializer=getattr(servicer, "read_stream_message", read_leniently),
+            response_serializer=serialize_reply,
         ),
         "Info": grpc.unary_unary_rpc_method_handler(
             _guarded(servicer.Info, "InfoRequest"),

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -26,12 +27,15 @@ from ultramem_dist.serving.metrics import (
     measured_gather,
     received_bytes,
 )
-from ultramem_dist.serving.security import TABLE_SCOPE, scope_refusal
+from ultramem_dist.serving.security import TABLE_SCOPE, read_leniently, scope_refusal
 from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
+from ultramem_dist.serving.wire import WireAnswer, WireMessage, wire_path
 from ultramem_dist.store.manifest import SCHEMA_VERSION
 from ultramem_dist.store.reader import ShardSlice, ShardTable
 
 __all__ = ["GatherPoolServicer", "kernel_plan", "run_kernel"]
+
+_STREAM_MESSAGES = (pb.StreamGatherRequest, WireMessage)
 
 log = logging.getLogger(__name__)
 _STORAGE_PB = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -90,6 +94,15 @@ def run_kernel(q: GatherQuery, plan: NativePlan | None = None) -> np.ndarray:
     return out.reshape(q.num_tokens, out.shape[-1]) if t.entry.merged else out
 
 
+_T = TypeVar("_T")
+
+
+def _if_live(deadline: float | None, step: Callable[..., _T], *args: Any) -> _T:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise _DeadlinePassed
+    return step(*args)
+
+
 class GatherPoolServicer(pb_grpc.GatherPoolServicer):
     """Serves one shard's slice of every table of one store version."""
 
@@ -115,6 +128,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         # the native kernel bound to each table once (None: GPU tables / no compiler)
         self._plans = {tid: kernel_plan(t) for tid, t in shard.tables.items()}
         self._info = self._build_info()
+        self._wire = wire_path(shard, self._plans, limits)  # None: no native library
         self._ending: asyncio.Event | None = None  # set by end_streams(); made on the loop
         self._info_bytes = self._info.ByteSize()
         m = shard.manifest
@@ -194,24 +208,20 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    def _gather_if_live(
-        self, request: pb.GatherRequest, reply: pb.GatherReply, deadline: float | None
-    ) -> None:
-        if deadline is not None and time.monotonic() >= deadline:
-            raise _DeadlinePassed
-        self._gather_sync(request, reply)
+    async def _kernel_step(self, step: Callable[..., _T], *args: Any, deadline: float | None) -> _T:
+        """``step(*args)`` (a gather's kernel step) on the loop, or on a kernel thread; raises
+        :class:`_DeadlinePassed` instead when the caller's deadline passed before it starts (a
+        call may wait for a kernel thread)."""
+        if self._executor is None:
+            return _if_live(deadline, step, *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, _if_live, deadline, step, *args)
 
     async def _answer(
         self, request: pb.GatherRequest, reply: pb.GatherReply, deadline: float | None
     ) -> None:
-        """Run the kernel for ``request`` into ``reply``, on the loop or on a kernel thread."""
-        if self._executor is None:
-            self._gather_if_live(request, reply, deadline)
-        else:  # a call may wait for a kernel thread: re-check its deadline when it starts
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                self._executor, self._gather_if_live, request, reply, deadline
-            )
+        """Run the kernel for ``request`` into ``reply`` (the general path)."""
+        await self._kernel_step(self._gather_sync, request, reply, deadline=deadline)
 
     def _failure(self, exc: Exception, table: str) -> tuple[grpc.StatusCode, str]:
         """The status and message a failed gather ends with (recorded in the metrics)."""
@@ -303,7 +313,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         write_lock = asyncio.Lock()  # one write at a time on a call
         answering: set[asyncio.Task[None]] = set()
 
-        async def answer(message: pb.StreamGatherRequest) -> None:
+        async def answer(message: pb.StreamGatherRequest | WireMessage) -> None:
             try:
                 reply, record = await self._stream_gather(message, scope)
                 try:
@@ -329,7 +339,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
                     state.idle = False
                 if message is grpc.aio.EOF:
                     break
-                if type(message) is not pb.StreamGatherRequest:  # the lenient decoder's stand-in
+                if type(message) not in _STREAM_MESSAGES:  # the lenient decoder's stand-in
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "stream message is not a valid ultramem.v1.StreamGatherRequest "
@@ -347,13 +357,57 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
             for task in answering:
                 task.cancel()
 
+    def read_stream_message(self, raw: bytes) -> WireMessage | pb.StreamGatherRequest | Any:
+        """``GatherStream``'s request deserializer: a :class:`WireMessage` for the fast path
+        (``serving/wire.py``) when the native library reads it, else the generated code's
+        message (or the stand-in for bytes that are not one, which ends the stream)."""
+        if self._wire is None:
+            return read_leniently(raw)
+        return self._wire.read(raw, read_leniently)
+
+    def _kernel_is_ours(self) -> bool:
+        # a replaced kernel step (test doubles, instrumentation) must see every gather: the
+        # fast path, which runs the kernel itself, then stands aside
+        return getattr(self._gather_sync, "__func__", None) is GatherPoolServicer._gather_sync
+
+    async def _answer_wire(
+        self, message: WireMessage, scope: Collection[str] | None
+    ) -> WireAnswer | None:
+        """``message`` answered on the fast path, or ``None`` for the general path (anything
+        it does not answer, every refusal included, is worded there)."""
+        wire = self._wire
+        if wire is None or not self._kernel_is_ours():
+            return None
+        table = wire.table_of(message)
+        if table is None or scope_refusal(scope, table) is not None:
+            return None
+        timeout_us = message.timeout_us
+        deadline = time.monotonic() + timeout_us * 1e-6 if timeout_us else None
+        threads = torch.get_num_threads()
+        try:
+            return await self._kernel_step(wire.answer, message, threads, deadline=deadline)
+        except (_DeadlinePassed, MemoryError):
+            return None  # the general path answers it (DEADLINE_EXCEEDED, or its own failure)
+
     async def _stream_gather(
-        self, message: pb.StreamGatherRequest, scope: Collection[str] | None
-    ) -> tuple[pb.StreamGatherReply, Callable[[], None]]:
+        self, message: pb.StreamGatherRequest | WireMessage, scope: Collection[str] | None
+    ) -> tuple[pb.StreamGatherReply | bytes, Callable[[], None]]:
         """One gather on a stream: its reply, and what records it like a unary ``Gather`` (to
         call once the reply is written)."""
         start = time.perf_counter()
         self._metrics.begin("Gather")
+        if type(message) is WireMessage:
+            done = await self._answer_wire(message, scope)
+            if done is not None:
+                seconds = time.perf_counter() - start
+                size = message.request_bytes
+
+                def record_wire() -> None:
+                    self._metrics.table_call(done.table_id, "OK", seconds, done.entries)
+                    self._metrics.end("Gather", "OK", seconds, size, done.reply_bytes)
+
+                return done.reply, record_wire
+            message = message.parse()  # the general path answers it, or words its refusal
         request = message.gather
         table = self._table_label(request)
         out = pb.StreamGatherReply(request_id=message.request_id)
