@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/gather.py            # full run (~3-4 minutes on 2 cores)
+    python benchmarks/gather.py            # full run (~1.5-2 minutes on 2 cores)
     python benchmarks/gather.py --quick    # smaller table and fewer calls (smoke run)
 
 Writes ``benchmarks/results/gather.json`` and ``benchmarks/results/gather.png``.
