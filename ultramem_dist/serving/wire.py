@@ -12,7 +12,6 @@ here against the generated code's.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,15 @@ from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.serving.validate import Limits
 from ultramem_dist.store.reader import ShardSlice
 
-__all__ = ["WireAnswer", "WireMessage", "WirePath", "encode_varint", "reply_header", "wire_path"]
+__all__ = [
+    "WireAnswer",
+    "WireMessage",
+    "WirePath",
+    "encode_varint",
+    "gather_prefix",
+    "reply_header",
+    "wire_path",
+]
 
 # slots of um_wire_parse's result (csrc/wire.c's enum)
 _REQUEST_ID, _TIMEOUT_US, _GATHER_LEN, _TABLE_OFF, _TABLE_LEN, _VERSION_OFF, _VERSION_LEN = range(7)
@@ -43,7 +50,8 @@ def encode_varint(v: int) -> bytes:
     return bytes(out)
 
 
-def _len_field(tag: int, body: int) -> bytes:
+def _field_head(tag: int, body: int) -> bytes:
+    """A length-delimited field's tag and length (its body follows)."""
     return bytes((tag,)) + encode_varint(body)
 
 
@@ -57,12 +65,12 @@ def reply_header(
     empty fields left out."""
     nbytes = 4 * math.prod(shape)
     packed = b"".join(encode_varint(d) for d in shape)
-    tensor = b"\x08" + encode_varint(pb.DTYPE_FLOAT32) + _len_field(0x12, len(packed)) + packed
+    tensor = b"\x08" + encode_varint(pb.DTYPE_FLOAT32) + _field_head(0x12, len(packed)) + packed
     if nbytes:
-        tensor += _len_field(0x1A, nbytes)
-    gather = gather_prefix + _len_field(0x22, len(tensor) + nbytes) + tensor
+        tensor += _field_head(0x1A, nbytes)
+    gather = gather_prefix + _field_head(0x22, len(tensor) + nbytes) + tensor
     head = b"\x08" + encode_varint(request_id) if request_id else b""
-    return head + _len_field(0x12, len(gather) + nbytes) + gather, len(gather) + nbytes
+    return head + _field_head(0x12, len(gather) + nbytes) + gather, len(gather) + nbytes
 
 
 def gather_prefix(table_id: str, version: str, shard_index: int) -> bytes:
@@ -71,7 +79,7 @@ def gather_prefix(table_id: str, version: str, shard_index: int) -> bytes:
     for tag, text in ((0x0A, table_id), (0x12, version)):
         if text:
             data = text.encode()
-            out += _len_field(tag, len(data)) + data
+            out += _field_head(tag, len(data)) + data
     if shard_index:
         out += b"\x18" + encode_varint(shard_index)
     return out
@@ -123,7 +131,7 @@ class _Table:
     rows: tuple[int, int]
     expansion: int
     merged_rows: int
-    out_blocks: int  # 1 for a merged table (its reply is [T, cols])
+    out_blocks: int  # E; 0 for a merged table (its reply is [T, cols])
     prefix: bytes
 
 
@@ -176,17 +184,19 @@ class WirePath:
             return WireMessage(raw, fields)
         return general(raw)
 
+    def _table(self, msg: WireMessage) -> _Table | None:
+        t = self._tables.get(msg.table_id())
+        return t if t is not None and msg.table_version() == self._version else None
+
     def table_of(self, msg: WireMessage) -> str | None:
         """The id of the table ``msg`` asks for, when the fast path may answer it."""
-        t = self._tables.get(msg.table_id())
-        if t is None or msg.table_version() != self._version:
-            return None
-        return t.table_id
+        t = self._table(msg)
+        return None if t is None else t.table_id
 
     def answer(self, msg: WireMessage, nthreads: int) -> WireAnswer | None:
         """Check and pool ``msg``; ``None`` when the general path must take it."""
-        t = self._tables.get(msg.table_id())
-        if t is None or msg.table_version() != self._version:
+        t = self._table(msg)
+        if t is None:
             return None
         tokens = self._lib.wire_tokens(msg.fields_addr)
         if tokens < 0:
@@ -194,9 +204,7 @@ class WirePath:
         cols = t.plan.out_cols
         shape = (tokens, t.out_blocks, cols) if t.out_blocks else (tokens, cols)
         head, gather_bytes = reply_header(msg.request_id, t.prefix, shape)
-        nbytes = 4 * math.prod(shape)
-        buf = bytearray(len(head) + nbytes)
-        out = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + len(head)
+        out = np.empty(shape, dtype=np.float32)  # aligned for the kernel's stores
         entries = t.plan.run_wire(
             msg.raw,
             msg.fields_addr,
@@ -204,14 +212,14 @@ class WirePath:
             t.expansion,
             t.merged_rows,
             self._limits,
-            out,
+            out.__array_interface__["data"][0],
             nthreads,
         )
         if entries is None:
             return None
-        buf[: len(head)] = head
+        reply = b"".join((head, out))  # the one copy of the pooled values
         self.answered += 1
-        return WireAnswer(bytes(buf), t.table_id, entries, gather_bytes)
+        return WireAnswer(reply, t.table_id, entries, gather_bytes)
 
 
 def wire_path(

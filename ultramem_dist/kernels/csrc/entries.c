@@ -100,12 +100,14 @@ int32_t um_check_entries(const void *ids, int32_t ids_64, const void *blk, int32
     uint64_t bad_blk = 0, bad_row = 0;
     const uint64_t span = (uint64_t)(row_hi - row_lo);
     for (int64_t l = 0; l < nnz; l++) {
-        const int64_t b = blk_64 ? ((const int64_t *)blk)[l] : ((const int32_t *)blk)[l];
-        const int64_t r = (ids_64 ? ((const int64_t *)ids)[l] : ((const int32_t *)ids)[l]) - row_lo;
-        bad_blk |= (uint64_t)b >= (uint64_t)E; /* negative values wrap to huge */
-        bad_row |= (uint64_t)r >= span;
-        local_out[l] = merged_rows ? r + b * merged_rows : r;
-        blk_out[l] = merged_rows ? 0 : b;
+        /* unsigned: a bad value wraps (defined) instead of overflowing; negatives become huge */
+        const uint64_t b = (uint64_t)(blk_64 ? ((const int64_t *)blk)[l] : ((const int32_t *)blk)[l]);
+        const uint64_t r =
+            (uint64_t)(ids_64 ? ((const int64_t *)ids)[l] : ((const int32_t *)ids)[l]) - (uint64_t)row_lo;
+        bad_blk |= b >= (uint64_t)E;
+        bad_row |= r >= span;
+        local_out[l] = (int64_t)(merged_rows ? r + b * (uint64_t)merged_rows : r);
+        blk_out[l] = merged_rows ? 0 : (int64_t)b;
     }
     return bad_blk ? 2 : bad_row ? 3 : 0;
 }
