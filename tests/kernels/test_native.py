@@ -185,4 +185,3 @@ def test_a_plan_refuses_arrays_it_would_misread():
         plan.run(idx, blk, w, np.array([0, 3], dtype=np.int64), 1, 1)
     with pytest.raises(IndexError, match="row index 10 at entry 1"):
         plan.run(np.array([0, 10], dtype=np.int64), blk, w, off, 1, 1)
-
