@@ -1,6 +1,7 @@
-"""Run under AddressSanitizer + UBSan by test_sanitized.py: corrupted GatherStream messages
-through the shard's native fast path (wire.c -> entries.c -> gather_pool.c) and random batches
-through the client's native split. Any out-of-bounds access or undefined behaviour aborts."""
+"""Run under AddressSanitizer + UBSan by test_sanitized.py: corrupted GatherStream messages and
+unary Gather requests through the shard's native fast path (wire.c -> entries.c ->
+gather_pool.c) and random batches through the client's native split. Any out-of-bounds access
+or undefined behaviour aborts."""
 
 from __future__ import annotations
 
@@ -70,7 +71,10 @@ def main(rounds: int) -> None:
                     encode_tensor(torch.randint(lo, 90, (T, L), dtype=dtype), r.indices)
                     encode_tensor(torch.randint(0, 3, (T, L)), r.blocks)
                     encode_tensor(torch.randn(T, L, 2), r.weights)
-                msg = sv.read_stream_message(corrupt(rng, bytearray(m.SerializeToString())))
+                streamed = rng.random() < 0.5  # a GatherStream message, or a unary request
+                read = sv.read_stream_message if streamed else sv.read_gather_message
+                plain = (m if streamed else m.gather).SerializeToString()
+                msg = read(corrupt(rng, bytearray(plain)))
                 if type(msg) is WireMessage and sv._wire.answer(msg, 2) is not None:
                     answered += 1
             sv.close()

@@ -1,4 +1,5 @@
-"""The shard's stream fast path (``serving/wire.py``, ``kernels/csrc/wire.c``) writes the bytes
+"""The shard's fast path for gathers (``serving/wire.py``, ``kernels/csrc/wire.c``; streamed and
+unary) writes the bytes
 the generated protobuf code writes, answers exactly what the general path answers, and hands
 everything else (every refusal, any unusual encoding, corrupted bytes) to the general path."""
 
@@ -16,7 +17,7 @@ from ultramem_dist.kernels import native
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.serving.servicer import GatherPoolServicer
 from ultramem_dist.serving.validate import Limits
-from ultramem_dist.serving.wire import WireMessage, gather_prefix, reply_header
+from ultramem_dist.serving.wire import WireMessage, gather_header, gather_prefix, reply_header
 from ultramem_dist.store import export_tables
 from ultramem_dist.store.reader import load_shard
 
@@ -41,23 +42,34 @@ def servicers(tmp_path_factory):
         sv.close()
 
 
-def general(sv: GatherPoolServicer, raw: bytes) -> bytes | None:
-    """The general path's reply bytes for a stream message; None: it refuses it."""
-    message = pb.StreamGatherRequest.FromString(raw)
-    out = pb.StreamGatherReply(request_id=message.request_id)
+def general(sv: GatherPoolServicer, raw: bytes, streamed: bool = True) -> bytes | None:
+    """The general path's reply bytes for a stream message (``streamed``) or a unary
+    request; None: it refuses it."""
+    if streamed:
+        message = pb.StreamGatherRequest.FromString(raw)
+        request, out = message.gather, pb.StreamGatherReply(request_id=message.request_id)
+        reply = out.gather
+    else:
+        request = pb.GatherRequest.FromString(raw)
+        out = reply = pb.GatherReply()
     try:
-        sv._gather_sync(message.gather, out.gather)
+        sv._gather_sync(request, reply)
     except UltraMemError:
         return None
     return out.SerializeToString()
 
 
-def fast(sv: GatherPoolServicer, raw: bytes) -> bytes | None:
-    msg = sv.read_stream_message(raw)
+def fast(sv: GatherPoolServicer, raw: bytes, streamed: bool = True) -> bytes | None:
+    read = sv.read_stream_message if streamed else sv.read_gather_message
+    msg = read(raw)
     if type(msg) is not WireMessage:
         return None
     done = sv._wire.answer(msg, 2)
     return None if done is None else done.reply
+
+
+def _raw(message: pb.StreamGatherRequest, streamed: bool) -> bytes:
+    return (message if streamed else message.gather).SerializeToString()
 
 
 @st.composite
@@ -112,23 +124,25 @@ def test_reply_header_is_what_the_generated_code_writes(request_id, table, versi
     want.gather.pooled.dtype = pb.DTYPE_FLOAT32
     want.gather.pooled.shape[:] = shape
     want.gather.pooled.data = data
-    head, gather_bytes = reply_header(
-        request_id, gather_prefix(table, version, shard), tuple(shape)
-    )
+    prefix = gather_prefix(table, version, shard)
+    head, gather_bytes = reply_header(request_id, prefix, tuple(shape))
     assert head + data == want.SerializeToString()
     assert gather_bytes == want.gather.ByteSize()
+    unary, size = gather_header(prefix, tuple(shape))  # a unary Gather's reply
+    assert unary + data == want.gather.SerializeToString() and size == gather_bytes
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["stream", "unary"])
 @pytest.mark.parametrize("which", sorted(SLICE))
 @given(data=st.data())
-@settings(FIXED, max_examples=60)
-def test_valid_messages_get_the_general_paths_reply(servicers, which, data):
+@settings(FIXED, max_examples=40)
+def test_valid_messages_get_the_general_paths_reply(servicers, which, streamed, data):
     sv = servicers[which]
-    raw = data.draw(stream_messages(which)).SerializeToString()
+    raw = _raw(data.draw(stream_messages(which)), streamed)
     before = sv._wire.answered
-    reply = fast(sv, raw)
+    reply = fast(sv, raw, streamed)
     assert reply is not None and sv._wire.answered == before + 1
-    assert reply == general(sv, raw)
+    assert reply == general(sv, raw, streamed)
 
 
 def _dense(which="row", **change) -> bytes:
@@ -180,6 +194,8 @@ def test_what_the_general_path_refuses_is_left_to_it(servicers, case):
     sv = servicers["row"]
     assert general(sv, raw) is None  # refused (the test's premise)
     assert fast(sv, raw) is None
+    unary = pb.StreamGatherRequest.FromString(raw).gather.SerializeToString()
+    assert general(sv, unary, streamed=False) is None and fast(sv, unary, streamed=False) is None
 
 
 @pytest.mark.parametrize(
@@ -211,12 +227,13 @@ def test_a_differently_encoded_message_takes_the_general_path(servicers):
     assert type(sv.read_stream_message(bad_text)).__name__ == "_Undecodable"
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["stream", "unary"])
 @given(data=st.data())
-@settings(FIXED, max_examples=300)
-def test_corrupted_bytes_never_get_another_answer(servicers, data):
+@settings(FIXED, max_examples=200)
+def test_corrupted_bytes_never_get_another_answer(servicers, streamed, data):
     which = data.draw(st.sampled_from(sorted(SLICE)))
     sv = servicers[which]
-    raw = bytearray(data.draw(stream_messages(which)).SerializeToString())
+    raw = bytearray(_raw(data.draw(stream_messages(which)), streamed))
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(0, len(raw)))
         kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
@@ -227,9 +244,9 @@ def test_corrupted_bytes_never_get_another_answer(servicers, data):
         else:
             raw[at:at] = bytes([data.draw(st.integers(0, 255))])
     raw = bytes(raw)
-    msg = sv.read_stream_message(raw)
+    msg = (sv.read_stream_message if streamed else sv.read_gather_message)(raw)
     if type(msg) is WireMessage:
         msg.parse()  # what the fast path read, the generated code reads too (never raises)
-    reply = fast(sv, raw)
+    reply = fast(sv, raw, streamed)
     if reply is not None:  # the fast path answered: the general path gives the same bytes
-        assert reply == general(sv, raw)
+        assert reply == general(sv, raw, streamed)

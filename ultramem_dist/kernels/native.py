@@ -95,6 +95,9 @@ class NativeLib:
         self.wire_parse = self._lib.um_wire_parse
         self.wire_parse.restype = _i32
         self.wire_parse.argtypes = [ctypes.c_char_p, _i64, _ptr]
+        self.wire_parse_gather = self._lib.um_wire_parse_gather
+        self.wire_parse_gather.restype = _i32
+        self.wire_parse_gather.argtypes = [ctypes.c_char_p, _i64, _ptr]
         self.wire_tokens = self._lib.um_wire_tokens
         self.wire_tokens.restype = _i64
         self.wire_tokens.argtypes = [_ptr]

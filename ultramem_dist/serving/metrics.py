@@ -308,11 +308,15 @@ async def measured_gather(
     request: pb.GatherRequest,
     context: Any,
     handler: Callable[[pb.GatherRequest, Any], Awaitable[pb.GatherReply]],
+    *,
+    begun: float | None = None,
 ) -> pb.GatherReply:
     """Run a ``Gather`` handler and record it (in-flight, latency, status, bytes in/out) — the
-    one wrapper shared by the shard servicer and the router."""
-    start = time.perf_counter()
-    metrics.begin("Gather")
+    one wrapper shared by the shard servicer and the router. ``begun``: the call was already
+    counted in flight at that ``perf_counter()`` time (a fast path that handed it on)."""
+    start = time.perf_counter() if begun is None else begun
+    if begun is None:
+        metrics.begin("Gather")
     reply = None
     try:
         reply = await handler(request, context)

@@ -48,6 +48,7 @@ __all__ = [
     "TokenGrant",
     "TokenPolicy",
     "add_hardened_gather_pool",
+    "read_gather_leniently",
     "read_leniently",
     "serialize_reply",
     "scope_refusal",
@@ -290,6 +291,8 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 read_leniently = _lenient(pb.StreamGatherRequest.FromString)
 """A stream message as the generated code reads it, or the stand-in for undecodable bytes."""
+read_gather_leniently = _lenient(pb.GatherRequest.FromString)
+"""The same for a unary ``Gather``'s request."""
 
 
 def _guarded(
@@ -306,8 +309,8 @@ def _guarded(
     return behaviour
 
 
-def serialize_reply(reply: bytes | pb.StreamGatherReply) -> bytes:
-    """``GatherStream``'s response serializer: a fast-path reply is already its bytes."""
+def serialize_reply(reply: bytes | pb.GatherReply | pb.StreamGatherReply) -> bytes:
+    """The gathers' response serializer: a fast-path reply is already its bytes."""
     return reply if type(reply) is bytes else reply.SerializeToString()
 
 
@@ -318,8 +321,8 @@ def add_hardened_gather_pool(servicer: Any, server: grpc.aio.Server) -> None:
     handlers = {
         "Gather": grpc.unary_unary_rpc_method_handler(
             _guarded(servicer.Gather, "GatherRequest"),
-            request_deserializer=_lenient(pb.GatherRequest.FromString),
-            response_serializer=pb.GatherReply.SerializeToString,
+            request_deserializer=getattr(servicer, "read_gather_message", read_gather_leniently),
+            response_serializer=serialize_reply,
         ),
         # the servicer ends a stream with INVALID_ARGUMENT at an undecodable message; a
         # servicer may read messages itself (the shard's fast path: serving/wire.py)

@@ -27,7 +27,12 @@ from ultramem_dist.serving.metrics import (
     measured_gather,
     received_bytes,
 )
-from ultramem_dist.serving.security import TABLE_SCOPE, read_leniently, scope_refusal
+from ultramem_dist.serving.security import (
+    TABLE_SCOPE,
+    read_gather_leniently,
+    read_leniently,
+    scope_refusal,
+)
 from ultramem_dist.serving.validate import GatherQuery, Limits, decode_request
 from ultramem_dist.serving.wire import WireAnswer, WireMessage, wire_path
 from ultramem_dist.store.manifest import SCHEMA_VERSION
@@ -244,9 +249,27 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         return request.table_id if request.table_id in self._shard.tables else "?"
 
     async def Gather(  # noqa: N802 (gRPC method name)
-        self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GatherReply:
-        return await measured_gather(self._metrics, request, context, self._gather)
+        self, request: pb.GatherRequest | WireMessage, context: grpc.aio.ServicerContext
+    ) -> pb.GatherReply | bytes:
+        if type(request) is not WireMessage:
+            return await measured_gather(self._metrics, request, context, self._gather)
+        # (a scoped token was checked by the interceptor, on request.table_id)
+        start = time.perf_counter()
+        self._metrics.begin("Gather")
+        done = await self._answer_wire(request, None, self._deadline_of(context))
+        if done is None:  # the general path answers it, or words its refusal
+            parsed = request.parse()
+            return await measured_gather(self._metrics, parsed, context, self._gather, begun=start)
+        seconds = time.perf_counter() - start
+        self._metrics.table_call(done.table_id, "OK", seconds, done.entries)
+        self._metrics.end("Gather", "OK", seconds, request.request_bytes, done.reply_bytes)
+        return done.reply
+
+    def read_gather_message(self, raw: bytes) -> WireMessage | pb.GatherRequest | Any:
+        """Unary ``Gather``'s request deserializer (see :meth:`read_stream_message`)."""
+        if self._wire is None:
+            return read_gather_leniently(raw)
+        return self._wire.read(raw, read_gather_leniently, streamed=False)
 
     async def _gather(
         self, request: pb.GatherRequest, context: grpc.aio.ServicerContext
@@ -371,7 +394,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         return getattr(self._gather_sync, "__func__", None) is GatherPoolServicer._gather_sync
 
     async def _answer_wire(
-        self, message: WireMessage, scope: Collection[str] | None
+        self, message: WireMessage, scope: Collection[str] | None, deadline: float | None
     ) -> WireAnswer | None:
         """``message`` answered on the fast path, or ``None`` for the general path (anything
         it does not answer, every refusal included, is worded there)."""
@@ -381,8 +404,6 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         table = wire.table_of(message)
         if table is None or scope_refusal(scope, table) is not None:
             return None
-        timeout_us = message.timeout_us
-        deadline = time.monotonic() + timeout_us * 1e-6 if timeout_us else None
         threads = torch.get_num_threads()
         try:
             return await self._kernel_step(wire.answer, message, threads, deadline=deadline)
@@ -397,7 +418,9 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         start = time.perf_counter()
         self._metrics.begin("Gather")
         if type(message) is WireMessage:
-            done = await self._answer_wire(message, scope)
+            timeout_us = message.timeout_us
+            deadline = time.monotonic() + timeout_us * 1e-6 if timeout_us else None
+            done = await self._answer_wire(message, scope, deadline)
             if done is not None:
                 seconds = time.perf_counter() - start
                 size = message.request_bytes

@@ -30,6 +30,7 @@ __all__ = [
     "WireMessage",
     "WirePath",
     "encode_varint",
+    "gather_header",
     "gather_prefix",
     "reply_header",
     "wire_path",
@@ -55,22 +56,28 @@ def _field_head(tag: int, body: int) -> bytes:
     return bytes((tag,)) + encode_varint(body)
 
 
-def reply_header(
-    request_id: int, gather_prefix: bytes, shape: tuple[int, ...]
-) -> tuple[bytes, int]:
-    """The bytes of a ``StreamGatherReply`` that come before its float32 pooled data, and the
-    serialized size of its ``GatherReply``: ``request_id``, then ``gather`` = ``gather_prefix``
-    (the reply's table id, version and shard index fields) + ``pooled`` {dtype FLOAT32, packed
-    ``shape``, data}. The encoding the generated code writes: fields in number order, zero and
-    empty fields left out."""
+def gather_header(gather_prefix: bytes, shape: tuple[int, ...]) -> tuple[bytes, int]:
+    """The bytes of a ``GatherReply`` that come before its float32 pooled data, and the reply's
+    whole serialized size: ``gather_prefix`` (its table id, version and shard index fields),
+    then ``pooled`` {dtype FLOAT32, packed ``shape``, data}. The encoding the generated code
+    writes: fields in number order, zero and empty fields left out."""
     nbytes = 4 * math.prod(shape)
     packed = b"".join(encode_varint(d) for d in shape)
     tensor = b"\x08" + encode_varint(pb.DTYPE_FLOAT32) + _field_head(0x12, len(packed)) + packed
     if nbytes:
         tensor += _field_head(0x1A, nbytes)
-    gather = gather_prefix + _field_head(0x22, len(tensor) + nbytes) + tensor
+    head = gather_prefix + _field_head(0x22, len(tensor) + nbytes) + tensor
+    return head, len(head) + nbytes
+
+
+def reply_header(
+    request_id: int, gather_prefix: bytes, shape: tuple[int, ...]
+) -> tuple[bytes, int]:
+    """:func:`gather_header` inside a ``StreamGatherReply`` (``request_id``, then ``gather``):
+    the bytes before the pooled data, and the size of the ``GatherReply``."""
+    gather, size = gather_header(gather_prefix, shape)
     head = b"\x08" + encode_varint(request_id) if request_id else b""
-    return head + _field_head(0x12, len(gather) + nbytes) + gather, len(gather) + nbytes
+    return head + _field_head(0x12, size) + gather, size
 
 
 def gather_prefix(table_id: str, version: str, shard_index: int) -> bytes:
@@ -86,14 +93,16 @@ def gather_prefix(table_id: str, version: str, shard_index: int) -> bytes:
 
 
 class WireMessage:
-    """A stream message in its wire bytes, with the fields ``um_wire_parse`` located."""
+    """A request in its wire bytes — a ``StreamGatherRequest`` (``streamed``) or a unary
+    ``GatherRequest`` — with the fields ``csrc/wire.c`` located."""
 
-    __slots__ = ("fields", "fields_addr", "raw")
+    __slots__ = ("fields", "fields_addr", "raw", "streamed")
 
-    def __init__(self, raw: bytes, fields: np.ndarray) -> None:
+    def __init__(self, raw: bytes, fields: np.ndarray, streamed: bool) -> None:
         self.raw = raw
         self.fields = fields
         self.fields_addr = fields.__array_interface__["data"][0]
+        self.streamed = streamed
 
     @property
     def request_id(self) -> int:
@@ -113,15 +122,21 @@ class WireMessage:
         start = int(f[off])
         return self.raw[start : start + int(f[length])]
 
-    def table_id(self) -> bytes:
+    def table_id_bytes(self) -> bytes:
         return self._text(_TABLE_OFF, _TABLE_LEN)
 
-    def table_version(self) -> bytes:
+    def version_bytes(self) -> bytes:
         return self._text(_VERSION_OFF, _VERSION_LEN)
 
-    def parse(self) -> pb.StreamGatherRequest:
+    @property
+    def table_id(self) -> str:
+        """The requested table (what a scoped token is checked against; ASCII by the parse)."""
+        return self.table_id_bytes().decode()
+
+    def parse(self) -> pb.StreamGatherRequest | pb.GatherRequest:
         """The message as the generated code reads it (for the general path)."""
-        return pb.StreamGatherRequest.FromString(self.raw)
+        kind = pb.StreamGatherRequest if self.streamed else pb.GatherRequest
+        return kind.FromString(self.raw)
 
 
 @dataclass(frozen=True)
@@ -176,17 +191,19 @@ class WirePath:
                 prefix=gather_prefix(tid, shard.manifest.version, shard.shard),
             )
 
-    def read(self, raw: bytes, general: Callable[[bytes], Any]) -> Any:
-        """The stream's request deserializer: a :class:`WireMessage` when the message is in
-        the plain encoding, else ``general(raw)`` (the generated code's parse)."""
+    def read(self, raw: bytes, general: Callable[[bytes], Any], *, streamed: bool = True) -> Any:
+        """A request deserializer (``streamed``: ``GatherStream``'s, else unary ``Gather``'s):
+        a :class:`WireMessage` when the message is in the plain encoding, else ``general(raw)``
+        (the generated code's parse)."""
         fields = np.empty(self._lib.wire_slots, dtype=np.int64)
-        if self._lib.wire_parse(raw, len(raw), fields.__array_interface__["data"][0]) == 0:
-            return WireMessage(raw, fields)
+        parse = self._lib.wire_parse if streamed else self._lib.wire_parse_gather
+        if parse(raw, len(raw), fields.__array_interface__["data"][0]) == 0:
+            return WireMessage(raw, fields, streamed)
         return general(raw)
 
     def _table(self, msg: WireMessage) -> _Table | None:
-        t = self._tables.get(msg.table_id())
-        return t if t is not None and msg.table_version() == self._version else None
+        t = self._tables.get(msg.table_id_bytes())
+        return t if t is not None and msg.version_bytes() == self._version else None
 
     def table_of(self, msg: WireMessage) -> str | None:
         """The id of the table ``msg`` asks for, when the fast path may answer it."""
@@ -203,7 +220,10 @@ class WirePath:
             return None
         cols = t.plan.out_cols
         shape = (tokens, t.out_blocks, cols) if t.out_blocks else (tokens, cols)
-        head, gather_bytes = reply_header(msg.request_id, t.prefix, shape)
+        if msg.streamed:
+            head, gather_bytes = reply_header(msg.request_id, t.prefix, shape)
+        else:
+            head, gather_bytes = gather_header(t.prefix, shape)
         out = np.empty(shape, dtype=np.float32)  # aligned for the kernel's stores
         entries = t.plan.run_wire(
             msg.raw,

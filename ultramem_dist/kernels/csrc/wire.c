@@ -153,6 +153,14 @@ int32_t um_wire_parse(const uint8_t *buf, int64_t len, int64_t *out) {
     return (seen >> 2 & 1) ? 0 : 1; /* no gather: the general path words it */
 }
 
+/* um_wire_parse for a bare GatherRequest (a unary Gather's bytes): the same slots, no request
+ * id or timeout. */
+int32_t um_wire_parse_gather(const uint8_t *buf, int64_t len, int64_t *out) {
+    memset(out, 0, sizeof(int64_t) * W_SLOTS);
+    out[W_GATHER_LEN] = len;
+    return um_gather_request(buf, buf, buf + len, out) ? 0 : 1;
+}
+
 static int64_t um_itemsize(int64_t dtype) {
     return dtype == DT_FLOAT32 || dtype == DT_INT32 ? 4 : dtype == DT_INT64 ? 8 : 0;
 }
