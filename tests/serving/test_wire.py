@@ -15,6 +15,7 @@ from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist.errors import UltraMemError
 from ultramem_dist.kernels import native
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.serving import wire
 from ultramem_dist.serving.servicer import GatherPoolServicer
 from ultramem_dist.serving.validate import Limits
 from ultramem_dist.serving.wire import WireMessage, gather_header, gather_prefix, reply_header
@@ -211,6 +212,18 @@ def test_bad_offsets_are_left_to_the_general_path(servicers, offsets):
         assert fast(sv, raw) == general(sv, raw) is not None
     else:
         assert general(sv, raw) is None and fast(sv, raw) is None
+
+
+def test_a_huge_declared_batch_is_left_before_anything_is_allocated(servicers, monkeypatch):
+    flat = dict(ids=torch.arange(50, 54), blocks=torch.arange(4) % E, weights=torch.ones(4, HC))
+    raw = _dense(**flat, offsets=torch.tensor([0] * 2**20 + [4]))  # 2^20 queries declared
+    sv = servicers["row"]
+    msg = sv.read_stream_message(raw)
+    assert type(msg) is WireMessage
+    monkeypatch.setattr(wire.np, "empty", lambda *a, **k: pytest.fail("allocated a reply"))
+    assert sv._wire.answer(msg, 2) is None
+    monkeypatch.undo()
+    assert general(sv, raw) is None  # refused there (batch above the limit)
 
 
 def test_a_differently_encoded_message_takes_the_general_path(servicers):

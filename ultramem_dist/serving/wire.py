@@ -216,7 +216,7 @@ class WirePath:
         if t is None:
             return None
         tokens = self._lib.wire_tokens(msg.fields_addr)
-        if tokens < 0:
+        if not 0 <= tokens <= self._limits[0]:  # (checked again in C; never allocate past it)
             return None
         cols = t.plan.out_cols
         shape = (tokens, t.out_blocks, cols) if t.out_blocks else (tokens, cols)
