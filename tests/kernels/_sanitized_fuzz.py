@@ -75,7 +75,8 @@ def main(rounds: int) -> None:
                 read = sv.read_stream_message if streamed else sv.read_gather_message
                 plain = (m if streamed else m.gather).SerializeToString()
                 msg = read(corrupt(rng, bytearray(plain)))
-                if type(msg) is WireMessage and sv._wire.answer(msg, 2) is not None:
+                table = sv._wire.table_for(msg) if type(msg) is WireMessage else None
+                if table is not None and sv._wire.answer(msg, table, 2) is not None:
                     answered += 1
             sv.close()
         for _ in range(rounds):

@@ -65,7 +65,8 @@ def fast(sv: GatherPoolServicer, raw: bytes, streamed: bool = True) -> bytes | N
     msg = read(raw)
     if type(msg) is not WireMessage:
         return None
-    done = sv._wire.answer(msg, 2)
+    table = sv._wire.table_for(msg)
+    done = None if table is None else sv._wire.answer(msg, table, 2)
     return None if done is None else done.reply
 
 
@@ -221,7 +222,7 @@ def test_a_huge_declared_batch_is_left_before_anything_is_allocated(servicers, m
     msg = sv.read_stream_message(raw)
     assert type(msg) is WireMessage
     monkeypatch.setattr(wire.np, "empty", lambda *a, **k: pytest.fail("allocated a reply"))
-    assert sv._wire.answer(msg, 2) is None
+    assert sv._wire.answer(msg, sv._wire.table_for(msg), 2) is None
     monkeypatch.undo()
     assert general(sv, raw) is None  # refused there (batch above the limit)
 

@@ -73,6 +73,22 @@ def _addr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _expect_arrays(*specs: tuple[str, np.ndarray, np.dtype, tuple[int, ...]]) -> None:
+    """Arrays the C code reads by address: each ``(name, array, dtype, shape)`` must match
+    exactly and be C-contiguous, or it would be read as garbage."""
+    for name, a, dt, shape in specs:
+        if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
+            raise TypeError(
+                f"{name}: expected a C-contiguous {dt} array of shape {shape}, "
+                f"got {a.dtype} {a.shape}"
+            )
+
+
+def _expect_csr(tok_off: np.ndarray, nnz: int) -> None:
+    if tok_off.shape[0] < 1 or int(tok_off[0]) != 0 or int(tok_off[-1]) != nnz:
+        raise ValueError(f"tok_off must run from 0 to nnz={nnz}")
+
+
 class NativeLib:
     """The loaded library: ``um_gather_pool`` with its argument types, and the dtypes it has."""
 
@@ -130,20 +146,14 @@ class NativeLib:
         int64 CSR ``tok_off`` ``[T + 1]`` from 0 to ``nnz``, int64 ``row_lo`` ``[S]`` (first row
         of every shard, ascending, ``row_lo[0] == 0``)."""
         nnz, num_tokens, shards = ids.shape[0], tok_off.shape[0] - 1, row_lo.shape[0]
-        for name, a, dt, shape in (
+        _expect_arrays(
             ("ids", ids, _I64, (nnz,)),
             ("blk", blk, _I64, (nnz,)),
             ("w", w, _F32, (nnz, w.shape[-1])),
             ("tok_off", tok_off, _I64, tok_off.shape[:1]),
             ("row_lo", row_lo, _I64, (shards,)),
-        ):
-            if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
-                raise TypeError(
-                    f"{name}: expected a C-contiguous {dt} array of shape {shape}, "
-                    f"got {a.dtype} {a.shape}"
-                )
-        if num_tokens < 0 or int(tok_off[-1]) != nnz:
-            raise ValueError(f"tok_off must run from 0 to nnz={nnz}")
+        )
+        _expect_csr(tok_off, nnz)
         ids32 = np.empty(nnz, dtype=np.int32)
         blk32 = np.empty(nnz, dtype=np.int32)
         w_out = np.empty_like(w)
@@ -320,20 +330,14 @@ class NativePlan:
         ``tok_off`` ``[T + 1]`` (``tok_off[-1] == nnz``). These are read by address, so their
         dtypes and sizes are checked here: a wrong one would be read as garbage."""
         nnz = idx.shape[0]
-        for name, a, dt, shape in (
+        _expect_arrays(
             ("idx", idx, _I64, (nnz,)),
             ("blk", blk, _I64, (nnz,)),
             ("weights", weights, _F32, (nnz, self.num_cores)),
             ("tok_off", tok_off, _I64, tok_off.shape[:1]),
-        ):
-            if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
-                raise TypeError(
-                    f"{name}: expected a C-contiguous {dt} array of shape {shape}, "
-                    f"got {a.dtype} {a.shape}"
-                )
+        )
+        _expect_csr(tok_off, nnz)
         num_tokens = tok_off.shape[0] - 1
-        if num_tokens < 0 or int(tok_off[0]) != 0 or int(tok_off[-1]) != nnz:
-            raise ValueError(f"tok_off must run from 0 to nnz={nnz}")
         out = np.empty((num_tokens, num_blocks, self.out_cols), dtype=np.float32)
         # a thread per PARALLEL_GRAIN bytes of rows read: waking a thread costs more than it
         # saves on a small batch (the C side also caps threads at the token count)

@@ -260,9 +260,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         if done is None:  # the general path answers it, or words its refusal
             parsed = request.parse()
             return await measured_gather(self._metrics, parsed, context, self._gather, begun=start)
-        seconds = time.perf_counter() - start
-        self._metrics.table_call(done.table_id, "OK", seconds, done.entries)
-        self._metrics.end("Gather", "OK", seconds, request.request_bytes, done.reply_bytes)
+        self._record_wire(done, time.perf_counter() - start, request.request_bytes)
         return done.reply
 
     def read_gather_message(self, raw: bytes) -> WireMessage | pb.GatherRequest | Any:
@@ -401,14 +399,19 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         wire = self._wire
         if wire is None or not self._kernel_is_ours():
             return None
-        table = wire.table_of(message)
-        if table is None or scope_refusal(scope, table) is not None:
+        table = wire.table_for(message)
+        if table is None or scope_refusal(scope, table.table_id) is not None:
             return None
         threads = torch.get_num_threads()
         try:
-            return await self._kernel_step(wire.answer, message, threads, deadline=deadline)
+            return await self._kernel_step(wire.answer, message, table, threads, deadline=deadline)
         except (_DeadlinePassed, MemoryError):
             return None  # the general path answers it (DEADLINE_EXCEEDED, or its own failure)
+
+    def _record_wire(self, done: WireAnswer, seconds: float, request_bytes: int) -> None:
+        """Metrics of a gather answered on the fast path, as the general path records them."""
+        self._metrics.table_call(done.table_id, "OK", seconds, done.entries)
+        self._metrics.end("Gather", "OK", seconds, request_bytes, done.reply_bytes)
 
     async def _stream_gather(
         self, message: pb.StreamGatherRequest | WireMessage, scope: Collection[str] | None
@@ -417,19 +420,13 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         call once the reply is written)."""
         start = time.perf_counter()
         self._metrics.begin("Gather")
+        timeout_us = message.timeout_us  # the caller's budget, from this message's arrival
+        deadline = time.monotonic() + timeout_us * 1e-6 if timeout_us else None
         if type(message) is WireMessage:
-            timeout_us = message.timeout_us
-            deadline = time.monotonic() + timeout_us * 1e-6 if timeout_us else None
             done = await self._answer_wire(message, scope, deadline)
             if done is not None:
-                seconds = time.perf_counter() - start
-                size = message.request_bytes
-
-                def record_wire() -> None:
-                    self._metrics.table_call(done.table_id, "OK", seconds, done.entries)
-                    self._metrics.end("Gather", "OK", seconds, size, done.reply_bytes)
-
-                return done.reply, record_wire
+                seconds, size = time.perf_counter() - start, message.request_bytes
+                return done.reply, lambda: self._record_wire(done, seconds, size)
             message = message.parse()  # the general path answers it, or words its refusal
         request = message.gather
         table = self._table_label(request)
@@ -439,8 +436,6 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         if refusal is not None:
             failure = (grpc.StatusCode.PERMISSION_DENIED, refusal)
         else:
-            timeout_us = message.timeout_us
-            deadline = time.monotonic() + timeout_us * 1e-6 if timeout_us else None
             try:
                 await self._answer(request, out.gather, deadline)
             except Exception as exc:

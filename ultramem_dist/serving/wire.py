@@ -29,6 +29,7 @@ __all__ = [
     "WireAnswer",
     "WireMessage",
     "WirePath",
+    "WireTable",
     "encode_varint",
     "gather_header",
     "gather_prefix",
@@ -140,7 +141,9 @@ class WireMessage:
 
 
 @dataclass(frozen=True)
-class _Table:
+class WireTable:
+    """A natively pooled table as the fast path answers for it."""
+
     table_id: str
     plan: NativePlan
     rows: tuple[int, int]
@@ -173,7 +176,7 @@ class WirePath:
         self._lib = lib
         self._version = shard.manifest.version.encode()
         self._limits = (limits.max_batch, limits.max_per_query)
-        self._tables: dict[bytes, _Table] = {}
+        self._tables: dict[bytes, WireTable] = {}
         self.answered = 0
         """Messages answered on the fast path so far (a diagnostic)."""
         for tid, table in shard.tables.items():
@@ -181,7 +184,7 @@ class WirePath:
             if plan is None or not tid.isascii():
                 continue  # a GPU table, or no plan: the general path
             e, slot = table.entry, table.slot
-            self._tables[tid.encode()] = _Table(
+            self._tables[tid.encode()] = WireTable(
                 table_id=tid,
                 plan=plan,
                 rows=(slot.row_lo, slot.row_hi),
@@ -201,20 +204,14 @@ class WirePath:
             return WireMessage(raw, fields, streamed)
         return general(raw)
 
-    def _table(self, msg: WireMessage) -> _Table | None:
+    def table_for(self, msg: WireMessage) -> WireTable | None:
+        """The table ``msg`` asks for, when the fast path may answer it (served version)."""
         t = self._tables.get(msg.table_id_bytes())
         return t if t is not None and msg.version_bytes() == self._version else None
 
-    def table_of(self, msg: WireMessage) -> str | None:
-        """The id of the table ``msg`` asks for, when the fast path may answer it."""
-        t = self._table(msg)
-        return None if t is None else t.table_id
-
-    def answer(self, msg: WireMessage, nthreads: int) -> WireAnswer | None:
-        """Check and pool ``msg``; ``None`` when the general path must take it."""
-        t = self._table(msg)
-        if t is None:
-            return None
+    def answer(self, msg: WireMessage, t: WireTable, nthreads: int) -> WireAnswer | None:
+        """Check and pool ``msg`` for its table ``t`` (:meth:`table_for`); ``None`` when the
+        general path must take it."""
         tokens = self._lib.wire_tokens(msg.fields_addr)
         if not 0 <= tokens <= self._limits[0]:  # (checked again in C; never allocate past it)
             return None
