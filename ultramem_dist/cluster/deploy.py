@@ -430,11 +430,18 @@ class Deployer:
         return len(snap["deployments"])
 
     def status(self) -> dict[str, Any]:
-        """Registry snapshot plus every live replica's info (endpoint, pid, requests, ...)."""
+        """Registry snapshot plus every live replica's info (endpoint, pid, requests, ...) and
+        its Ray node: ``node`` (the node's IP, ``?`` if Ray no longer knows it) and
+        ``node_alive``. ``nodes`` lists every Ray node (id, IP, alive, resources)."""
         snap = ray.get(self.registry.snapshot.remote())
+        nodes = node_table()
+        snap["nodes"] = list(nodes.values())
         for dep_id, dep in snap["deployments"].items():
             for shard, reps in dep["replicas"].items():
                 for r, rec in reps.items():
+                    node = nodes.get(rec.get("node_id", ""))
+                    rec["node"] = node["ip"] if node else "?"
+                    rec["node_alive"] = bool(node and node["alive"])
                     try:
                         handle = ray.get_actor(
                             _actor_name(dep_id, int(shard), int(r)), namespace=NAMESPACE
@@ -445,3 +452,26 @@ class Deployer:
                         rec["alive"] = False
                         rec["error"] = str(exc).splitlines()[0]
         return snap
+
+
+def node_table() -> dict[str, dict[str, Any]]:
+    """Ray's nodes by node id: ``{"node_id", "ip", "alive", "resources"}`` each."""
+    return {
+        n["NodeID"]: {
+            "node_id": n["NodeID"],
+            "ip": n.get("NodeManagerAddress", "?"),
+            "alive": bool(n.get("Alive")),
+            "resources": dict(n.get("Resources") or {}),
+        }
+        for n in ray.nodes()
+    }
+
+
+def replica_nodes(snapshot: Mapping[str, Any], dep_id: str | None = None) -> dict[int, list[str]]:
+    """Shard → node IPs of its replicas in a :meth:`Deployer.status` snapshot (default: the
+    active deployment); what proves that replicas of one shard sit on different hosts."""
+    dep = snapshot["deployments"][dep_id or snapshot["active"]]
+    return {
+        int(shard): [reps[r]["node"] for r in sorted(reps, key=int)]
+        for shard, reps in dep["replicas"].items()
+    }
