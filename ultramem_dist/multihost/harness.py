@@ -39,9 +39,18 @@ log = logging.getLogger(__name__)
 BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
 RAY_PORT = 6379
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "8",
+}
 """Token auth off inside the private test cluster: it is reachable only over the harness's own
-bridge (198.18.x), and the workers would otherwise need the head's token file copied."""
+bridge (198.18.x), and the workers would otherwise need the head's token file copied. Node
+health checks every second, a node declared dead after 8 missed ones (~8-10 s instead of Ray's
+default ~15-30 s), so a killed host's actors restart within a bounded test; a partition shorter
+than that is not a node death."""
 
 _LIVE: list[MultiHost] = []
 
@@ -432,3 +441,19 @@ def multihost(**kw: Any) -> Iterator[MultiHost]:
     mh = MultiHost(**kw)
     with mh:
         yield mh
+
+
+def pin_registry(host_index: int = 0) -> Any:
+    """Create the deployment registry on host ``host_index`` (call after ``ray.init``, before
+    ``up``). The registry keeps its state in memory and is not restarted by Ray, so it must not
+    live on a host that a fault test kills or cuts off; on a real cluster it lands wherever Ray
+    puts it (usually the head, which has the most free resources at first)."""
+    from ultramem_dist.cluster.registry import NAMESPACE, REGISTRY_NAME, Registry
+
+    return Registry.options(
+        name=REGISTRY_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        resources={f"host{host_index}": 0.01},
+    ).remote()
