@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from ultramem_dist.multihost import MultiHost, skip_reason
-from ultramem_dist.multihost.harness import pin_registry
 
 
 def require_harness() -> None:
