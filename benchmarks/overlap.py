@@ -118,11 +118,16 @@ def echo_at_cadence(cfg: LMConfig, batch: int, local_ms_per_token: float, workdi
 
 
 def measure(
-    ckpt: Path, store: Path, transports: list[str], args: argparse.Namespace
+    ckpt: Path,
+    store: Path,
+    transports: list[str],
+    args: argparse.Namespace,
+    placement: PlacementOptions | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Deploy ``store`` (1 replica per shard) and time local decoding and, per client
-    transport, the two remote modes, all interleaved round by round."""
-    deployer = Deployer(PlacementOptions(drain_s=0.5))
+    transport, the two remote modes, all interleaved round by round. ``placement``: where the
+    replicas go (default: this machine's loopback; benchmarks/multihost.py passes its hosts)."""
+    deployer = Deployer(placement or PlacementOptions(drain_s=0.5))
     deployer.up(store, replicas=1)
     local = load_pretrained(ckpt)
     remote = load_pretrained(ckpt)
@@ -153,6 +158,15 @@ def measure(
                 remote.set_value_backend(backend)
                 times[t]["remote_overlapped"].append(time_decode(remote, prompt, args.tokens)[0])
     return times
+
+
+def hidden_fraction(times: dict[str, list[float]]) -> tuple[dict[str, float], float]:
+    """Median ms/token of each mode and the hidden fraction (serial - overlapped) /
+    (serial - local) of one :func:`measure` transport (1.0 when remote costs nothing extra)."""
+    ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    extra = ms["remote_serial"] - ms["local"]
+    saved = ms["remote_serial"] - ms["remote_overlapped"]
+    return ms, (saved / extra if extra > 0 else 1.0)
 
 
 def main() -> None:
@@ -231,10 +245,8 @@ def main() -> None:
                 ms_local = statistics.median(by_transport[transports[0]]["local"])
                 echo = echo_at_cadence(cfg, args.batch, ms_local, Path(tmp))
                 for transport, times in by_transport.items():
-                    ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
+                    ms, hidden = hidden_fraction(times)
                     extra = ms["remote_serial"] - ms["local"]
-                    saved = ms["remote_serial"] - ms["remote_overlapped"]
-                    hidden = saved / extra if extra > 0 else 1.0
                     results.append(
                         {
                             "shape": shape,

@@ -309,7 +309,7 @@ class MultiHost:
                 *role,
                 f"--node-ip-address={h.ip}",
                 f"--temp-dir={h.temp_dir}",
-                f"--resources={json.dumps({f'host{h.index}': 1})}",
+                f"--resources={json.dumps({f'host{h.index}': 1, 'slot': 1})}",
                 *common,
             ]
             proc = h.run(cmd, timeout=240)
@@ -345,22 +345,16 @@ class MultiHost:
     def heal(self, index: int) -> None:
         _sh("ip", "link", "set", self.hosts[index].veth, "up")
 
-    def set_delay(self, delay_ms: float) -> None:
-        """``tc netem`` delay on every host's link (each hop host→bridge gets it once per
-        direction through the bridge side, so a round trip host↔host gains 2×delay)."""
-        for h in self.hosts:
+    def set_delay(self, delay_ms: float, hosts: Sequence[int] | None = None) -> None:
+        """``tc netem`` delay on the links of ``hosts`` (default: all but host 0, the Ray
+        head). The qdisc sits on the bridge side of the veth, so it delays every packet *to*
+        that host once: a round trip from the root namespace or another host gains
+        ``delay_ms``. 0 removes it."""
+        for i in range(1, len(self.hosts)) if hosts is None else hosts:
+            h = self.hosts[i]
             if delay_ms > 0:
-                _sh(
-                    "tc",
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    h.veth,
-                    "root",
-                    "netem",
-                    "delay",
-                    f"{delay_ms}ms",
-                )
+                _sh("tc", "qdisc", "replace", "dev", h.veth, "root", "netem", "delay",
+                    f"{delay_ms}ms")
             else:
                 _sh("tc", "qdisc", "del", "dev", h.veth, "root", check=False)
 

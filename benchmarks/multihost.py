@@ -1,0 +1,501 @@
+"""Multi-host scale-out on one box: 3 namespace-hosts, a real 3-node Ray cluster, big stores.
+
+Runs (as root) on :class:`ultramem_dist.multihost.MultiHost` — network namespaces on a bridge in
+198.18.0.0/15, a memory cgroup per host (``--host-memory-gib``, default 4), a Ray head on host 0
+and workers on hosts 1-2 — and measures, in this order:
+
+1. ``tokens_identical``: greedy generation in host 0 with every table remote == the local model.
+2. ``partition``: host 1's link down for 3 s under verified load (replicas=2).
+3. ``netem``: the skip-layer overlap (benchmarks/overlap.py's ``measure``) with 0/1/5 ms
+   ``tc netem`` delay on every host link.
+4. ``size_scaling``: bf16 stores of 0.5/2/8 GiB (``--sizes``), 3 row shards, one per host:
+   streaming export time and peak RSS (its own process), deploy (load + sha256 verify, cold:
+   the files' pages dropped with ``posix_fadvise`` first), first lookup, steady p50 at batch
+   64, shard RSS; every store's lookups verified against rows read directly from its files.
+5. ``throughput``: QPS at batch 64 with 1, 2, 3 shard hosts, one client (host 0).
+6. ``host_kill``: host 2 SIGKILLed (every process of its cgroup/namespace) under verified load.
+
+Writes benchmarks/results/multihost.json and multihost.png. Big stores live under
+``--work-dir`` (default /tmp) and are deleted at the end.
+
+    sudo nice -n 10 python benchmarks/multihost.py [--sizes 0.5,2,8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from common import plot_path, save  # noqa: E402
+
+from ultramem_dist.cluster import Deployer, PlacementOptions  # noqa: E402
+from ultramem_dist.multihost import MultiHost, skip_reason  # noqa: E402
+from ultramem_dist.multihost.harness import pin_registry  # noqa: E402
+from ultramem_dist.multihost.load import start_load, summarize  # noqa: E402
+
+GIB = 1 << 30
+
+
+def say(*a: object) -> None:
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def replicas(deployer: Deployer) -> list[dict[str, Any]]:
+    snap = deployer.status()
+    dep = snap["deployments"][snap["active"]]
+    return [
+        {"shard": int(s), "replica": int(r), **rec}
+        for s, reps in dep["replicas"].items()
+        for r, rec in reps.items()
+    ]
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drop_cache(version_dir: Path) -> None:
+    """Evict this store's pages only (never the whole machine's cache)."""
+    for f in version_dir.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bigcheck(mh: MultiHost, cfg: dict[str, Any]) -> dict[str, Any]:
+    proc = mh.hosts[0].run(
+        [sys.executable, "-m", "ultramem_dist.multihost.bigcheck", json.dumps(cfg)], timeout=600
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bigcheck failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_store(out: Path, gib: float, shards: int) -> dict[str, Any]:
+    """The streaming export in its own process (so its peak RSS is its own)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "ultramem_dist.store.synth",
+        str(out),
+        "--gib",
+        str(gib),
+        "--shards",
+        str(shards),
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tokens_identical(mh: MultiHost, work: Path) -> dict[str, Any]:
+    from ultramem_dist.model import MemoryLM, preset, save_pretrained
+    from ultramem_dist.store.export import export_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_pretrained(MemoryLM(preset("micro")).eval(), work / "micro-ckpt")
+    export_checkpoint(ckpt, work / "micro-store", shards=3, by="row", version="v1")
+    deployer = Deployer(PlacementOptions(host="node", drain_s=0.5, ready_timeout_s=120))
+    deployer.up(work / "micro-store", replicas=2)
+    nodes = sorted({(r["shard"], r["node"]) for r in replicas(deployer)})
+    proc = mh.hosts[0].run(
+        [sys.executable, "-m", "ultramem_dist.multihost.probe", mh.ray_address, str(ckpt)],
+        timeout=300,
+    )
+    deployer.down()
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["replica_nodes"] = nodes
+    return out
+
+
+def faults_store(work: Path) -> Path:
+    from ultramem_dist.store.synth import write_synthetic_store
+
+    write_synthetic_store(work / "fault-store", n_rows=30000, dv=64, shards=3, topm=4)
+    return work / "fault-store"
+
+
+def partition(mh: MultiHost, store: Path, work: Path, deadline_s: float) -> dict[str, Any]:
+    deployer = Deployer(PlacementOptions(host="node", drain_s=0.5, ready_timeout_s=120))
+    deployer.up(store, replicas=2)
+    reps = replicas(deployer)
+    victim = next(h for h in mh.hosts[1:] if any(r["node"] == h.ip for r in reps))
+    targets = [r["endpoint"] for r in reps]
+    load = start_load(
+        mh.hosts[0],
+        targets,
+        store,
+        work / "part.json",
+        duration_s=9.0,
+        concurrency=4,
+        deadline_s=deadline_s,
+    )
+    time.sleep(2.0)
+    mh.partition(victim.index)
+    time.sleep(3.0)
+    mh.heal(victim.index)
+    samples = load.wait(timeout=120)["samples"]
+    stats = summarize(samples, deadline_s)
+    before = {
+        (r["shard"], r["replica"]): r["info"]["requests"] for r in reps if r["node"] == victim.ip
+    }
+    load2 = start_load(
+        mh.hosts[0],
+        targets,
+        store,
+        work / "part2.json",
+        duration_s=3.0,
+        concurrency=4,
+        deadline_s=deadline_s,
+    )
+    after_stats = summarize(load2.wait(timeout=60)["samples"], deadline_s)
+    now = {(r["shard"], r["replica"]): r for r in replicas(deployer)}
+    stats.update(
+        victim_host=victim.index,
+        deadline_s=deadline_s,
+        partition_s=3.0,
+        error_messages=sorted({s[3][:160] for s in samples if s[3]})[:3],
+        used_again_after_heal=all(now[k]["info"]["requests"] > n for k, n in before.items()),
+        restarts_after_heal=sum(now[k]["info"]["restarts"] for k in before),
+        after_heal=after_stats,
+    )
+    deployer.down()
+    return stats
+
+
+def netem(mh: MultiHost, work: Path, delays: list[float], args: Any) -> list[dict[str, Any]]:
+    from overlap import hidden_fraction, measure, shape_config
+
+    from ultramem_dist.model import MemoryLM, save_pretrained
+    from ultramem_dist.store.export import export_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_pretrained(MemoryLM(shape_config("span2")).eval(), work / "span2-ckpt")
+    export_checkpoint(ckpt, work / "span2-store", shards=1, by="row", version="bench")
+    out = []
+    for d in delays:
+        mh.set_delay(d, hosts=[1])
+        try:
+            times = measure(
+                ckpt,
+                work / "span2-store",
+                ["process"],
+                SimpleNamespace(batch=1, tokens=args.tokens, rounds=args.rounds),
+                placement=PlacementOptions(host="node", drain_s=0.5, resources={"host1": 0.01}),
+            )["thread"]
+        finally:
+            mh.set_delay(0, hosts=[1])
+        ms, hidden = hidden_fraction(times)
+        out.append(
+            {
+                "delay_ms": d,
+                "rtt_added_ms": d,
+                "hidden_fraction": round(hidden, 3),
+                "ms_per_token": ms,
+            }
+        )
+        say("netem", out[-1])
+    Deployer().down()
+    return out
+
+
+def deploy_spread(store: Path, hosts: int) -> tuple[Deployer, float]:
+    """One replica per shard, each on its own host (the ``slot`` resource: 1 per host)."""
+    deployer = Deployer(
+        PlacementOptions(host="node", drain_s=0.5, ready_timeout_s=900, resources={"slot": 1})
+    )
+    t0 = time.perf_counter()
+    deployer.up(store, replicas=1)
+    return deployer, time.perf_counter() - t0
+
+
+def size_scaling(mh: MultiHost, work: Path, sizes: list[float]) -> list[dict[str, Any]]:
+    out = []
+    for gib in sizes:
+        store = work / f"synth-{gib}g"
+        say(f"export {gib} GiB")
+        res = write_store(store, gib, 3)
+        drop_cache(Path(res["version_dir"]))
+        say(f"deploy {gib} GiB", res)
+        deployer, load_s = deploy_spread(store, 3)
+        reps = replicas(deployer)
+        targets = [r["endpoint"] for r in reps]
+        check = bigcheck(
+            mh,
+            {
+                "targets": targets,
+                "store": str(store),
+                "batch": 64,
+                "verify_batches": 3,
+                "calls": 200,
+            },
+        )
+        row = {
+            "store_bytes": res["store_bytes"],
+            "export_s": round(res["export_s"], 2),
+            "export_peak_rss_bytes": res["peak_rss_bytes"],
+            "load_verify_s": round(load_s, 2),
+            "first_lookup_ms": check["first_lookup_ms"],
+            "p50_ms": check["p50_ms"],
+            "shard_rss_bytes": max(rss(r["info"]["pid"]) for r in reps),
+            "host_memory_usage_bytes": [h.memory_usage() for h in mh.hosts],
+            "host_memory_max_usage_bytes": [h.memory_max_usage() for h in mh.hosts],
+            "shard_nodes": sorted(r["node"] for r in reps),
+            "verified_batches": check["verified_batches"],
+            "wrong": check["wrong"],
+            "max_abs_err": check["max_abs_err"],
+        }
+        out.append(row)
+        say("size", row)
+        deployer.down()
+        if gib != min(sizes):
+            shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def throughput(mh: MultiHost, work: Path, gib: float, seconds: float) -> list[dict[str, Any]]:
+    out = []
+    for n in (1, 2, 3):
+        store = work / f"tput-{n}"
+        write_store(store, gib, n)
+        deployer, _ = deploy_spread(store, n)
+        reps = replicas(deployer)
+        pids = [r["info"]["pid"] for r in reps]
+        cpu0 = [cpu_s(p) for p in pids]
+        check = bigcheck(
+            mh,
+            {
+                "targets": [r["endpoint"] for r in reps],
+                "store": str(store),
+                "batch": 64,
+                "verify_batches": 1,
+                "calls": 20,
+                "qps_s": seconds,
+                "concurrency": 8,
+            },
+        )
+        calls = check["qps_calls"] + 21
+        cpu = [cpu_s(p) - c for p, c in zip(pids, cpu0, strict=True)]
+        out.append(
+            {
+                "hosts": n,
+                "qps": check["qps"],
+                "batch": 64,
+                "concurrency": 8,
+                "shard_cpu_ms_per_call_per_host": [round(1e3 * c / calls, 3) for c in cpu],
+                "shard_nodes": sorted(r["node"] for r in reps),
+            }
+        )
+        say("throughput", out[-1])
+        deployer.down()
+        shutil.rmtree(store, ignore_errors=True)
+    base = out[0]["qps"] or 1.0
+    for row in out:
+        row["ratio_vs_1"] = round((row["qps"] or 0) / base, 3)
+    return out
+
+
+def host_kill(mh: MultiHost, store: Path, work: Path, deadline_s: float) -> dict[str, Any]:
+    from ultramem_dist.reliability.chaos import timeline_stats
+    from ultramem_dist.reliability.loadtest import Sample
+
+    deployer = Deployer(PlacementOptions(host="node", drain_s=0.5, ready_timeout_s=120))
+    deployer.up(store, replicas=2)
+    reps = replicas(deployer)
+    victim = mh.hosts[2]
+    lost = [(r["shard"], r["replica"]) for r in reps if r["node"] == victim.ip]
+    load = start_load(
+        mh.hosts[0],
+        [r["endpoint"] for r in reps],
+        store,
+        work / "kill.json",
+        duration_s=10.0,
+        concurrency=4,
+        deadline_s=deadline_s,
+    )
+    time.sleep(3.0)
+    t_kill = time.monotonic()
+    killed = victim.kill()
+    samples = load.wait(timeout=120)["samples"]
+    stats = summarize(samples, deadline_s)
+    failover_ms, base_qps, min_ratio = timeline_stats(
+        [Sample(s[0], s[1], s[2]) for s in samples], t_kill
+    )
+    recovery_s = None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        now = {(r["shard"], r["replica"]): r for r in replicas(deployer)}
+        moved = [now.get(k) for k in lost]
+        if all(r and r.get("alive") and r["node"] != victim.ip for r in moved):
+            targets = [r["endpoint"] for r in now.values()]
+            try:  # full capacity: every replica (the moved ones too) answers verified calls
+                check = start_load(
+                    mh.hosts[0],
+                    targets,
+                    store,
+                    work / "kill2.json",
+                    duration_s=1.0,
+                    concurrency=2,
+                    deadline_s=deadline_s,
+                )
+                got = summarize(check.wait(timeout=60)["samples"], deadline_s)
+            except RuntimeError:
+                got = {"errors": 1}
+            if got.get("errors") == 0 and got.get("wrong") == 0:
+                recovery_s = round(time.monotonic() - t_kill, 2)
+                break
+        time.sleep(0.5)
+    stats.update(
+        killed_processes=killed,
+        lost_replicas=len(lost),
+        failover_max_ms=round(failover_ms, 1),
+        qps_before=round(base_qps, 1),
+        min_qps_ratio_after=round(min_ratio, 3),
+        recovery_s=recovery_s,
+        restarted_on=sorted({now[k]["node"] for k in lost}) if recovery_s else None,
+        deadline_s=deadline_s,
+    )
+    deployer.down()
+    return stats
+
+
+def plot(sizes: list[dict[str, Any]], tput: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    gib = [r["store_bytes"] / GIB for r in sizes]
+    ax = axes[0]
+    ax.plot(gib, [r["export_s"] for r in sizes], "o-", label="export (s)")
+    ax.plot(gib, [r["load_verify_s"] for r in sizes], "s-", label="deploy: load+sha256 (s)")
+    ax.set_xlabel("store size (GiB, bf16)")
+    ax.set_ylabel("seconds")
+    ax.legend()
+    ax.set_title("time vs store size")
+    ax = axes[1]
+    ax.plot(gib, [r["export_peak_rss_bytes"] / GIB for r in sizes], "o-", label="export peak RSS")
+    ax.plot(gib, [r["shard_rss_bytes"] / GIB for r in sizes], "s-", label="largest shard RSS")
+    ax.set_xlabel("store size (GiB, bf16)")
+    ax.set_ylabel("GiB")
+    ax.legend()
+    ax.set_title("memory vs store size")
+    ax = axes[2]
+    ax.plot(gib, [r["first_lookup_ms"] for r in sizes], "o-", label="first lookup, cold (ms)")
+    ax.plot(gib, [r["p50_ms"] for r in sizes], "s-", label="steady p50, batch 64 (ms)")
+    ax.set_xlabel("store size (GiB, bf16)")
+    ax.set_ylabel("ms")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("lookup latency vs store size")
+    fig.suptitle("ultramem-dist on 3 namespace-hosts (one 2-core box)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="0.5,2,8", help="store sizes in GiB")
+    ap.add_argument("--host-memory-gib", type=float, default=4.0)
+    ap.add_argument("--throughput-gib", type=float, default=0.5)
+    ap.add_argument("--throughput-s", type=float, default=6.0)
+    ap.add_argument("--delays", default="0,1,5")
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp"))
+    ap.add_argument("--skip", default="", help="comma list of steps to skip")
+    ap.add_argument("--quick", action="store_true", help="small sizes; results to a temp dir")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    reason = skip_reason()
+    if reason:
+        sys.exit(f"cannot run: {reason}")
+    sizes = [float(x) for x in args.sizes.split(",")] if not args.quick else [0.05, 0.1]
+    skip = set(filter(None, args.skip.split(",")))
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
+    work = Path(tempfile.mkdtemp(prefix="ultramem-multihost-bench-", dir=args.work_dir))
+    result: dict[str, Any] = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    deadline_s = 1.0
+    try:
+        with MultiHost(hosts=3, memory_limit_bytes=int(args.host_memory_gib * GIB)) as mh:
+            ray.init(
+                address=mh.ray_address,
+                namespace="ultramem",
+                logging_level="ERROR",
+                log_to_driver=False,
+            )
+            pin_registry(0)
+            result.update(
+                hosts=3,
+                host_ips=[h.ip for h in mh.hosts],
+                host_memory_limit_bytes=mh.memory_limit_bytes,
+            )
+            if "tokens" not in skip:
+                t = tokens_identical(mh, work)
+                result["tokens_identical"] = t["tokens_identical"]
+                result["tokens_detail"] = t
+                say("tokens", t)
+            fstore = faults_store(work)
+            if "partition" not in skip:
+                result["partition"] = partition(mh, fstore, work, deadline_s)
+                say("partition", result["partition"])
+            if "netem" not in skip:
+                result["netem"] = netem(mh, work, [float(x) for x in args.delays.split(",")], args)
+            if "size" not in skip:
+                result["size_scaling"] = size_scaling(mh, work, sizes)
+                result["store_bytes"] = max(r["store_bytes"] for r in result["size_scaling"])
+            if "throughput" not in skip:
+                result["throughput"] = throughput(
+                    mh, work, 0.05 if args.quick else args.throughput_gib, args.throughput_s
+                )
+            if "kill" not in skip:
+                result["host_kill"] = host_kill(mh, fstore, work, deadline_s)
+                say("host_kill", result["host_kill"])
+            ray.shutdown()
+        result["leftovers"] = mh.leftovers()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["loadavg_start"] = load_start
+    result["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out_dir = save(result, "multihost.json", args.out, args.quick)
+    if result.get("size_scaling"):
+        plot(
+            result["size_scaling"],
+            result.get("throughput", []),
+            out_dir / "multihost.png" if (args.out or args.quick) else plot_path("multihost.png"),
+        )
+    say("wrote", out_dir)
+
+
+if __name__ == "__main__":
+    main()
