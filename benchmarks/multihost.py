@@ -63,6 +63,13 @@ def replicas(deployer: Deployer) -> list[dict[str, Any]]:
     ]
 
 
+def undeploy(deployer: Deployer) -> None:
+    """Stop every deployment but keep the registry (pinned to host 0 by :func:`main`)."""
+    snap = ray.get(deployer.registry.snapshot.remote())
+    for dep_id in snap["deployments"]:
+        deployer.stop_deployment(dep_id)
+
+
 def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -128,7 +135,7 @@ def tokens_identical(mh: MultiHost, work: Path) -> dict[str, Any]:
         [sys.executable, "-m", "ultramem_dist.multihost.probe", mh.ray_address, str(ckpt)],
         timeout=300,
     )
-    deployer.down()
+    undeploy(deployer)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -187,32 +194,69 @@ def partition(mh: MultiHost, store: Path, work: Path, deadline_s: float) -> dict
         restarts_after_heal=sum(now[k]["info"]["restarts"] for k in before),
         after_heal=after_stats,
     )
-    deployer.down()
+    undeploy(deployer)
     return stats
 
 
 def netem(mh: MultiHost, work: Path, delays: list[float], args: Any) -> list[dict[str, Any]]:
+    """The overlap measurement with the decoding driver *inside host 0* and the shard on host 1,
+    whose link gets the delay (``tc netem`` on host 1's own interface: every packet it sends,
+    i.e. each reply, is late by the delay; one round trip host 0 -> host 1 gains it once)."""
+    cfg = {
+        "address": mh.ray_address,
+        "netns": mh.hosts[1].netns,
+        "delays": delays,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "work": str(work),
+    }
+    proc = mh.hosts[0].run(
+        [sys.executable, str(Path(__file__).resolve()), "--netem-child", json.dumps(cfg)],
+        timeout=900,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"netem run failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _netem_delay(netns: str, delay_ms: float) -> None:
+    base = ["ip", "netns", "exec", netns, "tc", "qdisc"]
+    if delay_ms > 0:
+        subprocess.run(
+            [*base, "replace", "dev", "eth0", "root", "netem", "delay", f"{delay_ms}ms"],
+            check=True,
+            capture_output=True,
+        )
+    else:
+        subprocess.run([*base, "del", "dev", "eth0", "root"], capture_output=True)
+
+
+def netem_child(cfg: dict[str, Any]) -> None:
     from overlap import hidden_fraction, measure, shape_config
 
     from ultramem_dist.model import MemoryLM, save_pretrained
     from ultramem_dist.store.export import export_checkpoint
 
+    ray.init(
+        address=cfg["address"], namespace="ultramem", logging_level="ERROR", log_to_driver=False
+    )
+    work = Path(cfg["work"])
     torch.manual_seed(0)
     ckpt = save_pretrained(MemoryLM(shape_config("span2")).eval(), work / "span2-ckpt")
     export_checkpoint(ckpt, work / "span2-store", shards=1, by="row", version="bench")
     out = []
-    for d in delays:
-        mh.set_delay(d, hosts=[1])
+    for d in cfg["delays"]:
+        _netem_delay(cfg["netns"], d)
         try:
             times = measure(
                 ckpt,
                 work / "span2-store",
-                ["process"],
-                SimpleNamespace(batch=1, tokens=args.tokens, rounds=args.rounds),
+                ["thread"],
+                SimpleNamespace(batch=1, tokens=cfg["tokens"], rounds=cfg["rounds"]),
                 placement=PlacementOptions(host="node", drain_s=0.5, resources={"host1": 0.01}),
             )["thread"]
         finally:
-            mh.set_delay(0, hosts=[1])
+            _netem_delay(cfg["netns"], 0)
         ms, hidden = hidden_fraction(times)
         out.append(
             {
@@ -220,11 +264,13 @@ def netem(mh: MultiHost, work: Path, delays: list[float], args: Any) -> list[dic
                 "rtt_added_ms": d,
                 "hidden_fraction": round(hidden, 3),
                 "ms_per_token": ms,
+                "transport": "thread",
             }
         )
-        say("netem", out[-1])
-    Deployer().down()
-    return out
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    undeploy(Deployer())
+    ray.shutdown()
+    print(json.dumps(out))
 
 
 def deploy_spread(store: Path, hosts: int) -> tuple[Deployer, float]:
@@ -275,7 +321,7 @@ def size_scaling(mh: MultiHost, work: Path, sizes: list[float]) -> list[dict[str
         }
         out.append(row)
         say("size", row)
-        deployer.down()
+        undeploy(deployer)
         if gib != min(sizes):
             shutil.rmtree(store, ignore_errors=True)
     return out
@@ -315,7 +361,7 @@ def throughput(mh: MultiHost, work: Path, gib: float, seconds: float) -> list[di
             }
         )
         say("throughput", out[-1])
-        deployer.down()
+        undeploy(deployer)
         shutil.rmtree(store, ignore_errors=True)
     base = out[0]["qps"] or 1.0
     for row in out:
@@ -383,7 +429,7 @@ def host_kill(mh: MultiHost, store: Path, work: Path, deadline_s: float) -> dict
         restarted_on=sorted({now[k]["node"] for k in lost}) if recovery_s else None,
         deadline_s=deadline_s,
     )
-    deployer.down()
+    undeploy(deployer)
     return stats
 
 
@@ -422,6 +468,12 @@ def plot(sizes: list[dict[str, Any]], tput: list[dict[str, Any]], path: Path) ->
     fig.savefig(path, dpi=110)
 
 
+def checkpoint(result: dict[str, Any], args: Any) -> None:
+    """Partial results after every step (a later crash keeps what was measured)."""
+    path = Path(tempfile.gettempdir()) / "ultramem-multihost-partial.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="0.5,2,8", help="store sizes in GiB")
@@ -435,7 +487,11 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of steps to skip")
     ap.add_argument("--quick", action="store_true", help="small sizes; results to a temp dir")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--netem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.netem_child:
+        netem_child(json.loads(args.netem_child))
+        return
     reason = skip_reason()
     if reason:
         sys.exit(f"cannot run: {reason}")
@@ -459,28 +515,54 @@ def main() -> None:
                 host_ips=[h.ip for h in mh.hosts],
                 host_memory_limit_bytes=mh.memory_limit_bytes,
             )
-            if "tokens" not in skip:
-                t = tokens_identical(mh, work)
-                result["tokens_identical"] = t["tokens_identical"]
-                result["tokens_detail"] = t
-                say("tokens", t)
+            steps = [
+                ("tokens", lambda: tokens_identical(mh, work)),
+                ("partition", lambda: partition(mh, fstore, work, deadline_s)),
+                (
+                    "netem",
+                    lambda: netem(mh, work, [float(x) for x in args.delays.split(",")], args),
+                ),
+                ("size", lambda: size_scaling(mh, work, sizes)),
+                (
+                    "throughput",
+                    lambda: throughput(
+                        mh, work, 0.05 if args.quick else args.throughput_gib, args.throughput_s
+                    ),
+                ),
+                ("kill", lambda: host_kill(mh, fstore, work, deadline_s)),
+            ]
+            keys = {
+                "tokens": "tokens_detail",
+                "partition": "partition",
+                "netem": "netem",
+                "size": "size_scaling",
+                "throughput": "throughput",
+                "kill": "host_kill",
+            }
             fstore = faults_store(work)
-            if "partition" not in skip:
-                result["partition"] = partition(mh, fstore, work, deadline_s)
-                say("partition", result["partition"])
-            if "netem" not in skip:
-                result["netem"] = netem(mh, work, [float(x) for x in args.delays.split(",")], args)
-            if "size" not in skip:
-                result["size_scaling"] = size_scaling(mh, work, sizes)
-                result["store_bytes"] = max(r["store_bytes"] for r in result["size_scaling"])
-            if "throughput" not in skip:
-                result["throughput"] = throughput(
-                    mh, work, 0.05 if args.quick else args.throughput_gib, args.throughput_s
-                )
-            if "kill" not in skip:
-                result["host_kill"] = host_kill(mh, fstore, work, deadline_s)
-                say("host_kill", result["host_kill"])
-            ray.shutdown()
+            try:
+                for name, step in steps:
+                    if name in skip:
+                        continue
+                    try:
+                        result[keys[name]] = step()
+                    except Exception as exc:  # noqa: BLE001 - recorded; the other steps run
+                        import traceback
+
+                        traceback.print_exc()
+                        result.setdefault("failed_steps", {})[name] = repr(exc)[:2000]
+                        checkpoint(result, args)
+                        continue
+                    say(name, result[keys[name]])
+                    if name == "tokens":
+                        result["tokens_identical"] = result["tokens_detail"]["tokens_identical"]
+                    if name == "size":
+                        result["store_bytes"] = max(
+                            r["store_bytes"] for r in result["size_scaling"]
+                        )
+                    checkpoint(result, args)
+            finally:
+                ray.shutdown()  # before the teardown: a driver whose GCS vanishes aborts
         result["leftovers"] = mh.leftovers()
     finally:
         shutil.rmtree(work, ignore_errors=True)

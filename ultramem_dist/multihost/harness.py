@@ -353,8 +353,17 @@ class MultiHost:
         for i in range(1, len(self.hosts)) if hosts is None else hosts:
             h = self.hosts[i]
             if delay_ms > 0:
-                _sh("tc", "qdisc", "replace", "dev", h.veth, "root", "netem", "delay",
-                    f"{delay_ms}ms")
+                _sh(
+                    "tc",
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    h.veth,
+                    "root",
+                    "netem",
+                    "delay",
+                    f"{delay_ms}ms",
+                )
             else:
                 _sh("tc", "qdisc", "del", "dev", h.veth, "root", check=False)
 
@@ -365,6 +374,7 @@ class MultiHost:
         if not self._up:
             return
         self._up = False
+        self._disconnect_driver()
         for h in reversed(self.hosts):
             h.kill()
         for h in self.hosts:
@@ -386,6 +396,22 @@ class MultiHost:
         self._old_handlers.clear()
         if self in _LIVE:
             _LIVE.remove(self)
+
+    def _disconnect_driver(self) -> None:
+        """``ray.shutdown()`` if this process is a driver of *this* cluster: a driver whose GCS
+        disappears under it aborts the whole process (Ray's C++ check), hiding the error that
+        led to the teardown."""
+        try:
+            import ray
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return
+        with contextlib.suppress(Exception):
+            node = ray._private.worker.global_worker.node  # noqa: SLF001 - no public accessor
+            if node is None or node.gcs_address != self.ray_address:
+                return
+            ray.shutdown()
 
     def leftovers(self) -> list[str]:
         """What of this harness still exists (empty after a clean teardown)."""
