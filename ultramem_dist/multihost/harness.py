@@ -345,6 +345,20 @@ class MultiHost:
     def heal(self, index: int) -> None:
         _sh("ip", "link", "set", self.hosts[index].veth, "up")
 
+    def netem_available(self) -> str | None:
+        """None if ``tc netem`` works on this kernel, else why not (a sentence)."""
+        h = self.hosts[-1]
+        proc = _sh(
+            "tc", "qdisc", "replace", "dev", h.veth, "root", "netem", "delay", "1ms", check=False
+        )
+        if proc.returncode != 0:
+            return (
+                f"this kernel ({os.uname().release}) has no netem qdisc (sch_netem): "
+                f"{proc.stderr.strip()}"
+            )
+        _sh("tc", "qdisc", "del", "dev", h.veth, "root", check=False)
+        return None
+
     def set_delay(self, delay_ms: float, hosts: Sequence[int] | None = None) -> None:
         """``tc netem`` delay on the links of ``hosts`` (default: all but host 0, the Ray
         head). The qdisc sits on the bridge side of the veth, so it delays every packet *to*
