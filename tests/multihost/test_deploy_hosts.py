@@ -8,18 +8,19 @@ from __future__ import annotations
 import json
 import sys
 
+import multihost_fixtures  # tests/multihost is on sys.path (pytest prepend import mode)
 import pytest
 import torch
 
 from ultramem_dist.multihost import MultiHost
 from ultramem_dist.multihost.harness import BENCH_NET
 
+cluster3 = multihost_fixtures.cluster3  # the module's 3-host cluster fixture
+require_harness = multihost_fixtures.require_harness
 pytestmark = pytest.mark.integration
 
 
 def test_harness_without_ray_leaves_nothing_behind():
-    from tests.multihost.conftest import require_harness
-
     require_harness()
     mh = MultiHost(hosts=2, memory_limit_bytes=256 << 20, ray=False)
     with mh:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 
+import multihost_fixtures  # tests/multihost is on sys.path (pytest prepend import mode)
 import pytest
 
 from ultramem_dist.multihost.load import start_load, summarize
 
+cluster3 = multihost_fixtures.cluster3  # the module's 3-host cluster fixture
+require_harness = multihost_fixtures.require_harness
 pytestmark = pytest.mark.integration
 DEADLINE_S = 1.0
 

@@ -1,4 +1,7 @@
-"""Fixtures of the multi-host tests: one 3-host namespace cluster per module (needs root)."""
+"""Fixtures of the multi-host tests: one 3-host namespace cluster per module (needs root).
+
+Imported by the test modules: a conftest.py here would shadow tests/conftest.py, which other
+test packages import as ``conftest``."""
 
 from __future__ import annotations
 
