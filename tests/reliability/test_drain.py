@@ -101,4 +101,5 @@ def test_health_watchers_do_not_hold_a_graceful_stop(store):
     finally:
         shard.stop()
     assert seen == ["SERVING", "NOT_SERVING"]
-    assert 0.3 <= elapsed < 2.0, elapsed  # drain yes, the 4 s grace no
+    # drain yes, the 4 s grace no (only "less than the grace" is guaranteed: the box may be loaded)
+    assert 0.3 <= elapsed < 4.0, elapsed
