@@ -200,7 +200,7 @@ def test_network_policy_admits_only_clients_operator_tests_and_prometheus(
     variants: dict[str, Rendered],
 ) -> None:
     assert variants["netpol-off"].kind("NetworkPolicy") == []
-    (np,) = variants["standalone"].kind("NetworkPolicy")
+    np = variants["standalone"].get("NetworkPolicy", f"{FULLNAME}-shards")
     assert np["spec"]["policyTypes"] == ["Ingress"]
     clients, prometheus = np["spec"]["ingress"]
     peers = [p["podSelector"]["matchLabels"] for p in clients["from"]]
@@ -219,8 +219,52 @@ def test_network_policy_admits_only_clients_operator_tests_and_prometheus(
         "matchLabels": {"ultramem.io/clients": "true"}}
     assert ray_np["spec"]["ingress"][-1]["from"] == [
         {"podSelector": {"matchLabels": {"ray.io/cluster": FULLNAME}}}]
-    assert [n["metadata"]["name"] for n in variants["standalone"].kind("NetworkPolicy")] == [
-        f"{FULLNAME}-shards"]  # the Ray head policy is ray mode only
+    names = [n["metadata"]["name"] for n in variants["standalone"].kind("NetworkPolicy")]
+    assert f"{FULLNAME}-ray-head" not in names  # the Ray head policy is ray mode only
+
+
+def _operator_policy(r: Rendered) -> dict[str, Any]:
+    (dep,) = r.kind("Deployment")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    mine = [n for n in r.kind("NetworkPolicy")
+            if selects(n["spec"]["podSelector"]["matchLabels"], pod_labels)]
+    assert len(mine) == 1, f"the operator pod is selected by {len(mine)} NetworkPolicies"
+    return mine[0]
+
+
+def test_operator_pod_is_covered_by_a_deny_ingress_policy_and_has_a_readiness_probe(
+    variants: dict[str, Rendered],
+) -> None:
+    with_operator = [n for n, v in variants.items() if v.kind("Deployment")]
+    assert with_operator, "no variant renders the operator"
+    for name in with_operator:
+        r = variants[name]
+        (dep,) = r.kind("Deployment")
+        op = container(dep["spec"]["template"]["spec"], "operator")
+        assert "--liveness=http://0.0.0.0:8080/healthz" in op["command"]
+        assert op["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert op["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in op["ports"]
+        if name == "netpol-off":
+            continue
+        pol = _operator_policy(r)
+        assert pol["spec"]["policyTypes"] == ["Ingress"]
+        assert pol["spec"]["ingress"] == []  # no pod may connect; the kubelet's probes may
+        # the shards' policy does not select the operator (it would admit clients to it)
+        assert pol["metadata"]["name"] != f"{FULLNAME}-shards"
+    # no operator, no operator policy
+    assert not any(n["metadata"]["name"].endswith("-operator")
+                   for n in variants["ray-no-operator"].kind("NetworkPolicy"))
+
+
+def test_operator_health_port_can_be_opened_to_named_peers() -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    r = render({"networkPolicy": {"operator": {"healthFrom": [peer]}}})
+    pol = _operator_policy(r)
+    assert pol["spec"]["ingress"] == [
+        {"from": [peer], "ports": [{"port": "health", "protocol": "TCP"}]}]
+    assert port_number("health", container(r.kind("Deployment")[0]["spec"]["template"]["spec"],
+                                           "operator")) == 8080
 
 
 def test_service_monitor_scrapes_the_metrics_port_of_shard_services(

@@ -161,7 +161,6 @@ def test_kill_9_of_the_worker_is_reforked_then_sigterm_drains_and_exits_0(superv
     target = f"127.0.0.1:{port}"
     asyncio.run(_gather_checked(target, seed=1))
     for round_ in range(1, 4):
-        t0 = time.monotonic()
         os.kill(worker, signal.SIGKILL)
         info = sv.wait_worker(not_pid=worker, timeout_s=10)
         assert info["port"] == port and info["supervisor_pid"] == sv.proc.pid
