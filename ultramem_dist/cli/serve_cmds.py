@@ -56,6 +56,12 @@ def serve_shard_cmd(
     tls_client_ca: Path | None = SERVER_TLS_CLIENT_CA_OPT,
     auth_token_file: Path | None = SERVER_TOKEN_OPT,
     health_port: int | None = SERVER_HEALTH_PORT_OPT,
+    verify: str = typer.Option(
+        "cached",
+        "--verify",
+        help="Store check on load: always (sha256 every file), cached (re-hash only files this "
+        "node/user has not verified unchanged; record outside the store), never (sizes only).",
+    ),
     respawn: bool = typer.Option(
         False,
         "--respawn",
@@ -108,6 +114,7 @@ def serve_shard_cmd(
             tls_client_ca=tls_client_ca,
             auth_token_file=auth_token_file,
             health_port=health_port,
+            verify=verify,
         )
         if respawn:
             status = _serve_supervised(

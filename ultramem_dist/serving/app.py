@@ -166,7 +166,7 @@ def build_server(cfg: ServerConfig, shard: ShardSlice | None = None) -> tuple[Sh
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     if shard is None:
-        shard = load_shard(cfg.store, cfg.shard, cfg.version)
+        shard = load_shard(cfg.store, cfg.shard, cfg.version, verify=cfg.verify)
     shard = shard_to_device(shard, cfg.device)
     native.library()  # build / load the native CPU kernel now, not on the first request
     metrics = ShardMetrics()

@@ -63,6 +63,10 @@ class ServerConfig:
     auth_token_file: Path | None = None
     """Bearer-token file (:mod:`ultramem_dist.serving.security`); GatherPool calls then need
     ``authorization: Bearer <token>``. Health and reflection stay open."""
+    verify: str = "always"
+    """How to check the store files on load: ``always`` (sha256 every file), ``cached`` (skip
+    files a trusted record outside the store says this node already hashed, unchanged) or
+    ``never`` (sizes only); see :mod:`ultramem_dist.store.verify`."""
     health_port: int | None = None
     """Also serve ``grpc.health.v1`` (only) in plaintext on this port, for probes that cannot
     speak TLS (kubelet gRPC probes); ``None`` = off."""
@@ -78,6 +82,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.grace_s < 0 or self.drain_s < 0:
             raise ValueError("grace_s and drain_s must be >= 0")
+        if self.verify not in ("always", "cached", "never"):
+            raise ValueError(f"verify must be always, cached or never, not {self.verify!r}")
         if self.kernel_workers < 0:
             raise ValueError("kernel_workers must be >= 0")
         if self.max_concurrent_streams is not None and self.max_concurrent_streams < 1:

@@ -184,7 +184,9 @@ class ShardSupervisor:
         import ultramem_dist.serving.app  # noqa: F401  (torch, grpc modules: import only)
         from ultramem_dist.store.reader import load_shard
 
-        self._shard = load_shard(self.cfg.store, self.cfg.shard, self.cfg.version)
+        self._shard = load_shard(
+            self.cfg.store, self.cfg.shard, self.cfg.version, verify=self.cfg.verify
+        )
         # re-forked workers serve exactly the version verified here, even if LATEST moves
         self.cfg.version = self._shard.manifest.version
         gc.collect()

@@ -28,6 +28,7 @@ from ultramem_dist.store.manifest import (
     resolve_inside,
 )
 from ultramem_dist.store.merge import merged_segments
+from ultramem_dist.store.verify import VERIFY_MODES, VerifyMode, is_verified, record_verified
 
 __all__ = [
     "ShardSlice",
@@ -79,7 +80,9 @@ def open_manifest(store: str | Path, version: str | None = None) -> tuple[Path, 
     return vdir, manifest
 
 
-def _verify_file(vdir: Path, manifest: Manifest, name: str) -> Path:
+def _verify_file(vdir: Path, manifest: Manifest, name: str, verify: VerifyMode = "always") -> Path:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
     path = resolve_inside(vdir, name)
     want = manifest.files[name]
     try:
@@ -91,6 +94,10 @@ def _verify_file(vdir: Path, manifest: Manifest, name: str) -> Path:
             f"store file {name} is {st.st_size} bytes, manifest says {want.bytes} "
             "(truncated or replaced)"
         )
+    if verify == "never":
+        return path
+    if verify == "cached" and is_verified(path, want.sha256, st):
+        return path
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_ino != st.st_ino:
@@ -99,18 +106,25 @@ def _verify_file(vdir: Path, manifest: Manifest, name: str) -> Path:
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
+        after = os.fstat(f.fileno())
     if h.hexdigest() != want.sha256:
         raise ChecksumError(
             f"store file {name} fails its sha256 check (corrupt); refusing to serve it"
         )
+    if verify == "cached" and (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == (
+        st.st_mtime_ns, st.st_ctime_ns, st.st_size
+    ):  # unchanged while hashing: the verdict holds for this identity
+        record_verified(path, want.sha256, st)
     return path
 
 
-def verify_store(store: str | Path, version: str | None = None) -> Manifest:
-    """Check every file of a store version (size + sha256)."""
+def verify_store(
+    store: str | Path, version: str | None = None, *, verify: VerifyMode = "always"
+) -> Manifest:
+    """Check every file of a store version (size + sha256; see :mod:`.verify` for modes)."""
     vdir, manifest = open_manifest(store, version)
     for name in manifest.files:
-        _verify_file(vdir, manifest, name)
+        _verify_file(vdir, manifest, name, verify)
     return manifest
 
 
@@ -139,8 +153,11 @@ class ShardSlice:
     directory: Path
 
 
-def load_shard(store: str | Path, shard: int, version: str | None = None) -> ShardSlice:
-    """Verify and memory-map shard ``shard``'s files of a store version."""
+def load_shard(
+    store: str | Path, shard: int, version: str | None = None, *, verify: VerifyMode = "always"
+) -> ShardSlice:
+    """Verify (``verify``: always / cached / never, see :mod:`.verify`) and memory-map shard
+    ``shard``'s files of a store version."""
     vdir, manifest = open_manifest(store, version)
     if not 0 <= shard < manifest.num_shards:
         raise StoreError(
@@ -152,7 +169,7 @@ def load_shard(store: str | Path, shard: int, version: str | None = None) -> Sha
         by_file.setdefault(t.slot(shard).file, []).append(t)
     tables: dict[str, ShardTable] = {}
     for name, entries in by_file.items():
-        path = _verify_file(vdir, manifest, name)
+        path = _verify_file(vdir, manifest, name, verify)
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = set(f.keys())
