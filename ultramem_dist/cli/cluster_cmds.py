@@ -140,9 +140,6 @@ def up(
 
     --tls-*/--auth-token-file/--health-port work as for serve-shard; their files are read on
     every Ray node that hosts a replica (same path on each), and scale/roll reuse them."""
-    from ultramem_dist.cluster.deploy import ReplicaStartError
-    from ultramem_dist.errors import UltraMemError
-
     try:
         resources = {k: float(v) for k, v in (r.split("=", 1) for r in resource)}
         labels = dict(lbl.split("=", 1) for lbl in label)
@@ -161,6 +158,9 @@ def up(
         label_selector=labels,
         server=server,
     )
+    from ultramem_dist.cluster.deploy import ReplicaStartError
+    from ultramem_dist.errors import UltraMemError
+
     t0 = time.perf_counter()
     try:
         dep = deployer.up(store, shards=shards, replicas=replicas, version=version, by=by.value)
@@ -172,7 +172,7 @@ def up(
 @app.command()
 def status(
     address: str | None = typer.Option(None, help=ADDRESS_HELP),
-    window: float = typer.Option(1.0, help="Seconds over which QPS is measured."),
+    window: float = typer.Option(1.0, min=0.1, help="Seconds over which QPS is measured."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry snapshot as JSON."),
     tls_ca: Path | None = TLS_CA_OPT,
     tls_cert: Path | None = TLS_CERT_OPT,
@@ -344,15 +344,15 @@ def scale(
 
     New replicas are placed like the active deployment's (port, resources, TLS and token files);
     --tls-*/--auth-token-file/--health-port replace those settings for them."""
-    from ultramem_dist.cluster.deploy import ReplicaStartError
-    from ultramem_dist.errors import UltraMemError
-
     if (shards is None) == (shard is None or replicas is None) or (
         shards is not None and (shard is not None or replicas is not None)
     ):
         fail("use either --shard K --replicas R, or --shards S")
     server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
     _connect(address)
+    from ultramem_dist.cluster.deploy import ReplicaStartError
+    from ultramem_dist.errors import UltraMemError
+
     deployer = _deployer()
     try:
         _adopt(deployer, server)
@@ -384,12 +384,12 @@ def roll(
     The new replicas are placed like the active deployment's (port, resources, TLS and token
     files); --tls-*/--auth-token-file/--health-port replace those settings (e.g. renewed
     certificates)."""
-    from ultramem_dist.cluster.deploy import ReplicaStartError
-    from ultramem_dist.errors import UltraMemError
-
     check_store(store, version)
     server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
     _connect(address)
+    from ultramem_dist.cluster.deploy import ReplicaStartError
+    from ultramem_dist.errors import UltraMemError
+
     try:
         deployer = _deployer()
         _adopt(deployer, server)
