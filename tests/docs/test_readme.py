@@ -134,30 +134,34 @@ def test_readme_runs_as_written(tmp_path):
         ),
         "COLUMNS": "120",
     }
-    proc = subprocess.Popen(
-        ["bash", "-c", script],
-        cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=480)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"README blocks timed out; last block: {_last_block(err)}\n{err[-3000:]}")
-    finally:
+    # output to files, not pipes: background jobs (serve-shard ... &) inherit them and would
+    # keep a pipe open after the session ends
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out_path.open("w") as out_f, err_path.open("w") as err_f:
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=work,
+            env=env,
+            stdout=out_f,
+            stderr=err_f,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            os.killpg(proc.pid, signal.SIGTERM)  # background jobs (serve-shard ... &)
-        except ProcessLookupError:
+            proc.wait(timeout=420)
+        except subprocess.TimeoutExpired:
             pass
-        if (tmp_path / "cache" / "local-ray.json").exists():  # a failed run before `down`
-            subprocess.run(
-                [sys.executable, "-m", "ultramem_dist.cli", "down"], env=env, timeout=120
-            )
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the session and its background jobs
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+            if (tmp_path / "cache" / "local-ray.json").exists():  # failed before `down`
+                subprocess.run(
+                    [sys.executable, "-m", "ultramem_dist.cli", "down"], env=env, timeout=120
+                )
+    out, err = out_path.read_text(), err_path.read_text()
     assert proc.returncode == 0 and "::readme-done::" in err, (
         f"README block at {_last_block(err)} failed (exit {proc.returncode}):\n"
         f"{err[-4000:]}\n--- stdout ---\n{out[-2000:]}"
