@@ -145,9 +145,9 @@ def up(
         labels = dict(lbl.split("=", 1) for lbl in label)
     except ValueError:
         fail("--resource takes NAME=AMOUNT and --label takes KEY=VALUE")
-    check_store(store, version)
     server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
     _check_health_port(server, port)
+    check_store(store, version)
     _connect(address, start=True)
     deployer = _deployer(
         host,
@@ -384,8 +384,8 @@ def roll(
     The new replicas are placed like the active deployment's (port, resources, TLS and token
     files); --tls-*/--auth-token-file/--health-port replace those settings (e.g. renewed
     certificates)."""
-    check_store(store, version)
     server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
+    check_store(store, version)
     _connect(address)
     from ultramem_dist.cluster.deploy import ReplicaStartError
     from ultramem_dist.errors import UltraMemError
