@@ -159,3 +159,22 @@ def test_help_and_version_exit_0(paths):
         assert res.exit_code == 0, (argv, res.stderr)
     _, res = _run(["--version"], paths)
     assert res.stdout.startswith("ultramem-dist ")
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in ("export", "train", "generate", "up"))])
+def test_help_reads_like_click(command, paths):
+    """No ``<bool>`` for flags, ``CAPS`` arguments without braces, choices listed, required
+    options marked, negative flags shown."""
+    _, res = _run([*command, "--help"], paths)
+    assert res.exit_code == 0, res.stderr
+    text = res.stdout
+    usage = next(ln for ln in text.splitlines() if "Usage:" in ln)
+    assert "<bool>" not in text and "{" not in usage
+    if command == ["export"]:
+        assert "Usage: ultramem-dist export [OPTIONS] CHECKPOINT" in text
+        assert "--merged" in text and "--no-merged" in text and "<row|dim|auto>" in text
+    if command == ["generate"]:
+        line = next(ln for ln in text.splitlines() if "--checkpoint" in ln)
+        assert "*" in line  # required
+    if command == ["train"]:
+        assert "<tiny|micro>" in text

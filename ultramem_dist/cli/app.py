@@ -63,6 +63,17 @@ class CliGroup(TyperGroup):
     """The ``ultramem-dist`` group: parser errors print one ``error:`` line (exit 2) instead of
     a framework error box; everything else is click's standalone behaviour."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _conventional(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            _conventional(opt)
+        return opt
+
     def main(
         self,
         args: Any = None,
