@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 
-.PHONY: help venv demo test lint proto crd-sync bench bench-quick clean
+.PHONY: help venv demo test lint proto crd-sync chart bench bench-quick clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +32,9 @@ lint: $(STAMP) ## ruff
 
 proto: $(STAMP) ## regenerate the gRPC stubs from proto/ (never edit them by hand)
 	$(BIN)/python scripts/gen_proto.py
+
+chart: $(STAMP) ## lint + render + validate the Helm chart offline (VALUES="-f my.yaml --set k=v")
+	$(BIN)/python scripts/chart.py $(VALUES)
 
 crd-sync: ## copy the ValueStore CRD (single source: operators/crds) into the chart
 	cp operators/crds/valuestore.yaml helm/ultramem/crds/valuestore.yaml

@@ -66,7 +66,7 @@ def test_up_status_generate_scale_down(tmp_path):
         res = _run(["scale", "--shards", "3", "--shard", "0", "--replicas", "1"], env)
         assert res.returncode == 2 and "either" in res.stderr  # ambiguous usage is refused
         res = _run(["scale", "--shard", "9", "--replicas", "2"], env)
-        assert res.returncode == 1 and "shard 9 does not exist" in res.stderr
+        assert res.returncode == 2 and "shard 9 does not exist" in res.stderr  # bad input
     finally:
         res = _run(["down"], env)
     assert res.returncode == 0, res.stderr

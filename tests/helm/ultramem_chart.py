@@ -18,8 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "ultramem"
 CI_VALUES = CHART / "ci"
-SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
-KUBERAY_CRD = SHARED_SCHEMAS / "kuberay" / "ray.io_rayclusters.yaml"
+KUBERAY_CRD = REPO / "schemas" / "kuberay" / "ray.io_rayclusters.yaml"  # vendored (see its README)
 OUR_CRD = REPO / "operators" / "crds" / "valuestore.yaml"
 RELEASE, NAMESPACE = "um", "ml"
 FULLNAME = "um-ultramem"
@@ -121,17 +120,13 @@ def all_variants() -> dict[str, Rendered]:
 
 
 @functools.cache
-def _kuberay_schema() -> dict[str, Any] | None:
-    return load_crd_schema(KUBERAY_CRD, "v1") if KUBERAY_CRD.is_file() else None
+def _kuberay_schema() -> dict[str, Any]:
+    return load_crd_schema(KUBERAY_CRD, "v1")
 
 
 def kuberay_schema() -> dict[str, Any]:
-    """The KubeRay RayCluster v1 openAPIV3Schema, or skip the calling test."""
-    schema = _kuberay_schema()
-    if schema is None:
-        pytest.skip(f"KubeRay RayCluster CRD not found at {KUBERAY_CRD} (../shared/schemas is "
-                    "test data kept outside the repository); RayCluster schema checks skipped")
-    return schema
+    """The KubeRay RayCluster v1 openAPIV3Schema (vendored in the repository: never skipped)."""
+    return _kuberay_schema()
 
 
 @functools.cache

@@ -2,6 +2,8 @@
 with endpoints of live shard servers (a row, a dim and a merged table) and a router, and compares
 its lookups with values computed here by the shared kernel on the full tables.
 
+Plain ``npm test`` starts its own servers (``clients/node/test/fixture.py``); here the
+endpoints are handed in, and ``examples/lookup.js`` is run against the router too.
 ``npm ci`` runs once (``clients/node/node_modules`` is kept, git-ignored); skipped only if
 ``node`` is not installed.
 """
@@ -132,13 +134,32 @@ def test_node_client_through_router_and_direct(tmp_path, in_process_shard):
             text=True,
             timeout=180,
         )
+        example = subprocess.run(
+            ["node", "examples/lookup.js", f"127.0.0.1:{router.port}", "dim"],
+            cwd=NODE_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        dead = subprocess.run(
+            ["node", "examples/lookup.js", "127.0.0.1:1"],
+            cwd=NODE_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         router.stop()
+    assert example.returncode == 0, example.stderr
+    assert "table dim (dim): shape [2,4,32]" in example.stdout, example.stdout
+    assert dead.returncode == 1 and "(gRPC code 14)" in dead.stderr, dead.stderr
     report = res.stdout + res.stderr
     assert res.returncode == 0, report[-6000:]
     # every test ran: none skipped for lack of endpoints
     assert "# fail 0" in report and "# skipped 0" in report, report[-3000:]
-    assert "# pass 6" in report, report[-3000:]
+    assert "# pass 7" in report, report[-3000:]
 
 
 def test_expected_outputs_are_not_trivial():

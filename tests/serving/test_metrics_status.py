@@ -94,10 +94,13 @@ def test_status_table_shows_window_qps_and_p50():
     assert idle_row[-3:] == ["0", "0.0", "-"]
     assert VERSION in wide and "p50ms" in wide and "SERVING" in wide
     assert "over the last 2 s (- = no call in that window)" in " ".join(wide.split())
-    # an 80-column terminal keeps every column (the version folds)
+    # an 80-column terminal keeps every column and every row on one line (the version id,
+    # however long, is in the deployment's heading, not a column)
     narrow = render(table, 80)
     assert max(len(ln.rstrip()) for ln in narrow.splitlines()) <= 80
     header = next(ln for ln in narrow.splitlines() if "endpoint" in ln)
-    columns = "version state shd rep endpoint health rst reqs QPS p50ms".split()
-    assert all(col in header for col in columns)
+    columns = "shd rep node endpoint health rst reqs QPS p50ms".split()
+    assert header.split() == columns
+    assert f"version {VERSION}, active" in narrow
+    assert sum("127.0.0.1:700" in ln for ln in narrow.splitlines()) == 2
     assert "127.0.0.1:7000" in narrow and "127.0.0.1:7001" in narrow

@@ -7,8 +7,9 @@ import os
 import sys
 
 import typer
+from typer.core import TyperCommand
 
-from ultramem_dist.cli.app import app
+from ultramem_dist.cli.app import CliCommand, app
 
 # One module per command group; importing it registers its commands on ``app``.
 _COMMAND_MODULES = (
@@ -40,6 +41,9 @@ def load_commands() -> typer.Typer:
     :func:`main` runs and what in-process callers (``CliRunner``, docs tools) invoke."""
     for name in _COMMAND_MODULES:
         importlib.import_module(name)
+    for info in app.registered_commands:  # one help style for every command
+        if info.cls is None or info.cls is TyperCommand:
+            info.cls = CliCommand
     return app
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import typer
 
 from ultramem_dist.cli.app import app, console, fail
+from ultramem_dist.cli.choices import Layout
 from ultramem_dist.cli.options import (
     SERVER_HEALTH_PORT_OPT,
     SERVER_TLS_CERT_OPT,
@@ -75,6 +76,31 @@ def _check_health_port(server: dict[str, Any], port: int) -> None:
         )
 
 
+def check_store(store: Path, version: str | None) -> None:
+    """Exit 2 with a sentence unless ``store`` is a store directory holding ``version`` (default:
+    the one LATEST names). Path checks only: answers before Ray or torch is imported."""
+    if not store.is_dir():
+        fail(f"store directory {store} does not exist (create it with `ultramem-dist export`)")
+    held = sorted(p.parent.name for p in store.glob("*/manifest.json"))
+    latest = store / "LATEST"
+    if not held and not latest.is_file():
+        fail(
+            f"{store} is not a value store (no LATEST and no version directory with a "
+            f"manifest.json); write one with `ultramem-dist export CHECKPOINT --out {store}`"
+        )
+    if version is None:
+        if not latest.is_file():
+            fail(
+                f"store {store} has no LATEST pointer; pass --version (it holds: {', '.join(held)})"
+            )
+        version = latest.read_text().strip()
+    if version not in held:
+        fail(
+            f"store {store} has no version {version!r} (it holds: {', '.join(held) or 'none'}; "
+            "export one with `ultramem-dist export CHECKPOINT --out STORE --version V`)"
+        )
+
+
 def _adopt(deployer: Any, server: dict[str, Any]) -> None:
     """Start new replicas like the active deployment's, with ``server`` fields replaced."""
     placement = deployer.adopt_placement(server=server)
@@ -84,19 +110,24 @@ def _adopt(deployer: Any, server: dict[str, Any]) -> None:
 @app.command()
 def up(
     store: Path = typer.Argument(..., help="Store directory written by `ultramem-dist export`."),
-    shards: int | None = typer.Option(None, help="Shards (default: the store's own layout)."),
-    replicas: int = typer.Option(2, help="Replicas per shard."),
+    shards: int | None = typer.Option(
+        None, min=1, help="Shards (default: the store's own layout)."
+    ),
+    replicas: int = typer.Option(2, min=1, help="Replicas per shard."),
     version: str | None = typer.Option(None, help="Store version (default: LATEST)."),
-    by: str = typer.Option("auto", help="Layout when re-splitting: row | dim | auto."),
+    by: Layout = typer.Option(Layout.auto, help="Layout when re-splitting."),
     address: str | None = typer.Option(None, help=ADDRESS_HELP),
     host: str = typer.Option(
         "127.0.0.1", help='Interface shard servers bind; "node" = each Ray node\'s IP.'
     ),
     port: int = typer.Option(
-        0, help="Fixed gRPC port of every replica (one replica per node/pod); 0 = free ports."
+        0,
+        min=0,
+        max=65535,
+        help="Fixed gRPC port of every replica (one replica per node/pod); 0 = free ports.",
     ),
-    num_cpus: float = typer.Option(0.0, help="CPUs reserved per replica."),
-    num_gpus: float = typer.Option(0.0, help="GPUs per replica (kernel runs on CUDA)."),
+    num_cpus: float = typer.Option(0.0, min=0.0, help="CPUs reserved per replica."),
+    num_gpus: float = typer.Option(0.0, min=0.0, help="GPUs per replica (kernel runs on CUDA)."),
     resource: list[str] = typer.Option([], help="Custom resource NAME=AMOUNT (repeatable)."),
     label: list[str] = typer.Option([], help="Node label KEY=VALUE replicas must match."),
     tls_cert: Path | None = SERVER_TLS_CERT_OPT,
@@ -109,24 +140,14 @@ def up(
 
     --tls-*/--auth-token-file/--health-port work as for serve-shard; their files are read on
     every Ray node that hosts a replica (same path on each), and scale/roll reuse them."""
-    from ultramem_dist.cluster.deploy import ReplicaStartError
-    from ultramem_dist.errors import UltraMemError
-
-    if replicas < 1 or (shards is not None and shards < 1):
-        fail("--shards and --replicas must be >= 1")
-    if by not in ("row", "dim", "auto"):
-        fail(f"--by must be row, dim or auto, not {by!r}")
     try:
         resources = {k: float(v) for k, v in (r.split("=", 1) for r in resource)}
         labels = dict(lbl.split("=", 1) for lbl in label)
     except ValueError:
         fail("--resource takes NAME=AMOUNT and --label takes KEY=VALUE")
-    if not store.is_dir():
-        fail(f"store directory {store} does not exist (create it with `ultramem-dist export`)")
-    if not 0 <= port <= 65535:
-        fail(f"--port must be in 0..65535, not {port}")
     server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
     _check_health_port(server, port)
+    check_store(store, version)
     _connect(address, start=True)
     deployer = _deployer(
         host,
@@ -137,9 +158,12 @@ def up(
         label_selector=labels,
         server=server,
     )
+    from ultramem_dist.cluster.deploy import ReplicaStartError
+    from ultramem_dist.errors import UltraMemError
+
     t0 = time.perf_counter()
     try:
-        dep = deployer.up(store, shards=shards, replicas=replicas, version=version, by=by)
+        dep = deployer.up(store, shards=shards, replicas=replicas, version=version, by=by.value)
     except (UltraMemError, ValueError, TimeoutError, ReplicaStartError) as exc:
         fail(str(exc), code=1)
     console.print(f"[green]deployment {dep} is active[/] ({time.perf_counter() - t0:.1f}s)")
@@ -148,7 +172,7 @@ def up(
 @app.command()
 def status(
     address: str | None = typer.Option(None, help=ADDRESS_HELP),
-    window: float = typer.Option(1.0, help="Seconds over which QPS is measured."),
+    window: float = typer.Option(1.0, min=0.1, help="Seconds over which QPS is measured."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry snapshot as JSON."),
     tls_ca: Path | None = TLS_CA_OPT,
     tls_cert: Path | None = TLS_CERT_OPT,
@@ -207,46 +231,46 @@ def _serves_tls(snapshot: dict) -> bool:
 
 
 def status_table(first: dict, second: dict, window: float, options: Any = None):  # noqa: ANN201
-    """A rich table of two registry snapshots taken ``window`` seconds apart: QPS and median
-    Gather latency (``p50ms``) over the window, from each replica's server metrics. ``options``
+    """Two registry snapshots taken ``window`` seconds apart, as rich renderables: one table per
+    deployment, headed by its id, table version and state (so that long version ids never
+    squeeze the columns: every row fits 80 columns), with QPS and median Gather latency
+    (``p50ms``) over the window from each replica's server metrics. ``options``
     (:class:`~ultramem_dist.client.channels.ChannelOptions`) secure the health checks."""
     from rich import box
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     from ultramem_dist.cluster.health import check_health
 
-    table = Table(
-        title=f"ultramem-dist — active deployment: {second['active']}",
-        caption=f"reqs: Gather calls since the replica started; QPS, p50ms: over the last "
-        f"{window:g} s (- = no call in that window)",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        padding=(0, 1, 0, 0),
-        show_edge=False,
-    )
     headers = {"shard": "shd", "replica": "rep", "restarts": "rst", "requests": "reqs"}
-    for col in (
-        "version",
-        "state",
-        "shard",
-        "replica",
-        "node",
-        "endpoint",
-        "health",
-        "restarts",
-        "requests",
-        "QPS",
-        "p50ms",
-    ):
-        table.add_column(
-            headers.get(col, col),
-            no_wrap=col != "version",  # a long version folds; every other cell stays whole
-            overflow="fold",
-            justify="right" if col in ("requests", "QPS", "p50ms") else "left",
-        )
+    parts: list[Any] = []
     for dep_id, dep in second["deployments"].items():
-        table.add_section()
-        first_row = True  # version and state are printed once per deployment
+        marker = " (active)" if dep_id == second["active"] else ""
+        parts.append(Text(f"{dep_id}{marker}: version {dep['version']}, {dep['state']}"))
+        table = Table(
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            padding=(0, 1, 0, 0),
+            show_edge=False,
+        )
+        for col in (
+            "shard",
+            "replica",
+            "node",
+            "endpoint",
+            "health",
+            "restarts",
+            "requests",
+            "QPS",
+            "p50ms",
+        ):
+            table.add_column(
+                headers.get(col, col),
+                no_wrap=True,
+                overflow="fold",
+                justify="right" if col in ("requests", "QPS", "p50ms") else "left",
+            )
         for shard, reps in sorted(dep["replicas"].items()):
             for r, rec in sorted(reps.items()):
                 info = rec.get("info", {})
@@ -263,8 +287,6 @@ def status_table(first: dict, second: dict, window: float, options: Any = None):
                     check_health(rec["endpoint"], options=options) if rec.get("alive") else "DEAD"
                 )
                 table.add_row(
-                    dep["version"] if first_row else "",
-                    dep["state"] if first_row else "",
                     str(shard),
                     str(r),
                     str(rec.get("node", "?")) + ("" if rec.get("node_alive", True) else " (down)"),
@@ -275,8 +297,16 @@ def status_table(first: dict, second: dict, window: float, options: Any = None):
                     f"{qps:.1f}",
                     _window_p50_ms(before, info),
                 )
-                first_row = False
-    return table
+        parts.append(table)
+    if not parts:
+        parts.append(Text("no deployment"))
+    parts.append(
+        Text(
+            f"reqs: Gather calls since the replica started; QPS, p50ms: over the last "
+            f"{window:g} s (- = no call in that window)"
+        )
+    )
+    return Group(*parts)
 
 
 def _window_p50_ms(before: dict, after: dict) -> str:
@@ -297,10 +327,12 @@ def _window_p50_ms(before: dict, after: dict) -> str:
 
 @app.command()
 def scale(
-    shard: int | None = typer.Option(None, help="Shard whose replica count changes."),
-    replicas: int | None = typer.Option(None, help="New replica count of --shard."),
-    shards: int | None = typer.Option(None, help="Reshard the active deployment to S shards."),
-    by: str = typer.Option("auto", help="Layout for --shards: row | dim | auto."),
+    shard: int | None = typer.Option(None, min=0, help="Shard whose replica count changes."),
+    replicas: int | None = typer.Option(None, min=1, help="New replica count of --shard."),
+    shards: int | None = typer.Option(
+        None, min=1, help="Reshard the active deployment to S shards."
+    ),
+    by: Layout = typer.Option(Layout.auto, help="Layout for --shards."),
     address: str | None = typer.Option(None, help=ADDRESS_HELP),
     tls_cert: Path | None = SERVER_TLS_CERT_OPT,
     tls_key: Path | None = SERVER_TLS_KEY_OPT,
@@ -312,23 +344,27 @@ def scale(
 
     New replicas are placed like the active deployment's (port, resources, TLS and token files);
     --tls-*/--auth-token-file/--health-port replace those settings for them."""
-    from ultramem_dist.cluster.deploy import ReplicaStartError
-    from ultramem_dist.errors import UltraMemError
-
-    if (shards is None) == (shard is None or replicas is None):
+    if (shards is None) == (shard is None or replicas is None) or (
+        shards is not None and (shard is not None or replicas is not None)
+    ):
         fail("use either --shard K --replicas R, or --shards S")
     server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
     _connect(address)
+    from ultramem_dist.cluster.deploy import ReplicaStartError
+    from ultramem_dist.errors import UltraMemError
+
     deployer = _deployer()
     try:
         _adopt(deployer, server)
         if shards is not None:
-            dep = deployer.reshard(shards, by=by)
+            dep = deployer.reshard(shards, by=by.value)
             console.print(f"[green]resharded: {dep} is active[/]")
         else:
             deployer.scale_replicas(shard, replicas)  # type: ignore[arg-type]
             console.print(f"[green]shard {shard} now has {replicas} replicas[/]")
-    except (UltraMemError, ValueError, LookupError, TimeoutError, ReplicaStartError) as exc:
+    except ValueError as exc:  # the deployer's argument checks: no such shard, ...
+        fail(str(exc), code=2)
+    except (UltraMemError, LookupError, TimeoutError, ReplicaStartError) as exc:
         fail(str(exc), code=1)
 
 
@@ -348,16 +384,19 @@ def roll(
     The new replicas are placed like the active deployment's (port, resources, TLS and token
     files); --tls-*/--auth-token-file/--health-port replace those settings (e.g. renewed
     certificates)."""
+    server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
+    check_store(store, version)
+    _connect(address)
     from ultramem_dist.cluster.deploy import ReplicaStartError
     from ultramem_dist.errors import UltraMemError
 
-    server = _server_fields(tls_cert, tls_key, tls_client_ca, auth_token_file, health_port)
-    _connect(address)
     try:
         deployer = _deployer()
         _adopt(deployer, server)
         dep = deployer.roll(store, version)
-    except (UltraMemError, ValueError, LookupError, TimeoutError, ReplicaStartError) as exc:
+    except ValueError as exc:  # the deployer's argument checks: version already active, ...
+        fail(str(exc), code=2)
+    except (UltraMemError, LookupError, TimeoutError, ReplicaStartError) as exc:
         fail(str(exc), code=1)
     console.print(f"[green]rolled: {dep} is active[/]")
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from ultramem_dist.cli.app import app, console, fail
+from ultramem_dist.cli.choices import Lookup, ModelKind, Preset
 from ultramem_dist.cli.serve_cmds import (
     TLS_CA_OPT,
     TLS_CERT_OPT,
@@ -25,16 +26,18 @@ if TYPE_CHECKING:
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write (and resume from)."),
-    model: str = typer.Option("ultramem", help="Model kind: dense | pkm | moe | ultramem."),
-    config: str = typer.Option("tiny", help="Model size preset: tiny | micro."),
-    steps: int = typer.Option(400, help="Optimizer steps."),
-    batch_size: int = typer.Option(8, help="Sequences per step."),
-    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    model: ModelKind = typer.Option(ModelKind.ultramem, help="Model kind."),
+    config: Preset = typer.Option(Preset.tiny, help="Model size preset."),
+    steps: int = typer.Option(400, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(8, min=1, help="Sequences per step."),
+    seq_len: int = typer.Option(128, min=1, help="Tokens per sequence."),
     lr: float = typer.Option(2e-3, help="Peak learning rate."),
     eval_every: int = typer.Option(100, help="Steps between validation + checkpoint."),
     value_lr: float = typer.Option(4.0, help="Value-table LR multiplier at step 0 (decays to 1)."),
     seed: int = typer.Option(0, help="Seed for init and data order."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT's last checkpoint."),
+    resume: bool = typer.Option(
+        False, "--resume/--no-resume", help="Continue from OUT's last checkpoint."
+    ),
     overrides: str = typer.Option(
         "", help='JSON overrides of the model config, e.g. \'{"ultramem": {"topm": 32}}\'.'
     ),
@@ -45,7 +48,7 @@ def train(
     from ultramem_dist.train import train as run_train
 
     try:
-        base = preset(config, model).to_dict()
+        base = preset(config.value, model.value).to_dict()
         for key, value in (json.loads(overrides) if overrides else {}).items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 base[key].update(value)
@@ -95,19 +98,23 @@ def open_value_store(  # noqa: ANN201
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint directory."),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="Checkpoint directory (written by `ultramem-dist train`)."
+    ),
     store: str | None = typer.Option(
         None,
         "--store",
         help="Remote value tables: 'ray' (local Ray deployment), ray://host:port, or "
         "host:port[,host:port...] of shard servers.",
     ),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
     compare_local: bool = typer.Option(
-        False, "--compare-local", help="Also decode with the local tables and compare tokens."
+        False,
+        "--compare-local/--no-compare-local",
+        help="Also decode with the local tables and compare tokens.",
     ),
-    lookup: str = typer.Option(
-        "process",
+    lookup: Lookup = typer.Option(
+        Lookup.process,
         "--lookup",
         help="Where the gRPC client of remote lookups runs: 'process' (a lookup process, off "
         "the model's GIL: lookups overlap the blocks) or 'thread' (a thread of this process).",
@@ -126,15 +133,9 @@ def generate(
     from ultramem_dist.model import load_pretrained
     from ultramem_dist.train import ByteTokenizer
 
-    if checkpoint is None:
-        fail("--checkpoint is required: the directory written by `ultramem-dist train`")
     secured = any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
     if store is None and (secured or auth_token_file is not None):
         fail("--tls-*/--auth-token-file apply to remote tables only: add --store")
-    from ultramem_dist.client.process_store import TRANSPORTS
-
-    if lookup not in TRANSPORTS:
-        fail(f"--lookup must be one of {', '.join(TRANSPORTS)}, not {lookup!r}")
     try:
         options = client_channel_options(
             tls_ca, tls_cert, tls_key, tls_server_name, auth_token_file
@@ -160,7 +161,7 @@ def generate(
         typer.echo(tok.decode(local[0].tolist()))
         return
     try:
-        backend = open_value_store(store, options=options, transport=lookup)
+        backend = open_value_store(store, options=options, transport=lookup.value)
     except (UltraMemError, ConnectionError, LookupError, ValueError) as exc:
         fail(f"cannot reach the value store {store!r}: {exc}", code=1)
     try:

@@ -28,7 +28,9 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", help="Store root directory (created if missing)."),
     shards: int = typer.Option(1, "--shards", min=1, help="Number of shards S."),
     by: ShardBy = typer.Option(ShardBy.auto, "--by", help="Row-wise, dimension-wise or planned."),
-    merged: bool = typer.Option(False, "--merged", help="Fold the IVE projectors into the rows."),
+    merged: bool = typer.Option(
+        False, "--merged/--no-merged", help="Fold the IVE projectors into the rows."
+    ),
     dtype: StorageDtype = typer.Option(StorageDtype.float32, "--dtype", help="Storage dtype."),
     version: str | None = typer.Option(None, "--version", help="Version id (default: timestamp)."),
 ) -> None:

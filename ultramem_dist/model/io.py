@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from ultramem_dist.model.config import LMConfig
 from ultramem_dist.model.lm import MemoryLM
+from ultramem_dist.store.perms import apply_umask
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -23,6 +24,7 @@ def save_pretrained(model: MemoryLM, path: str | Path, extra: dict | None = None
     config.update(extra or {})
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE), metadata={"config_hash": model.cfg.compute_hash()})
+    apply_umask(path / WEIGHTS_FILE)  # safetensors writes 0600; readers may be other uids
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     (path / TOKENIZER_FILE).write_text(json.dumps({"type": "bytes", "vocab_size": 256}))
     return path

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import grpc
 import torch
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -126,6 +127,32 @@ def shard_to_device(shard: ShardSlice, device: str) -> ShardSlice:
     return dataclasses.replace(shard, tables=tables)
 
 
+class _MethodSymbolPool:
+    """The default descriptor pool, plus method symbols: ``FindFileContainingSymbol`` of
+    ``pkg.Service.Method`` answers the service's file. The upb pool only knows messages,
+    enums, services and fields, so ``grpcurl describe ultramem.v1.GatherPool.Gather`` got
+    "Symbol not found" from the stock reflection servicer."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 (protobuf's API name)
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                raise KeyError(f"Couldn't find symbol {symbol}") from None
+            if method not in service.methods_by_name:
+                raise
+            return service.file
+
+
 def register_and_bind(
     server: grpc.aio.Server, servicer: object, health: object, cfg: object
 ) -> int:
@@ -141,6 +168,7 @@ def register_and_bind(
             reflection.SERVICE_NAME,
         ),
         server,
+        pool=_MethodSymbolPool(descriptor_pool.Default()),
     )
     address = f"{cfg.host}:{cfg.port}"
     try:

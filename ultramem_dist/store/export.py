@@ -34,6 +34,7 @@ from ultramem_dist.store.manifest import (
     check_version_id,
 )
 from ultramem_dist.store.merge import fold_projector
+from ultramem_dist.store.perms import apply_umask
 from ultramem_dist.store.planner import CostConstants, TableShape, plan_table
 
 __all__ = ["TableSpec", "export_checkpoint", "export_tables", "sha256_file"]
@@ -239,9 +240,11 @@ def export_tables(
         for k, tensors in enumerate(shard_tensors):
             name = f"shard-{k:05d}-of-{shards:05d}.safetensors"
             save_file(tensors, str(scratch / name), metadata={**meta, "shard": str(k)})
+            apply_umask(scratch / name)
             files[name] = FileEntry(*sha256_file(scratch / name))
         if ive_tensors:
             save_file(ive_tensors, str(scratch / IVE_FILE), metadata=meta)
+            apply_umask(scratch / IVE_FILE)
             files[IVE_FILE] = FileEntry(*sha256_file(scratch / IVE_FILE))
         manifest = Manifest(
             version=version,
@@ -255,7 +258,7 @@ def export_tables(
         )
         manifest.validate()
         (scratch / MANIFEST_NAME).write_text(manifest.dumps())
-        os.chmod(scratch, 0o755)
+        apply_umask(scratch)
         os.rename(scratch, final)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -269,6 +272,7 @@ def _write_latest(root: Path, version: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".LATEST-", dir=root)
     with os.fdopen(fd, "w") as f:
         f.write(version + "\n")
+    apply_umask(tmp)
     os.replace(tmp, root / LATEST_NAME)
 
 

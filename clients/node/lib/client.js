@@ -167,7 +167,18 @@ class GatherPoolClient {
     });
     const close = () => endpoints.forEach((e) => e.stub.close());
     try {
-      if (byVersion.size === 0) throw new GatherError(`no target answered Info: ${failures.join('; ')}`);
+      if (byVersion.size === 0) {
+        // the status of the failures: UNAVAILABLE when no target could be reached
+        const codes = new Set(results.map((r) => r.reason.code));
+        const unreachable = [...codes].every(
+          (c) => c === grpc.status.UNAVAILABLE || c === grpc.status.DEADLINE_EXCEEDED,
+        );
+        let code = codes.size === 1 ? [...codes][0] : grpc.status.UNKNOWN;
+        if (unreachable) code = grpc.status.UNAVAILABLE;
+        throw new GatherError(`no target answered Info: ${failures.join('; ')}`, {
+          code, details: failures.join('; '),
+        });
+      }
       let version = options.version;
       if (version === undefined) {
         if (byVersion.size > 1) {

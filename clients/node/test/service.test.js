@@ -2,21 +2,70 @@
 // Lookups against live servers: through the router and directly to the shards (row and dim
 // layouts read from Info), compared with values computed in Python by the shared kernel.
 //
-// The pytest harness (tests/runtimes/test_node_client.py) starts the servers and sets:
+// Endpoints and expected outputs come from the environment when set (the pytest harness,
+// tests/runtimes/test_node_client.py, sets them):
 //   ULTRAMEM_ROUTER    HOST:PORT of `ultramem-dist serve-router`
 //   ULTRAMEM_SHARDS    HOST:PORT,... of the shard servers
 //   ULTRAMEM_EXPECTED  JSON file: version, queries and expected outputs per table
-// Without them these tests are skipped (the unit tests still run).
+// Otherwise (plain `npm test`) this file starts them itself: test/fixture.py exports a store,
+// starts two shard servers and a router on free loopback ports and computes the expected
+// outputs with the shared kernel; it stops everything when these tests end. Python: env
+// ULTRAMEM_PYTHON, else the repository's .venv/bin/python, else python3 (ultramem-dist must be
+// importable by it).
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
+const path = require('node:path');
+const readline = require('node:readline');
+const { spawn } = require('node:child_process');
 const { GatherPoolClient, status } = require('..');
 
-const { ULTRAMEM_ROUTER: ROUTER, ULTRAMEM_SHARDS: SHARDS, ULTRAMEM_EXPECTED: EXPECTED } = process.env;
-const skip = !(ROUTER && SHARDS && EXPECTED)
-  && 'set ULTRAMEM_ROUTER, ULTRAMEM_SHARDS and ULTRAMEM_EXPECTED (tests/runtimes/test_node_client.py does)';
-const expected = skip ? null : JSON.parse(fs.readFileSync(EXPECTED, 'utf8'));
+let ROUTER; let SHARDS; let expected; let fixture = null;
+
+function python() {
+  if (process.env.ULTRAMEM_PYTHON) return process.env.ULTRAMEM_PYTHON;
+  const venv = path.resolve(__dirname, '..', '..', '..', '.venv', 'bin', 'python');
+  return fs.existsSync(venv) ? venv : 'python3';
+}
+
+function startFixture() {
+  return new Promise((resolve, reject) => {
+    fixture = spawn(python(), [path.join(__dirname, 'fixture.py')], {
+      stdio: ['pipe', 'pipe', 'inherit'],
+    });
+    fixture.on('error', reject);
+    fixture.on('exit', (code) => reject(new Error(`test/fixture.py exited with ${code}`)));
+    readline.createInterface({ input: fixture.stdout }).once('line', (line) => resolve(JSON.parse(line)));
+  });
+}
+
+test.before(async () => {
+  let env = process.env;
+  if (!(env.ULTRAMEM_ROUTER && env.ULTRAMEM_SHARDS && env.ULTRAMEM_EXPECTED)) env = await startFixture();
+  ROUTER = env.ULTRAMEM_ROUTER;
+  SHARDS = env.ULTRAMEM_SHARDS;
+  expected = JSON.parse(fs.readFileSync(env.ULTRAMEM_EXPECTED, 'utf8'));
+});
+
+test.after(() => {
+  if (fixture) {
+    fixture.removeAllListeners('exit');
+    fixture.stdin.end(); // the fixture stops its servers and removes its files
+  }
+});
+
+test('an unreachable target is UNAVAILABLE (14), with the whole reason', async () => {
+  await assert.rejects(
+    GatherPoolClient.connect('127.0.0.1:1', { connectTimeoutMs: 3000 }),
+    (err) => {
+      assert.equal(err.code, status.UNAVAILABLE);
+      assert.match(err.message, /^no target answered Info: 127\.0\.0\.1:1: Info failed: UNAVAILABLE: .+/);
+      assert.ok(err.details.length > 0);
+      return true;
+    },
+  );
+});
 
 function assertClose(actual, want, what) {
   assert.deepEqual(actual.shape, want.shape, `${what}: shape`);
@@ -33,7 +82,7 @@ function query(q) {
   return { indices: q.indices, blocks: q.blocks, weights: q.weights, numTokens: q.num_tokens };
 }
 
-test('through the router: one endpoint, the whole table', { skip }, async (t) => {
+test('through the router: one endpoint, the whole table', async (t) => {
   const client = await GatherPoolClient.connect(ROUTER);
   t.after(() => client.close());
   const [info] = client.infos();
@@ -49,7 +98,7 @@ test('through the router: one endpoint, the whole table', { skip }, async (t) =>
   }
 });
 
-test('direct to the shards: layout from Info, split and join in Node', { skip }, async (t) => {
+test('direct to the shards: layout from Info, split and join in Node', async (t) => {
   const client = await GatherPoolClient.connect(SHARDS);
   t.after(() => client.close());
   assert.equal(client.numShards, expected.num_shards);
@@ -62,7 +111,7 @@ test('direct to the shards: layout from Info, split and join in Node', { skip },
   }
 });
 
-test('refusals carry the gRPC status codes', { skip }, async (t) => {
+test('refusals carry the gRPC status codes', async (t) => {
   const router = await GatherPoolClient.connect(ROUTER);
   const direct = await GatherPoolClient.connect(SHARDS);
   t.after(() => { router.close(); direct.close(); });

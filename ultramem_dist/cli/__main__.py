@@ -1,0 +1,5 @@
+"""``python -m ultramem_dist.cli``: the ``ultramem-dist`` command."""
+
+from ultramem_dist.cli import main
+
+main()
