@@ -4,7 +4,12 @@ Models share the tiny LM (D=256, 6 blocks). The dense model's FFN is widened so 
 parameters match UltraMem's; PKM and MoE are sized so their sparse parameters are close to
 UltraMem's. Every model sees the same batches (same seed) for the same number of tokens.
 
-    python benchmarks/quality.py [--steps 300] [--models dense,pkm,moe,ultramem]
+    python benchmarks/quality.py [--steps 600] [--seeds 3] [--models dense,pkm,moe,ultramem]
+
+Each seed fixes both the initialisation and the batch order, so for one seed every model sees
+identical batches; differences between models are paired per seed and summarised by a 95%
+t-interval over seeds (n-1 degrees of freedom). Every finished (model, seed) run is kept under
+benchmarks/results/quality_runs/, so an interrupted run resumes where it stopped.
 
 Writes benchmarks/results/quality.json and quality.png.
 """
@@ -12,8 +17,11 @@ Writes benchmarks/results/quality.json and quality.png.
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,55 +58,159 @@ def model_configs() -> dict:
     moe.moe = MoEConfig(n_experts=n_exp, top_k=2)
     for cfg in (dense, pkm, moe):
         cfg.validate()
-    return {"dense": dense, "pkm": pkm, "moe": moe, "ultramem": ultra}
+    registry = {"dense": dense, "pkm": pkm, "moe": moe, "ultramem": ultra}
+    try:  # UltraMemV2 plugs in once its preset exists
+        registry["ultramemv2"] = preset("tiny", "ultramemv2")
+    except (ValueError, KeyError):
+        pass
+    return registry
+
+
+# two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+}
+
+
+def mean_ci95(xs: list[float]) -> dict:
+    """Mean and half-width of the 95% t-interval (n-1 dof); ci95 is None for one sample."""
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return {"mean": round(mean, 4), "ci95": None, "n": len(xs)}
+    t = _T975.get(len(xs) - 1, 1.96)
+    half = t * statistics.stdev(xs) / len(xs) ** 0.5
+    return {"mean": round(mean, 4), "ci95": round(half, 4), "n": len(xs)}
+
+
+RUNS_DIR = Path(__file__).resolve().parent / "results" / "quality_runs"
+
+
+def run_one(name: str, cfg, tcfg: TrainConfig, corpus, runs_dir: Path) -> dict:
+    """Train one (model, seed), or load its finished result."""
+    path = runs_dir / f"{name}_steps{tcfg.steps}_seed{tcfg.seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    counts = MemoryLM(cfg).param_counts()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(cfg, tcfg, Path(tmp) / name, corpus=corpus)
+    out = {
+        "val_loss": res.val_loss,
+        "activated_params": counts["activated"],
+        "total_params": counts["total"],
+        "sparse_params": counts["sparse"],
+        "tokens_per_s": res.tokens_per_s,
+        "curve": [(h["tokens"], h["val_loss"]) for h in res.history],
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--models", default="dense,pkm,moe,ultramem")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true", help="smoke run; results to a temp dir")
     args = parser.parse_args()
+    runs_dir = RUNS_DIR
     if args.quick:
-        args.steps, args.seq_len = 12, 64
+        args.steps, args.seq_len, args.seeds = 12, 64, 2
         print(f"--quick: results go to {quick_mode()}")
+        runs_dir = Path(tempfile.mkdtemp(prefix="quality-runs-"))
+    if args.steps < 1 or args.seeds < 1:
+        parser.error("--steps and --seeds must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     corpus = Corpus.stdlib()
     configs = model_configs()
-    tcfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        eval_every=max(1, args.steps // 6),
-        eval_batches=16,
-        warmup=30,
-    )
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {sorted(configs)}")
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for seed in range(args.seeds):
+        tcfg = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            eval_every=max(1, args.steps // 6),
+            eval_batches=16,
+            warmup=30,
+            seed=seed,
+        )
+        for name in names:
+            out = run_one(name, configs[name], tcfg, corpus, runs_dir)
+            runs[name].append(out)
+            print(
+                f"seed {seed} {name}: val_loss {out['val_loss']:.4f} "
+                f"({out['tokens_per_s']:.0f} tok/s)",
+                flush=True,
+            )
     results, curves = {}, {}
-    for name in args.models.split(","):
-        cfg = configs[name]
-        counts = MemoryLM(cfg).param_counts()
-        with tempfile.TemporaryDirectory() as tmp:
-            res = train(cfg, tcfg, Path(tmp) / name, corpus=corpus)
+    for name, rs in runs.items():
+        losses = [r["val_loss"] for r in rs]
         results[name] = {
-            "val_loss": round(res.val_loss, 4),
-            "activated_params": counts["activated"],
-            "total_params": counts["total"],
-            "sparse_params": counts["sparse"],
-            "tokens_per_s": round(res.tokens_per_s, 1),
+            "val_loss": round(statistics.fmean(losses), 4),
+            "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
+            "val_loss_per_seed": [round(x, 4) for x in losses],
+            "activated_params": rs[0]["activated_params"],
+            "total_params": rs[0]["total_params"],
+            "sparse_params": rs[0]["sparse_params"],
+            "tokens_per_s": round(statistics.fmean(r["tokens_per_s"] for r in rs), 1),
         }
-        curves[name] = [(h["tokens"], h["val_loss"]) for h in res.history]
-        print(name, results[name], flush=True)
-    tokens = tcfg.steps * tcfg.batch_size * tcfg.seq_len
+        curves[name] = (
+            rs[0]["curve"]
+            if len(rs) == 1
+            else [
+                (
+                    pts[0][0],
+                    statistics.fmean(p[1] for p in pts),
+                    statistics.stdev(p[1] for p in pts),
+                )
+                for pts in zip(*[r["curve"] for r in rs], strict=True)
+            ]
+        )
+    paired = {}
+    for ref in ("pkm", "dense"):
+        if ref not in runs:
+            continue
+        for name in names:
+            if name == ref:
+                continue
+            diffs = [
+                a["val_loss"] - b["val_loss"] for a, b in zip(runs[name], runs[ref], strict=True)
+            ]
+            paired[f"{name}_minus_{ref}"] = mean_ci95(diffs)
+    tokens = args.steps * args.batch_size * args.seq_len
     path = write_json(
         "quality.json",
         {
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "loadavg_start": load_start,
+            "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
             "tokens": tokens,
-            "command": f"python benchmarks/quality.py --steps {args.steps}",
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "interval": "95% Student-t over seeds, n-1 degrees of freedom, paired by seed",
+            "command": f"python benchmarks/quality.py --steps {args.steps} --seeds {args.seeds}",
             "models": results,
+            "paired": paired,
             "curves": curves,
         },
     )
@@ -109,10 +221,21 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        if pts and len(pts[0]) == 3:
+            sd = [p[2] for p in pts]
+            ax.fill_between(
+                xs,
+                [y - e for y, e in zip(ys, sd, strict=True)],
+                [y + e for y, e in zip(ys, sd, strict=True)],
+                color=line.get_color(),
+                alpha=0.2,
+            )
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title("Equal-token quality on the Python stdlib corpus")
+    ax.set_title(f"Equal-token quality, {args.seeds} seeds (band: ±1 std)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -168,3 +168,44 @@ def test_inference_key_cache_follows_in_place_updates():
         after = layer.key_scores(x)[0]
     torch.testing.assert_close(after, -before, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(layer.key_scores(x)[0].detach(), after)  # grad path agrees
+
+
+def test_aux_loss_official_form_uses_summed_cores():
+    layer = _layer(num_cores=2, aux_alpha=1.0, aux_tau=0.0)
+    with torch.no_grad():
+        # two rank-2 cores whose sum is rank 1: the summed form sees no non-leading mass,
+        # the per-core form does
+        a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        b = torch.tensor([[1.0, 1.0], [1.0, 1.0]]) - a
+        layer.cores.copy_(torch.stack([a, b]).expand_as(layer.cores))
+    summed = layer.aux_loss()
+    sigma = torch.linalg.svdvals(layer.cores.sum(1))[..., 1:]
+    torch.testing.assert_close(summed, sigma.pow(2).mean())
+    assert summed.item() < 1e-10
+    layer.cfg.aux_per_core = True
+    per_core = layer.aux_loss()
+    expected = torch.linalg.svdvals(layer.cores)[..., 1:].pow(2).mean()
+    torch.testing.assert_close(per_core, expected)
+    assert per_core.item() > 0.1
+
+
+def test_shared_query_norm_has_one_norm_and_normalises_both_halves():
+    shared = _layer(shared_query_norm=True)
+    assert shared.q_norm_col is None
+    assert not any(k.startswith("q_norm_col") for k in shared.state_dict())
+    separate = _layer(shared_query_norm=False)
+    # identical weights (minus q_norm_col) give identical scores while the norms are equal
+    separate.load_state_dict(shared.state_dict(), strict=False)
+    with torch.no_grad():
+        separate.q_norm_col.weight.copy_(shared.q_norm_row.weight)
+        separate.q_norm_col.bias.copy_(shared.q_norm_row.bias)
+    x = torch.randn(5, 32)
+    for a, b in zip(shared.key_scores(x), separate.key_scores(x), strict=True):
+        torch.testing.assert_close(a, b)
+    # and the shared norm's parameters get gradient from both halves
+    with torch.no_grad():
+        shared.q_norm_row.bias.fill_(0.1)
+    s_row, s_col = shared.key_scores(x)
+    s_col.sum().backward()
+    assert shared.q_norm_row.weight.grad.abs().sum() > 0
+    assert shared.activated_param_count == separate.activated_param_count - 2 * 16

@@ -38,6 +38,12 @@ class UltraMemConfig:
     """Weight of the singular-value aux loss on non-leading singular values of the cores."""
     aux_tau: float = 0.15
     """Margin tau of the aux loss: alpha * mean(relu(sigma_i - tau)**2)."""
+    aux_per_core: bool = False
+    """False (official code): the aux loss penalises the non-leading singular values of the
+    *summed* cores ``sum_c C_c`` per head; True: of every core separately (the older form)."""
+    shared_query_norm: bool = False
+    """True (official code): one LayerNorm for the row and the column query halves; False: one
+    LayerNorm per half. Imported official checkpoints want True."""
     perm_seed: int = 0
     """Seed of the fixed IVE permutation of the virtual rows."""
 

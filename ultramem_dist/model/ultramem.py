@@ -103,7 +103,8 @@ class UltraMemLayer(nn.Module):
         n_query = 1 if cfg.shared_query else h
         self.query = nn.Linear(d_model, n_query * 2 * dk, bias=False)
         self.q_norm_row = nn.LayerNorm(dk)
-        self.q_norm_col = nn.LayerNorm(dk)
+        # official form: one LayerNorm shared by both query halves (no q_norm_col parameters)
+        self.q_norm_col = None if cfg.shared_query_norm else nn.LayerNorm(dk)
         self.keys = nn.Parameter(torch.empty(h, 2, self.k_side, r, dk))
         self.k_norm = nn.LayerNorm(dk)
         self.cores = nn.Parameter(torch.empty(h, cfg.num_cores, r, r))
@@ -124,6 +125,8 @@ class UltraMemLayer(nn.Module):
         dk = self.cfg.dk
         ln_scale = dk**-0.33
         for norm in (self.q_norm_row, self.q_norm_col, self.k_norm):
+            if norm is None:
+                continue
             nn.init.constant_(norm.weight, ln_scale)
             nn.init.zeros_(norm.bias)
         nn.init.normal_(self.query.weight, std=dk**-0.5)
@@ -151,8 +154,12 @@ class UltraMemLayer(nn.Module):
         self.v.copy_(v_new * sign)
 
     def aux_loss(self) -> torch.Tensor:
-        """alpha * mean(relu(sigma_i - tau)^2) over every core's non-leading singular values."""
-        sigma = torch.linalg.svdvals(self.cores.float())[..., 1:]
+        """alpha * mean(relu(sigma_i - tau)^2) over the non-leading singular values of the summed
+        cores per head (official form), or of every core separately with ``aux_per_core``."""
+        cores = self.cores.float()
+        if not self.cfg.aux_per_core:
+            cores = cores.sum(1)  # [H, r, r]: the matrix whose rank-1 part TDQKR uses
+        sigma = torch.linalg.svdvals(cores)[..., 1:]
         if sigma.numel() == 0:
             return self.cores.new_zeros(())
         return self.cfg.aux_alpha * F.relu(sigma - self.cfg.aux_tau).pow(2).mean()
@@ -162,7 +169,11 @@ class UltraMemLayer(nn.Module):
         """Per-rank row/col scores ``[T, H, r, K]`` for ``x`` ``[T, D]``."""
         cfg = self.cfg
         q = self.query(x).view(x.shape[0], -1, 2, cfg.dk)  # [T, Hq, 2, dk]
-        q_row, q_col = self.q_norm_row(q[:, :, 0]), self.q_norm_col(q[:, :, 1])
+        if self.q_norm_col is None:
+            qn = self.q_norm_row(q)
+            q_row, q_col = qn[:, :, 0], qn[:, :, 1]
+        else:
+            q_row, q_col = self.q_norm_row(q[:, :, 0]), self.q_norm_col(q[:, :, 1])
         keys = self._normed_keys()  # [H, 2, K, r, dk]
         if cfg.shared_query:
             # one matmul per side: [T, dk] @ [dk, H*K*r] -> [T, H, K, r] -> [T, H, r, K]
@@ -268,7 +279,7 @@ class UltraMemLayer(nn.Module):
             + self.cores.numel()
             + c.heads * c.topm * self.dv
             + self.out_proj.weight.numel()
-            + 6 * c.dk
+            + (4 if c.shared_query_norm else 6) * c.dk
         )
 
 
