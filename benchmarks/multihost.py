@@ -7,7 +7,8 @@ and workers on hosts 1-2 — and measures, in this order:
 1. ``tokens_identical``: greedy generation in host 0 with every table remote == the local model.
 2. ``partition``: host 1's link down for 3 s under verified load (replicas=2).
 3. ``netem``: the skip-layer overlap (benchmarks/overlap.py's ``measure``) with 0/1/5 ms
-   ``tc netem`` delay on every host link.
+   delay on the host 0 -> host 1 hop: ``tc netem`` where the kernel has it, else the
+   user-space delay relay (``method`` in each row says which).
 4. ``size_scaling``: bf16 stores of 0.5/2/8 GiB (``--sizes``), 3 row shards, one per host:
    streaming export time and peak RSS (its own process), deploy (load + sha256 verify, cold:
    the files' pages dropped with ``posix_fadvise`` first), first lookup, steady p50 at batch
@@ -24,6 +25,7 @@ Writes benchmarks/results/multihost.json and multihost.png. Big stores live unde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -200,15 +203,28 @@ def partition(mh: MultiHost, store: Path, work: Path, deadline_s: float) -> dict
 
 def netem(mh: MultiHost, work: Path, delays: list[float], args: Any) -> list[dict[str, Any]]:
     """The overlap measurement with the decoding driver *inside host 0* and the shard on host 1,
-    whose link gets the delay (``tc netem`` on host 1's own interface: every packet it sends,
-    i.e. each reply, is late by the delay; one round trip host 0 -> host 1 gains it once)."""
+    over a link made slow by ``delay_ms``.
+
+    * ``method: "netem"`` (the kernel has ``sch_netem``): ``tc netem`` on host 1's own
+      interface: every packet it sends, i.e. each reply, is late by the delay; one round trip
+      host 0 -> host 1 gains it once.
+    * ``method: "relay"`` (no netem, e.g. this Firecracker kernel): the user-space relay of
+      :mod:`ultramem_dist.multihost.delay` at both ends of the hop. The shard binds host 1's
+      loopback on a fixed port P; a relay in host 1 (``198.18.x.2:P`` -> ``127.0.0.1:P``) holds
+      every reply chunk ``delay_ms``, a relay in host 0 (``127.0.0.1:P`` -> ``198.18.x.2:P``)
+      every request chunk ``delay_ms``; the client in host 0 dials the registered
+      ``127.0.0.1:P`` unchanged. Each call crosses the real veth/bridge hop plus ``delay_ms``
+      each way (a round trip gains 2 x ``delay_ms``); the 0 ms baseline runs through the same
+      two relays, so the rows differ only in the delay."""
     missing = mh.netem_available()
+    method = "relay" if missing else "netem"
     if missing:
-        say(f"netem: {missing}; measuring the overlap over the real hop without added delay")
-        delays = [d for d in delays if d == 0] or [0.0]
+        say(f"netem: {missing}; using the user-space delay relay instead")
     cfg = {
         "address": mh.ray_address,
         "netns": mh.hosts[1].netns,
+        "host1_ip": mh.hosts[1].ip,
+        "method": method,
         "delays": delays,
         "tokens": args.tokens,
         "rounds": args.rounds,
@@ -238,12 +254,65 @@ def _netem_delay(netns: str, delay_ms: float) -> None:
         subprocess.run([*base, "del", "dev", "eth0", "root"], capture_output=True)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_relay(prefix: list[str], listen: str, target: str, up: float, down: float) -> Any:
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "ultramem_dist.multihost.delay",
+        f"--listen={listen}",
+        f"--target={target}",
+        f"--delay-ms={up}",
+        f"--reply-delay-ms={down}",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("ready"):
+        proc.kill()
+        raise RuntimeError(f"delay relay `{' '.join(cmd)}` did not start: {line!r}")
+    return proc
+
+
+@contextlib.contextmanager
+def _relays(cfg: dict[str, Any], port: int, delay_ms: float) -> Iterator[None]:
+    """The two ends of the slow hop (see :func:`netem`); both stopped on exit."""
+    procs = []
+    try:
+        far = f"{cfg['host1_ip']}:{port}"
+        procs.append(
+            _start_relay(
+                ["ip", "netns", "exec", cfg["netns"]], far, f"127.0.0.1:{port}", 0.0, delay_ms
+            )
+        )
+        procs.append(_start_relay([], f"127.0.0.1:{port}", far, delay_ms, 0.0))
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def netem_child(cfg: dict[str, Any]) -> None:
     from overlap import hidden_fraction, measure, shape_config
 
     from ultramem_dist.model import MemoryLM, save_pretrained
     from ultramem_dist.store.export import export_checkpoint
 
+    torch.set_num_threads(1)  # as benchmarks/overlap.py: the model thread; shards get the rest
     ray.init(
         address=cfg["address"], namespace="ultramem", logging_level="ERROR", log_to_driver=False
     )
@@ -251,31 +320,44 @@ def netem_child(cfg: dict[str, Any]) -> None:
     torch.manual_seed(0)
     ckpt = save_pretrained(MemoryLM(shape_config("span2")).eval(), work / "span2-ckpt")
     export_checkpoint(ckpt, work / "span2-store", shards=1, by="row", version="bench")
+    relay = cfg.get("method") == "relay"
     out = []
     for d in cfg["delays"]:
-        _netem_delay(cfg["netns"], d)
-        try:
-            times = measure(
-                ckpt,
-                work / "span2-store",
-                ["process"],
-                SimpleNamespace(batch=1, tokens=cfg["tokens"], rounds=cfg["rounds"]),
-                placement=PlacementOptions(host="node", drain_s=0.5, resources={"host1": 0.01}),
-            )["process"]
-        finally:
-            _netem_delay(cfg["netns"], 0)
+        port = _free_port()
+        placement = PlacementOptions(host="node", drain_s=0.5, resources={"host1": 0.01})
+        if relay:
+            placement = PlacementOptions(
+                host="127.0.0.1", port=port, drain_s=0.5, resources={"host1": 0.01}
+            )
+        with contextlib.ExitStack() as stack:
+            if relay:
+                stack.enter_context(_relays(cfg, port, d))
+            else:
+                _netem_delay(cfg["netns"], d)
+                stack.callback(_netem_delay, cfg["netns"], 0)
+            try:
+                times = measure(
+                    ckpt,
+                    work / "span2-store",
+                    ["process"],
+                    SimpleNamespace(batch=1, tokens=cfg["tokens"], rounds=cfg["rounds"]),
+                    placement=placement,
+                )["process"]
+            finally:
+                undeploy(Deployer())  # frees the fixed port before the next delay
         ms, hidden = hidden_fraction(times)
         out.append(
             {
                 "delay_ms": d,
-                "rtt_added_ms": d,
+                "method": "relay" if relay else "netem",
+                "rtt_added_ms": 2 * d if relay else d,
                 "hidden_fraction": round(hidden, 3),
                 "ms_per_token": ms,
+                "samples_ms": {k: [round(x, 3) for x in v] for k, v in times.items()},
                 "transport": "process",
             }
         )
         print(json.dumps(out[-1]), file=sys.stderr, flush=True)
-    undeploy(Deployer())
     ray.shutdown()
     print(json.dumps(out))
 
