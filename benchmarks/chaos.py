@@ -46,8 +46,8 @@ async def ray_scenario(store: Path, concurrency: int, fault_at: float, settle: f
     from ultramem_dist.cluster.registry import NAMESPACE
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local throw-away cluster
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
-             logging_level="ERROR")  # fmt: skip
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             namespace=NAMESPACE, logging_level="ERROR")  # fmt: skip
     deployer = Deployer(PlacementOptions(drain_s=0.5))
     try:
         dep_id = deployer.up(store, replicas=2)

@@ -228,6 +228,7 @@ def main() -> None:
             torch.manual_seed(0)
             ckpts[shape] = save_pretrained(MemoryLM(shape_config(shape)), Path(tmp) / shape)
         ray.init(
+            address="local",  # never attach to a cluster someone else started
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

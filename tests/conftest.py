@@ -81,6 +81,7 @@ def init_local_ray() -> None:
     from ultramem_dist.cluster.registry import NAMESPACE
 
     ray.init(
+        address="local",  # a private instance, never a cluster started elsewhere
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

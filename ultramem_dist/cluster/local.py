@@ -129,6 +129,12 @@ def _stop_head(session_dir: str, port: int, grace_s: float = 5.0) -> None:
             time.sleep(0.05)
         if not pids:
             break
+    # ``ray stop`` also forgets the head: without this, a later ``ray.init()`` would find the
+    # dead head's address in ``ray_current_cluster`` and try to attach to it.
+    current = _ray_root() / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def stop_local_cluster() -> bool:
