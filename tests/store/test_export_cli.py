@@ -39,13 +39,28 @@ def test_export_checkpoint_writes_every_memory_layer(micro_checkpoint, tmp_path)
     )
     assert res.exit_code == 0, res.output
     _, m = open_manifest(tmp_path)
+    assert m.dtype == "bfloat16"  # the serving default
     layers = model.ultramem_layers()
     assert [t.table_id for t in m.tables] == [layer.table_id for layer in layers]
     assert m.model_id == "ultramem-micro" and m.config_hash == model.cfg.compute_hash()
     t0 = m.tables[0]
     assert (t0.n_rows, t0.dv, t0.d_model, t0.ive_seed) == (64, 32, 64, 0)
     sl = [load_shard(tmp_path, k).tables["mem0"].values for k in range(2)]
-    torch.testing.assert_close(torch.cat(sl, 1), layers[0].values.detach())
+    assert all(v.dtype == torch.bfloat16 for v in sl)
+    # rounded once to bf16 (round-to-nearest-even, as Tensor.to does): bit-identical to that
+    assert torch.equal(torch.cat(sl, 1), layers[0].values.detach().to(torch.bfloat16))
+
+
+def test_export_float32_stays_selectable_and_exact(micro_checkpoint, tmp_path):
+    ckpt, model = micro_checkpoint
+    args = ["export", str(ckpt), "--out", str(tmp_path), "--shards", "1", "--dtype", "float32"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    _, m = open_manifest(tmp_path)
+    assert m.dtype == "float32"
+    got = load_shard(tmp_path, 0).tables["mem0"].values
+    assert got.dtype == torch.float32
+    assert torch.equal(got, model.ultramem_layers()[0].values.detach())
 
 
 def test_export_auto_merged_half(micro_checkpoint, tmp_path):

@@ -31,7 +31,11 @@ def export_cmd(
     merged: bool = typer.Option(
         False, "--merged/--no-merged", help="Fold the IVE projectors into the rows."
     ),
-    dtype: StorageDtype = typer.Option(StorageDtype.float32, "--dtype", help="Storage dtype."),
+    dtype: StorageDtype = typer.Option(
+        StorageDtype.bfloat16,
+        "--dtype",
+        help="Storage dtype (bfloat16: the serving default, half the bytes; float32: exact).",
+    ),
     version: str | None = typer.Option(None, "--version", help="Version id (default: timestamp)."),
 ) -> None:
     """Export every UltraMem value table of CHECKPOINT into OUT/<version>/ (LATEST -> it)."""

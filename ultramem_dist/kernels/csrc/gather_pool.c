@@ -7,27 +7,38 @@
  *
  * Per token, the entries are bucketed by IVE block (a counting sort that keeps request order);
  * per (token, block) bag and 64-column chunk, eight 8-float accumulators stay in registers while
- * the bag's rows stream through, so the loop body is loads + FMAs only and many row reads are in
- * flight at once (what makes a random-row gather run near memory bandwidth).  A row's later
- * chunks come from cache.  Tokens are split over torch's OpenMP threads (or pthreads in a build
- * without OpenMP) by entry count.
+ * the bag's rows stream through, so the loop body is loads + FMAs only.  While a token is pooled,
+ * the rows of the next token are software-prefetched (spread over the token's bags): a random-row
+ * gather then keeps the memory system busy like a copy does, whatever the per-element work
+ * (half-precision widening costs 2-3 instructions per 8 values, which would otherwise fill the
+ * out-of-order window and cap the misses in flight).  Tokens are split over torch's OpenMP
+ * threads (or pthreads in a build without OpenMP) by entry count.
  *
  * Built by ultramem_dist/kernels/native.py with the system C compiler on the machine that runs
- * it (-march=native: AVX2/FMA/F16C where the CPU has them); GCC or Clang vector extensions (one
- * AVX2/F16C intrinsics for the half-precision loads where the CPU has them), so the same source builds on x86-64 and arm64.
+ * it.  No ISA is assumed at build time: the portable code uses GCC/Clang vector extensions (any
+ * target, any -march, also none), and on x86-64 a second copy of the kernel is compiled for
+ * AVX2 + FMA + F16C through target attributes and chosen at run time with
+ * __builtin_cpu_supports (bf16 -> fp32: zero-extend + shift 16; fp16 -> fp32: vcvtph2ps).
+ * ULTRAMEM_NATIVE_ISA=generic forces the portable copy (tests compare both).
  */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX__)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#define UM_X86 1
+#define UM_AVX2_ATTR __attribute__((target("avx2,fma,f16c")))
+#else
+#define UM_X86 0
 #endif
 
 #define UM_F32 0
 #define UM_BF16 1
 #define UM_F16 2
 #define UM_MAX_THREADS 64
+#define UM_ISA_GENERIC 0
+#define UM_ISA_AVX2 1
 
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2)));
@@ -50,26 +61,20 @@ typedef struct {
     int64_t out_cols;
     int64_t t0, t1; /* this job's tokens */
     int32_t failed;
+    int64_t pf_lo, pf_bytes; /* byte range of a row the segments read (prefetched) */
 } um_job;
 
+/* Portable loaders: vector extensions only (what the compiler makes of them depends on the
+ * build's -march; correct everywhere). */
 static inline v8f um_load_f32(const float *p) { return *(const v8f *)p; }
 static inline float um_scalar_f32(const float *p) { return *p; }
 
-#if defined(__AVX2__)
-static inline v8f um_load_bf16(const uint16_t *p) { /* widen 8 x u16 and shift: 2 instructions */
-    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
-    v8f f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-#else
 static inline v8f um_load_bf16(const uint16_t *p) {
     v8u32 u = __builtin_convertvector(*(const v8u16 *)p, v8u32) << 16;
     v8f f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
-#endif
 static inline float um_scalar_bf16(const uint16_t *p) {
     uint32_t u = (uint32_t)*p << 16;
     float f;
@@ -79,27 +84,52 @@ static inline float um_scalar_bf16(const uint16_t *p) {
 
 #if defined(__FLT16_MAX__)
 #define UM_HAS_F16 1
-#if defined(__F16C__) && defined(__AVX__)
-/* GCC scalarises _Float16 vector conversions; F16C converts 8 halves in one instruction */
-static inline v8f um_load_f16(const _Float16 *p) {
-    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    v8f out;
-    memcpy(&out, &f, sizeof out);
-    return out;
-}
-#else
 typedef _Float16 v8h __attribute__((vector_size(16), aligned(2)));
 static inline v8f um_load_f16(const _Float16 *p) { return __builtin_convertvector(*(const v8h *)p, v8f); }
-#endif
 static inline float um_scalar_f16(const _Float16 *p) { return (float)*p; }
 #else
 #define UM_HAS_F16 0
 #endif
 
+#if UM_X86
+/* AVX2 loaders, compiled for that target whatever the build flags; only called after
+ * __builtin_cpu_supports says the CPU has it. */
+static inline __attribute__((always_inline)) UM_AVX2_ATTR v8f um_load_avx2_f32(const float *p) {
+    __m256 f = _mm256_loadu_ps(p);
+    v8f out;
+    memcpy(&out, &f, sizeof out);
+    return out;
+}
+static inline __attribute__((always_inline)) UM_AVX2_ATTR v8f um_load_avx2_bf16(const uint16_t *p) {
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    v8f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#if UM_HAS_F16
+static inline __attribute__((always_inline)) UM_AVX2_ATTR v8f um_load_avx2_f16(const _Float16 *p) {
+    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    v8f out;
+    memcpy(&out, &f, sizeof out);
+    return out;
+}
+#endif
+#endif
+
+/* Prefetch the rows of entries [a, b) (the byte range the segments read). */
+static inline __attribute__((always_inline)) void um_prefetch(const um_job *j, size_t item,
+                                                              int64_t a, int64_t b) {
+    for (int64_t l = a; l < b; l++) {
+        const char *r = j->table + (size_t)(j->idx[l] * j->row_stride) * item + j->pf_lo;
+        const char *e = r + j->pf_bytes;
+        for (r -= (uintptr_t)r & 63; r < e; r += 64) __builtin_prefetch(r, 0, 3);
+    }
+}
+
 /* One bag (n entries, rows rows[k] with weights wts[k]) over columns [c0, c0 + width) of the
  * table, written (add = 0) or added (add = 1) to o[0 .. width). */
-#define UM_DEFINE_BAG(SUF, T)                                                                 \
-    static inline __attribute__((always_inline)) void um_bag_##SUF(                           \
+#define UM_DEFINE_BAG(NAME, T, LOAD, SCALAR, ATTR)                                            \
+    static inline __attribute__((always_inline)) ATTR void um_bag_##NAME(                     \
         const T *const *rows, const float *wts, int64_t n, int64_t c0, int64_t width,         \
         float *o, int add) {                                                                  \
         int64_t c = 0;                                                                        \
@@ -108,14 +138,14 @@ static inline float um_scalar_f16(const _Float16 *p) { return (float)*p; }
             for (int64_t k = 0; k < n; k++) {                                                 \
                 const T *x = rows[k] + c0 + c;                                                \
                 const float s = wts[k];                                                       \
-                a0 += s * um_load_##SUF(x);                                                   \
-                a1 += s * um_load_##SUF(x + 8);                                               \
-                a2 += s * um_load_##SUF(x + 16);                                              \
-                a3 += s * um_load_##SUF(x + 24);                                              \
-                a4 += s * um_load_##SUF(x + 32);                                              \
-                a5 += s * um_load_##SUF(x + 40);                                              \
-                a6 += s * um_load_##SUF(x + 48);                                              \
-                a7 += s * um_load_##SUF(x + 56);                                              \
+                a0 += s * LOAD(x);                                                            \
+                a1 += s * LOAD(x + 8);                                                        \
+                a2 += s * LOAD(x + 16);                                                       \
+                a3 += s * LOAD(x + 24);                                                       \
+                a4 += s * LOAD(x + 32);                                                       \
+                a5 += s * LOAD(x + 40);                                                       \
+                a6 += s * LOAD(x + 48);                                                       \
+                a7 += s * LOAD(x + 56);                                                       \
             }                                                                                 \
             v8f *ov = (v8f *)(o + c);                                                         \
             if (add) {                                                                        \
@@ -128,25 +158,31 @@ static inline float um_scalar_f16(const _Float16 *p) { return (float)*p; }
         }                                                                                     \
         for (; c + 8 <= width; c += 8) {                                                      \
             v8f a = {0};                                                                      \
-            for (int64_t k = 0; k < n; k++) a += wts[k] * um_load_##SUF(rows[k] + c0 + c);    \
+            for (int64_t k = 0; k < n; k++) a += wts[k] * LOAD(rows[k] + c0 + c);            \
             v8f *ov = (v8f *)(o + c);                                                         \
             *ov = add ? *ov + a : a;                                                          \
         }                                                                                     \
         for (; c < width; c++) {                                                              \
             float a = 0;                                                                      \
-            for (int64_t k = 0; k < n; k++) a += wts[k] * um_scalar_##SUF(rows[k] + c0 + c);  \
+            for (int64_t k = 0; k < n; k++) a += wts[k] * SCALAR(rows[k] + c0 + c);          \
             o[c] = add ? o[c] + a : a;                                                        \
         }                                                                                     \
     }
 
-/* Tokens [t0, t1) of a job: bucket each token's entries by block, then pool every bag. */
-#define UM_DEFINE_TOKENS(SUF, T)                                                              \
-    UM_DEFINE_BAG(SUF, T)                                                                     \
-    static void um_tokens_##SUF(um_job *j, int64_t *count, int64_t *ord,            \
-                                          const T **rows, float *wts) {                       \
+/* Tokens [t0, t1) of a job: bucket each token's entries by block, then pool every bag; before
+ * bag e of token t, the next 1/E of token t + 1's rows are prefetched. */
+#define UM_DEFINE_TOKENS(NAME, T, LOAD, SCALAR, ATTR)                                         \
+    UM_DEFINE_BAG(NAME, T, LOAD, SCALAR, ATTR)                                                \
+    static ATTR void um_tokens_##NAME(um_job *j, int64_t *count, int64_t *ord,                \
+                                      const T **rows, float *wts) {                           \
         const T *table = (const T *)j->table;                                                 \
+        if (j->t0 < j->t1) um_prefetch(j, sizeof(T), j->tok_off[j->t0], j->tok_off[j->t0 + 1]); \
         for (int64_t t = j->t0; t < j->t1; t++) {                                             \
             const int64_t l0 = j->tok_off[t], n = j->tok_off[t + 1] - l0;                     \
+            /* next token's entries, prefetched a share per bag */                            \
+            const int64_t p0 = t + 1 < j->t1 ? j->tok_off[t + 1] : 0;                         \
+            const int64_t pn = t + 1 < j->t1 ? j->tok_off[t + 2] - p0 : 0;                    \
+            int64_t pdone = 0;                                                                \
             float *ot = j->out + t * j->E * j->out_cols;                                      \
             memset(count, 0, sizeof(int64_t) * (size_t)(j->E + 1));                           \
             for (int64_t k = 0; k < n; k++) count[j->blk[l0 + k] + 1]++;                      \
@@ -157,6 +193,9 @@ static inline float um_scalar_f16(const _Float16 *p) { return (float)*p; }
             for (int64_t e = 0; e < j->E; e++) {                                              \
                 const int64_t end = count[e], m = end - start;                                \
                 float *ob = ot + e * j->out_cols;                                             \
+                const int64_t pto = pn * (e + 1) / j->E;                                      \
+                um_prefetch(j, sizeof(T), p0 + pdone, p0 + pto);                              \
+                pdone = pto;                                                                  \
                 if (m == 0) {                                                                 \
                     memset(ob, 0, sizeof(float) * (size_t)j->out_cols);                       \
                     continue;                                                                 \
@@ -167,18 +206,45 @@ static inline float um_scalar_f16(const _Float16 *p) { return (float)*p; }
                     const int64_t core = j->seg[3 * s + 2];                                   \
                     for (int64_t k = 0; k < m; k++) wts[k] = j->w[ord[start + k] * j->ncores + core]; \
                     const int add = j->sum_segments && s > 0;                                 \
-                    um_bag_##SUF(rows, wts, m, lo, hi - lo, ob + (j->sum_segments ? 0 : lo), add); \
+                    um_bag_##NAME(rows, wts, m, lo, hi - lo, ob + (j->sum_segments ? 0 : lo), add); \
                 }                                                                             \
                 start = end;                                                                  \
             }                                                                                 \
         }                                                                                     \
     }
 
-UM_DEFINE_TOKENS(f32, float)
-UM_DEFINE_TOKENS(bf16, uint16_t)
+#define UM_NOATTR
+UM_DEFINE_TOKENS(f32, float, um_load_f32, um_scalar_f32, UM_NOATTR)
+UM_DEFINE_TOKENS(bf16, uint16_t, um_load_bf16, um_scalar_bf16, UM_NOATTR)
 #if UM_HAS_F16
-UM_DEFINE_TOKENS(f16, _Float16)
+UM_DEFINE_TOKENS(f16, _Float16, um_load_f16, um_scalar_f16, UM_NOATTR)
 #endif
+#if UM_X86
+UM_DEFINE_TOKENS(avx2_f32, float, um_load_avx2_f32, um_scalar_f32, UM_AVX2_ATTR)
+UM_DEFINE_TOKENS(avx2_bf16, uint16_t, um_load_avx2_bf16, um_scalar_bf16, UM_AVX2_ATTR)
+#if UM_HAS_F16
+UM_DEFINE_TOKENS(avx2_f16, _Float16, um_load_avx2_f16, um_scalar_f16, UM_AVX2_ATTR)
+#endif
+#endif
+
+static int32_t um_isa_cached = -1;
+
+/* The kernel copy this process runs: UM_ISA_AVX2 where the CPU has AVX2 + FMA + F16C (and
+ * ULTRAMEM_NATIVE_ISA is not "generic"), else UM_ISA_GENERIC. */
+int32_t um_isa(void) {
+    int32_t isa = __atomic_load_n(&um_isa_cached, __ATOMIC_RELAXED);
+    if (isa >= 0) return isa;
+    isa = UM_ISA_GENERIC;
+#if UM_X86
+    const char *force = getenv("ULTRAMEM_NATIVE_ISA");
+    __builtin_cpu_init();
+    if (!(force && strcmp(force, "generic") == 0) && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        isa = UM_ISA_AVX2;
+#endif
+    __atomic_store_n(&um_isa_cached, isa, __ATOMIC_RELAXED);
+    return isa;
+}
 
 static void *um_run(void *arg) {
     um_job *j = (um_job *)arg;
@@ -191,18 +257,35 @@ static void *um_run(void *arg) {
     int64_t *ord = malloc(sizeof(int64_t) * (size_t)(longest + 1));
     void **rows = malloc(sizeof(void *) * (size_t)(longest + 1));
     float *wts = malloc(sizeof(float) * (size_t)(longest + 1));
+    const int avx2 = um_isa() == UM_ISA_AVX2;
     if (!count || !ord || !rows || !wts) {
         j->failed = 1;
     } else {
         switch (j->dtype) {
-        case UM_F32: um_tokens_f32(j, count, ord, (const float **)rows, wts); break;
-        case UM_BF16: um_tokens_bf16(j, count, ord, (const uint16_t **)rows, wts); break;
+        case UM_F32:
+#if UM_X86
+            if (avx2) { um_tokens_avx2_f32(j, count, ord, (const float **)rows, wts); break; }
+#endif
+            um_tokens_f32(j, count, ord, (const float **)rows, wts);
+            break;
+        case UM_BF16:
+#if UM_X86
+            if (avx2) { um_tokens_avx2_bf16(j, count, ord, (const uint16_t **)rows, wts); break; }
+#endif
+            um_tokens_bf16(j, count, ord, (const uint16_t **)rows, wts);
+            break;
 #if UM_HAS_F16
-        case UM_F16: um_tokens_f16(j, count, ord, (const _Float16 **)rows, wts); break;
+        case UM_F16:
+#if UM_X86
+            if (avx2) { um_tokens_avx2_f16(j, count, ord, (const _Float16 **)rows, wts); break; }
+#endif
+            um_tokens_f16(j, count, ord, (const _Float16 **)rows, wts);
+            break;
 #endif
         default: j->failed = 1; break;
         }
     }
+    (void)avx2;
     free(count);
     free(ord);
     free(rows);
@@ -235,8 +318,18 @@ int32_t um_gather_pool(const void *table, int32_t dtype, int64_t rows, int64_t r
             return -3;
         }
     }
+    int64_t clo = cols, chi = 0; /* columns any segment reads: prefetched per row */
+    for (int64_t s = 0; s < nseg; s++) {
+        if (seg[3 * s] < clo) clo = seg[3 * s];
+        if (seg[3 * s + 1] > chi) chi = seg[3 * s + 1];
+    }
+    const int64_t item = dtype == UM_F32 ? 4 : 2;
+    const int64_t pf_lo = nseg ? clo * item : 0;
+    const int64_t pf_bytes = nseg ? (chi - clo) * item : 0;
     um_job base = {(const char *)table, dtype, row_stride, idx, blk, w, ncores, tok_off, E,
-                   seg, nseg, sum_segments, out, out_cols, 0, T, 0};
+                   seg, nseg, sum_segments, out, out_cols, 0, T, 0, 0, 0};
+    base.pf_lo = pf_lo;
+    base.pf_bytes = pf_bytes;
     if (nthreads > UM_MAX_THREADS) nthreads = UM_MAX_THREADS;
     if (nthreads > T) nthreads = (int32_t)T;
     if (nthreads < 1) nthreads = 1;
