@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +187,46 @@ def test_a_plan_refuses_arrays_it_would_misread():
         plan.run(idx, blk, w, np.array([0, 3], dtype=np.int64), 1, 1)
     with pytest.raises(IndexError, match="row index 10 at entry 1"):
         plan.run(np.array([0, 10], dtype=np.int64), blk, w, off, 1, 1)
+
+
+def _cpu_has_avx2_fma_f16c() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
+def test_isa_is_chosen_at_run_time():
+    """The vector kernel runs where the CPU has AVX2/FMA/F16C, whatever the build flags, and
+    ``ULTRAMEM_NATIVE_ISA=generic`` selects the portable one."""
+    lib = native.library()
+    if os.environ.get("ULTRAMEM_NATIVE_ISA") == "generic":
+        assert lib.isa == "generic"
+    elif platform.machine() in ("x86_64", "AMD64"):
+        assert lib.isa == ("avx2" if _cpu_has_avx2_fma_f16c() else "generic")
+
+
+@pytest.mark.parametrize("isa", ["dispatched", "generic"])
+def test_generic_build_equals_torch_path(tmp_path, isa):
+    """Built with no architecture flags at all (``ULTRAMEM_NATIVE_CFLAGS=""``) into a fresh
+    cache, both the run-time-dispatched vector kernel and the portable one pass the property
+    test against the torch path for every dtype (a subprocess: the library loads once)."""
+    env = {"ULTRAMEM_NATIVE_CFLAGS": "", "ULTRAMEM_NATIVE_DIR": str(tmp_path)}
+    if isa == "generic":
+        env["ULTRAMEM_NATIVE_ISA"] = "generic"
+    full = {k: v for k, v in os.environ.items() if k != "ULTRAMEM_NATIVE_ISA"} | env
+    tests = (
+        f"{__file__}::test_native_equals_torch_path",
+        f"{__file__}::test_isa_is_chosen_at_run_time",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "2 passed" in proc.stdout
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # built there, with those flags

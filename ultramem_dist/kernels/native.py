@@ -10,7 +10,10 @@ Environment:
     ``ULTRAMEM_NATIVE=0``       never use the native path.
     ``ULTRAMEM_NATIVE_LIB``     a prebuilt library to load (e.g. built into a container image).
     ``ULTRAMEM_NATIVE_CFLAGS``  architecture flags (default ``-march=native``; the cache key
-                                includes them).
+                                includes them). Any value works, also empty: the vector
+                                kernels are chosen at run time (``NativeLib.isa``).
+    ``ULTRAMEM_NATIVE_ISA``     ``generic``: run the portable kernel even where the CPU has
+                                AVX2/FMA/F16C (read once per process).
     ``ULTRAMEM_NATIVE_DIR``     where to build and cache it (default
                                 ``$ULTRAMEM_CACHE/native`` or ``~/.cache/ultramem-dist/native``).
 
@@ -52,6 +55,7 @@ def cflags() -> list[str]:
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ISAS = {0: "generic", 1: "avx2"}
 _ERRORS = {
     -1: (IndexError, "row index {v} at entry {bad} is outside the table's {rows} rows"),
     -2: (IndexError, "block id {v} at entry {bad} is outside [0, {E})"),
@@ -127,6 +131,10 @@ class NativeLib:
         self._lib.um_dtypes.restype = _i32
         mask = self._lib.um_dtypes()
         self.dtypes = frozenset(dt for dt, code in DTYPE_CODES.items() if mask >> code & 1)
+        self._lib.um_isa.restype = _i32
+        self.isa = ISAS.get(int(self._lib.um_isa()), "unknown")
+        """The kernel copy chosen at run time: ``"avx2"`` (AVX2 + FMA + F16C present) or
+        ``"generic"`` (portable; also forced by ``ULTRAMEM_NATIVE_ISA=generic``)."""
 
     def split_rows(
         self,
