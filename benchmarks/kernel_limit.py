@@ -5,6 +5,9 @@ Usage::
     python benchmarks/kernel_limit.py            # full run (~3 minutes on 2 cores)
     python benchmarks/kernel_limit.py --quick    # smaller tables, fewer reps, no torch.compile
 
+``cold`` in the JSON: per dtype, T and thread count, the product kernel's ``cold_ratio`` (its
+GB/s over ``copy_``'s of the same bytes on the cold table) and ``rows_per_s``.
+
 Writes ``benchmarks/results/kernel_limit.json`` and ``kernel_limit.png`` (``--quick``: a temp
 directory unless ``--out`` is given).
 
@@ -18,7 +21,9 @@ cold table follows a read of a 96 MiB buffer (caches evicted); variants are inte
 Tables: *cold* (1 Mi rows: 1 GiB fp32, 512 MiB bf16/fp16 — far beyond the 32 MiB L3) and *warm*
 (4 Ki rows: 4 MiB fp32, inside L3). Variants, every one checked against a float64 reference:
 
-* ``gather_pool`` — the product kernel (index bookkeeping + one ``embedding_bag``);
+* ``gather_pool`` — the product kernel (the native C path where a compiler is present);
+  ``gather_pool_no_prefetch`` — the same with its software prefetch of the next token's rows
+  off (what the prefetch buys);
 * ``bag_only`` — the same single ``embedding_bag`` call on entries prepared in advance (the
   kernel minus its bookkeeping: what the bookkeeping costs);
 * ``sorted_rows`` — entries additionally sorted by row inside every bag, sort included
@@ -49,7 +54,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from ultramem_dist.kernels import gather_pool  # noqa: E402
+from ultramem_dist.kernels import gather_pool, native  # noqa: E402
 from ultramem_dist.kernels.gather_pool import _weighted_bag  # noqa: E402  (its inner call)
 
 E, HC, L, DV = 4, 2, 160, 256
@@ -143,6 +148,22 @@ def dense_reduction(
     return (ww[..., None] * rows).sum(1).reshape(t, E, DV)
 
 
+THREADED = ["gather_pool", "gather_pool_no_prefetch"]
+"""Variants also timed with more than one thread."""
+
+
+def no_prefetch(table: torch.Tensor, x: Inputs) -> torch.Tensor:
+    """The product kernel with its software prefetch of the next token's rows turned off."""
+    lib = native.library()
+    if lib is None:
+        return gather_pool(table, *x, E)
+    old = lib._lib.um_set_prefetch(0)
+    try:
+        return gather_pool(table, *x, E)
+    finally:
+        lib._lib.um_set_prefetch(old)
+
+
 _EVICT = torch.empty(0)
 
 
@@ -203,6 +224,7 @@ def bench_table(
         prep_sorted = prepared_entries(x, sort_rows=True)
         variants: dict[str, tuple[Callable[[], torch.Tensor], bool]] = {
             "gather_pool": (lambda x=x: gather_pool(table, *x, E), True),
+            "gather_pool_no_prefetch": (lambda x=x: no_prefetch(table, x), True),
             "bag_only": (lambda p=prep: bag_call(table, p), True),
             "sorted_rows": (lambda x=x: sorted_rows_full(table, x), True),
             "sorted_rows_bag": (lambda p=prep_sorted: bag_call(table, p), True),
@@ -229,7 +251,7 @@ def bench_table(
             checks[v] = {"exact": exact, "max_abs_err": round(err, 7)}
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            names = ["memcpy", *variants] if n_threads == threads[0] else ["memcpy", "gather_pool"]
+            names = ["memcpy", *variants] if n_threads == threads[0] else ["memcpy", *THREADED]
             fns: dict[str, Callable[[], object]] = {"memcpy": memcpy}
             fns.update({v: variants[v][0] for v in names if v != "memcpy"})
             for fn in fns.values():
@@ -253,6 +275,7 @@ def bench_table(
                         "min_ms": round(min(samples[v]), 3),
                         "gbps": round(nbytes / ms / 1e6, 2),
                         "vs_memcpy": round(memcpy_ms / ms, 3),
+                        "rows_per_s": round(batch * L / ms * 1e3),
                         "bytes": nbytes,
                         **checks.get(v, {}),
                     }
@@ -278,6 +301,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     variants = [
         "memcpy",
         "gather_pool",
+        "gather_pool_no_prefetch",
         "bag_only",
         "sorted_rows",
         "sorted_rows_bag",
@@ -335,6 +359,31 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def cold_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The product kernel on the cold table, per dtype, T and thread count: ``cold_ratio``
+    (kernel GB/s / ``copy_`` GB/s of the same bytes, measured interleaved), ``rows_per_s`` and
+    that rate relative to float32's at the same T and threads (half tables read half the
+    bytes per row, so >= 1 is the goal)."""
+    kern = [r for r in rows if r["table"] == "cold" and r["variant"] == "gather_pool"]
+    nopf = {
+        (r["dtype"], r["batch"], r["threads"]): r["vs_memcpy"]
+        for r in rows
+        if r["table"] == "cold" and r["variant"] == "gather_pool_no_prefetch"
+    }
+    fp32 = {(r["batch"], r["threads"]): r["rows_per_s"] for r in kern if r["dtype"] == "float32"}
+    out: dict[str, Any] = {}
+    for r in kern:
+        base = fp32.get((r["batch"], r["threads"]))
+        out.setdefault(r["dtype"], {})[f"T{r['batch']}_threads{r['threads']}"] = {
+            "cold_ratio": r["vs_memcpy"],
+            "kernel_gbps": r["gbps"],
+            "rows_per_s": r["rows_per_s"],
+            "rows_per_s_vs_float32": round(r["rows_per_s"] / base, 3) if base else None,
+            "cold_ratio_no_prefetch": nopf.get((r["dtype"], r["batch"], r["threads"])),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small tables, few reps")
@@ -342,6 +391,7 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.time()
     load = os.getloadavg()
+    lib = native.library()
     if args.quick:
         cold_rows, batches, threads, reps = 1 << 18, [16, 256], [1], 3
     else:
@@ -369,6 +419,7 @@ def main() -> None:
     result = {
         "rows": rows,
         "summary": summarize(rows),
+        "cold": cold_table(rows),
         "config": {
             "E": E,
             "h_c": HC,
@@ -381,6 +432,8 @@ def main() -> None:
             "reps": reps,
             "compile_s": compile_s,
             "quick": args.quick,
+            "isa": lib.isa if lib is not None else None,
+            "native_cflags": os.environ.get("ULTRAMEM_NATIVE_CFLAGS", "-march=native"),
             "loadavg_start": [round(x, 2) for x in load],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "wall_s": round(time.time() - t0, 1),

@@ -7,11 +7,10 @@
  *
  * Per token, the entries are bucketed by IVE block (a counting sort that keeps request order);
  * per (token, block) bag and 64-column chunk, eight 8-float accumulators stay in registers while
- * the bag's rows stream through, so the loop body is loads + FMAs only.  While a token is pooled,
- * the rows of the next token are software-prefetched (spread over the token's bags): a random-row
- * gather then keeps the memory system busy like a copy does, whatever the per-element work
- * (half-precision widening costs 2-3 instructions per 8 values, which would otherwise fill the
- * out-of-order window and cap the misses in flight).  Tokens are split over torch's OpenMP
+ * the bag's rows stream through, so the loop body is loads + FMAs only.  For half tables, while a
+ * token is pooled the rows of the next token are software-prefetched (spread over the token's
+ * bags): widening costs 2-3 instructions per 8 values, which otherwise fill the out-of-order
+ * window and cap the row misses in flight (fp32 rows: measured slower with it, so off).  Tokens are split over torch's OpenMP
  * threads (or pthreads in a build without OpenMP) by entry count.
  *
  * Built by ultramem_dist/kernels/native.py with the system C compiler on the machine that runs
@@ -116,6 +115,14 @@ static inline __attribute__((always_inline)) UM_AVX2_ATTR v8f um_load_avx2_f16(c
 #endif
 #endif
 
+static int32_t um_prefetch_on = 1;
+
+/* Software prefetch of the next token's rows (half tables) on (1, the default) or off (0);
+ * returns the old setting.  For benchmarks/kernel_limit.py, which times both in one run. */
+int32_t um_set_prefetch(int32_t on) {
+    return __atomic_exchange_n(&um_prefetch_on, on ? 1 : 0, __ATOMIC_RELAXED);
+}
+
 /* Prefetch the rows of entries [a, b) (the byte range the segments read). */
 static inline __attribute__((always_inline)) void um_prefetch(const um_job *j, size_t item,
                                                               int64_t a, int64_t b) {
@@ -176,7 +183,9 @@ static inline __attribute__((always_inline)) void um_prefetch(const um_job *j, s
     static ATTR void um_tokens_##NAME(um_job *j, int64_t *count, int64_t *ord,                \
                                       const T **rows, float *wts) {                           \
         const T *table = (const T *)j->table;                                                 \
-        if (j->t0 < j->t1) um_prefetch(j, sizeof(T), j->tok_off[j->t0], j->tok_off[j->t0 + 1]); \
+        /* half tables only: measured slower for fp32 rows, faster for half (kernel_limit) */ \
+        const int prefetch = sizeof(T) == 2 && __atomic_load_n(&um_prefetch_on, __ATOMIC_RELAXED); \
+        if (prefetch && j->t0 < j->t1) um_prefetch(j, sizeof(T), j->tok_off[j->t0], j->tok_off[j->t0 + 1]); \
         for (int64_t t = j->t0; t < j->t1; t++) {                                             \
             const int64_t l0 = j->tok_off[t], n = j->tok_off[t + 1] - l0;                     \
             /* next token's entries, prefetched a share per bag */                            \
@@ -194,7 +203,7 @@ static inline __attribute__((always_inline)) void um_prefetch(const um_job *j, s
                 const int64_t end = count[e], m = end - start;                                \
                 float *ob = ot + e * j->out_cols;                                             \
                 const int64_t pto = pn * (e + 1) / j->E;                                      \
-                um_prefetch(j, sizeof(T), p0 + pdone, p0 + pto);                              \
+                if (prefetch) um_prefetch(j, sizeof(T), p0 + pdone, p0 + pto);                \
                 pdone = pto;                                                                  \
                 if (m == 0) {                                                                 \
                     memset(ob, 0, sizeof(float) * (size_t)j->out_cols);                       \
