@@ -48,9 +48,7 @@ def bf16_targets(checkpoint, tmp_path_factory, spawn_shards):
 
 def _rounded_local(checkpoint) -> MemoryLM:
     model = load_pretrained(checkpoint).eval()
-    with torch.no_grad():
-        for layer in model.ultramem_layers():
-            layer.values.copy_(layer.values.to(torch.bfloat16).float())
+    model.round_value_tables(torch.bfloat16)
     return model
 
 

@@ -27,6 +27,7 @@ from ultramem_dist.cli.app import app, console, fail
 
 # The tiny byte-level model's greedy continuations fall into repeating " the" or blanks after
 # a line on most prompts; this one gets a whole line right and ends it.
+SERVING_DTYPE = "bfloat16"  # the serving default of `export`
 DEMO_PROMPT = "    def get(self, key"
 DEMO_ROUNDS = 3  # timed generations per side (after a warm-up), the median is reported
 DEMO_MARKER = ".ultramem-demo"  # written into WORKDIR/model by the demo's own training run
@@ -115,11 +116,13 @@ def _serve_and_generate(
     from ultramem_dist.train import ByteTokenizer
 
     total = 6
-    manifest = export_checkpoint(ckpt, store, shards=shards, by="auto", version="demo")
+    manifest = export_checkpoint(
+        ckpt, store, shards=shards, by="auto", version="demo", dtype=SERVING_DTYPE
+    )
     for t in manifest.tables:
         console.print(
             f"  {t.table_id}: {t.n_rows} rows × {t.dv} (E={t.expansion}, h_c={t.num_cores}), "
-            f"{t.sharding}-sharded"
+            f"{t.sharding}-sharded, {manifest.dtype}"
         )
 
     _step(3, total, f"up: {shards} shards × {replicas} replicas on an embedded local Ray")
@@ -143,6 +146,7 @@ def _serve_and_generate(
         # as in benchmarks/overlap.py: the model decodes on one thread, the shards get the rest
         torch.set_num_threads(1)
         local_model = load_pretrained(ckpt)
+        local_model.round_value_tables(getattr(torch, SERVING_DTYPE))  # as the store holds them
         remote_model = load_pretrained(ckpt)
         remote_model.drop_value_tables()
         with ClusterValueStore() as backend:

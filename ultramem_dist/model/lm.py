@@ -178,6 +178,13 @@ class MemoryLM(nn.Module):
         for layer in self.ultramem_layers():
             layer.values = nn.Parameter(torch.empty(0, layer.dv), requires_grad=False)
 
+    @torch.no_grad()
+    def round_value_tables(self, dtype: torch.dtype) -> None:
+        """Round every UltraMem value table to ``dtype`` in place (kept in fp32), exactly as
+        ``export --dtype`` rounds a store: the local twin of a remote bf16/fp16 store."""
+        for layer in self.ultramem_layers():
+            layer.values.copy_(layer.values.to(dtype).float())
+
     def value_parameters(self) -> list[nn.Parameter]:
         """The sparse value tables (own optimizer group / LR multiplier)."""
         return [m.values for m in self.memory_layers]
