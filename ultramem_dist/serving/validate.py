@@ -188,6 +188,12 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
             f"table {req.table_id!r} is not served here; tables: {sorted(shard.tables)}"
         )
     entry, slot = table.entry, table.slot
+    if table.pre_values is not None:
+        # pooling without GELU(pre_values . pre_input) would be a wrong answer
+        raise InvalidRequestError(
+            f"table {req.table_id!r} is an UltraMemV2 table with pre-values; this server does "
+            "not serve its pre-value gather yet, so the request is refused"
+        )
     lib = native.library()
     e = decode_entries(req, limits, entry.num_cores, check_weights=lib is None)
     indices, blocks, weights, num_tokens = e.indices, e.blocks, e.weights, e.num_tokens
