@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist.errors import InvalidRequestError, ManifestError
 from ultramem_dist.model import MemoryLM, preset, save_pretrained
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
@@ -95,5 +96,8 @@ def test_shard_refuses_a_plain_gather_on_a_pre_valued_table(v2_ckpt, tmp_path):
     export_checkpoint(ckpt, tmp_path / "store", shards=1, version="c")
     shard = load_shard(tmp_path / "store", 0, "c")
     req = pb.GatherRequest(table_id="shared", table_version="c")
-    with pytest.raises(InvalidRequestError, match="pre-value"):
+    encode_tensor(torch.tensor([[3]]), req.indices)
+    encode_tensor(torch.tensor([[0]]), req.blocks)
+    encode_tensor(torch.ones(1, 1, 2), req.weights)
+    with pytest.raises(InvalidRequestError, match="must carry pre_input"):
         decode_request(req, shard, Limits(max_batch=64, max_per_query=64))

@@ -429,6 +429,8 @@ def shared_table_spec(model: object) -> TableSpec:
     if table is None or not layers:
         raise ExportError("model has no UltraMemV2 shared value table")
     cfg = layers[0].cfg
+    if not cfg.pre_gelu:
+        raise ExportError("UltraMemV2 tables with pre_gelu=False cannot be served yet")
     pre = table.pre_values.detach() if table.pre_values.shape[1] > 0 else None
     return TableSpec(
         values=table.values.detach(),
