@@ -83,6 +83,7 @@ def test_list_describe_and_call_through_reflection_only(endpoints, kind):
             "offsets": 4,
             "blocks": 5,
             "weights": 6,
+            "pre_input": 7,
         }
         tensor = pool.FindMessageTypeByName("ultramem.v1.Tensor")
         assert [f.name for f in tensor.fields] == ["dtype", "shape", "data"]

@@ -19,6 +19,7 @@ class ModelKind(StrEnum):
     pkm = "pkm"
     moe = "moe"
     ultramem = "ultramem"
+    ultramemv2 = "ultramemv2"
 
 
 class Preset(StrEnum):

@@ -8,8 +8,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-ModelKind = Literal["dense", "pkm", "moe", "ultramem"]
-MODEL_KINDS: tuple[str, ...] = ("dense", "pkm", "moe", "ultramem")
+ModelKind = Literal["dense", "pkm", "moe", "ultramem", "ultramemv2"]
+MODEL_KINDS: tuple[str, ...] = ("dense", "pkm", "moe", "ultramem", "ultramemv2")
 
 
 @dataclass
@@ -75,6 +75,74 @@ class UltraMemConfig:
             )
         if self.aux_alpha < 0:
             raise ValueError("ultramem aux_alpha must be >= 0")
+
+
+@dataclass
+class UltraMemV2Config:
+    """UltraMemV2 memory layers (arXiv 2508.18756): one value table shared by every layer.
+
+    Layer ``l`` owns its query, keys, cores, IVE permutation and ``Linear(Dv -> D)``; its rows
+    live at ``offset = l * knum**2`` of the shared table of ``knum**2 * L_mem`` rows. The
+    virtual blocks of IVE are summed (``value_expand_time = 1``). With ``pre_vdim > 0`` each
+    selected row's score is multiplied by ``GELU(pre_values[row] . (W_pre x))`` (PEER-style).
+    """
+
+    knum: int = 64
+    """Base keys per side; value_num = knum**2 rows per layer."""
+    expansion: int = 1
+    """Virtual grid factor E (perfect square); K = sqrt(E)*knum keys per side; blocks summed."""
+    dk: int = 64
+    """Width of each query half and of each key vector."""
+    dv: int = 0
+    """Value width; 0 means d_model // 2."""
+    heads: int = 2
+    """Memory heads H (one shared query)."""
+    topm: int = 16
+    """Rows selected per head (m)."""
+    rank: int = 2
+    """Tucker rank r."""
+    num_cores: int = 2
+    """MCS cores h_c; core c weights value columns [c*Dv/h_c, (c+1)*Dv/h_c)."""
+    pre_vdim: int = 16
+    """Width of the pre-values (0 disables the pre-value activation)."""
+    pre_gelu: bool = True
+    """Apply GELU to the pre-value dot product (False: use it raw)."""
+    every: int = 1
+    """A memory layer in every ``every``-th block (1: every block, as in the paper)."""
+    value_std: float = 0.02
+    """Init std of the shared values (and pre-values)."""
+    perm_seed: int = 0
+    """Seed of the per-layer IVE permutations (layer l uses perm_seed + l)."""
+
+    @property
+    def n_rows(self) -> int:
+        return self.knum * self.knum
+
+    @property
+    def side(self) -> int:
+        return math.isqrt(self.expansion) * self.knum
+
+    def layer_blocks(self, n_layers: int) -> list[int]:
+        """Block ids that carry a memory layer (memory is read and added in the same block)."""
+        return list(range(self.every - 1, n_layers, self.every))
+
+    def validate(self, d_model: int) -> None:
+        if min(self.knum, self.dk, self.heads, self.rank, self.every) < 1:
+            raise ValueError("ultramemv2 knum, dk, heads, rank and every must all be >= 1")
+        root = math.isqrt(self.expansion)
+        if self.expansion < 1 or root * root != self.expansion:
+            raise ValueError(f"ultramemv2 expansion E={self.expansion} must be a perfect square")
+        dv = self.dv or d_model // 2
+        if self.num_cores < 1 or dv % self.num_cores:
+            raise ValueError(
+                f"ultramemv2 value width Dv={dv} is not divisible by num_cores={self.num_cores}"
+            )
+        if not 1 <= self.topm <= self.side:
+            raise ValueError(f"ultramemv2 topm m={self.topm} must be between 1 and K={self.side}")
+        if self.pre_vdim < 0:
+            raise ValueError("ultramemv2 pre_vdim must be >= 0")
+        if self.value_std <= 0:
+            raise ValueError("ultramemv2 value_std must be > 0")
 
 
 @dataclass
@@ -159,7 +227,7 @@ class LMConfig:
     """The decoder-only LM shared by all four model kinds."""
 
     kind: str = "ultramem"
-    """Model kind: dense | pkm | moe | ultramem."""
+    """Model kind: dense | pkm | moe | ultramem | ultramemv2."""
     vocab_size: int = 256
     """Vocabulary size (byte-level tokenizer: 256)."""
     d_model: int = 256
@@ -182,11 +250,18 @@ class LMConfig:
     """PKM layer settings (kind pkm)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """MoE settings (kind moe)."""
+    ultramemv2: UltraMemV2Config = field(default_factory=UltraMemV2Config)
+    """UltraMemV2 settings (kind ultramemv2; memory_spec is not used by that kind)."""
     model_id: str = "ultramem-tiny"
     """Free-form identifier stored with checkpoints and value stores."""
 
     def __post_init__(self) -> None:
-        for name, cls in (("ultramem", UltraMemConfig), ("pkm", PKMConfig), ("moe", MoEConfig)):
+        for name, cls in (
+            ("ultramem", UltraMemConfig),
+            ("pkm", PKMConfig),
+            ("moe", MoEConfig),
+            ("ultramemv2", UltraMemV2Config),
+        ):
             value = getattr(self, name)
             if isinstance(value, dict):
                 known = {f.name for f in fields(cls)}
@@ -212,6 +287,8 @@ class LMConfig:
         elif self.kind == "moe":
             self.moe.validate(self.d_model)
             self.moe_block_ids()
+        elif self.kind == "ultramemv2":
+            self.ultramemv2.validate(self.d_model)
 
     def memory_pairs(self) -> list[tuple[int, int]]:
         if self.kind not in ("pkm", "ultramem"):
@@ -245,6 +322,8 @@ class LMConfig:
         """Hash of every field that changes the model's math (model_id is ignored)."""
         data = self.to_dict()
         data.pop("model_id")
+        if self.kind != "ultramemv2":
+            data.pop("ultramemv2")  # older configs' hashes stay what they were
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -264,6 +343,9 @@ def preset(name: str, kind: str = "ultramem") -> LMConfig:
             ),
             pkm=PKMConfig(n_keys=128, dk=64, heads=2, topk=16),
             moe=MoEConfig(n_experts=8, top_k=2),
+            ultramemv2=UltraMemV2Config(
+                knum=32, expansion=4, dk=64, heads=2, topm=16, rank=2, num_cores=2, pre_vdim=32
+            ),
             model_id=f"{kind}-tiny",
         )
     if name == "micro":  # for tests: seconds to build and run
@@ -280,6 +362,9 @@ def preset(name: str, kind: str = "ultramem") -> LMConfig:
             ),
             pkm=PKMConfig(n_keys=16, dk=16, heads=2, topk=4),
             moe=MoEConfig(n_experts=4, top_k=2),
+            ultramemv2=UltraMemV2Config(
+                knum=4, expansion=4, dk=16, heads=2, topm=4, rank=2, num_cores=2, pre_vdim=8
+            ),
             model_id=f"{kind}-micro",
         )
     raise ValueError(f"unknown preset {name!r}; choose tiny or micro")

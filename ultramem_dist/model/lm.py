@@ -18,6 +18,7 @@ from ultramem_dist.model.config import LMConfig
 from ultramem_dist.model.moe import MoEFFN
 from ultramem_dist.model.pkm import PKMLayer
 from ultramem_dist.model.ultramem import PendingPool, UltraMemLayer
+from ultramem_dist.model.ultramemv2 import SharedValueTable, UltraMemV2Layer
 
 
 @dataclass
@@ -110,6 +111,20 @@ class MemoryLM(nn.Module):
         self.memory_layers = nn.ModuleList(mems)
         self._reads = {a: i for i, (a, _) in enumerate(self.memory_pairs)}
         self._writes = {b: i for i, (_, b) in enumerate(self.memory_pairs)}
+        # UltraMemV2: a memory layer beside the FFN of every k-th block, one shared table.
+        self.v2_blocks: list[int] = []
+        self.shared_table: SharedValueTable | None = None
+        self.v2_layers = nn.ModuleList()
+        if cfg.kind == "ultramemv2":
+            v2 = cfg.ultramemv2
+            self.v2_blocks = v2.layer_blocks(cfg.n_layers)
+            n_mem = len(self.v2_blocks)
+            self.shared_table = SharedValueTable(v2, n_mem, v2.dv or cfg.d_model // 2)
+            self.v2_layers.extend(
+                UltraMemV2Layer(cfg.d_model, v2, layer_index=li, num_layers=n_mem)
+                for li in range(n_mem)
+            )
+        self._v2_at = {b: i for i, b in enumerate(self.v2_blocks)}
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.01)
 
@@ -132,6 +147,9 @@ class MemoryLM(nn.Module):
             if mem_i is not None:
                 layer = self.memory_layers[mem_i]
                 pending[mem_i] = layer.start(h) if isinstance(layer, UltraMemLayer) else layer(h)
+            v2_i = self._v2_at.get(i)
+            if v2_i is not None:
+                x = x + self.v2_layers[v2_i](h, self.shared_table)
             x = x + block.ffn(h)
             mem_o = self._writes.get(i)
             if mem_o is not None:
@@ -164,6 +182,8 @@ class MemoryLM(nn.Module):
         for layer in self.memory_layers:
             if isinstance(layer, UltraMemLayer):
                 layer.refresh_svd()
+        for layer in self.v2_layers:
+            layer.refresh_svd()
 
     def ultramem_layers(self) -> list[UltraMemLayer]:
         return [m for m in self.memory_layers if isinstance(m, UltraMemLayer)]
@@ -187,7 +207,10 @@ class MemoryLM(nn.Module):
 
     def value_parameters(self) -> list[nn.Parameter]:
         """The sparse value tables (own optimizer group / LR multiplier)."""
-        return [m.values for m in self.memory_layers]
+        params = [m.values for m in self.memory_layers]
+        if self.shared_table is not None:
+            params += [self.shared_table.values, self.shared_table.pre_values]
+        return params
 
     def param_counts(self) -> dict[str, int]:
         """Total, sparse (value tables / experts) and activated-per-token parameter counts."""
@@ -198,10 +221,16 @@ class MemoryLM(nn.Module):
             if isinstance(mod, UltraMemLayer | PKMLayer | MoEFFN):
                 sparse += mod.sparse_param_count
                 activated_sparse += mod.activated_param_count
+            elif isinstance(mod, UltraMemV2Layer):
+                activated_sparse += mod.activated_param_count
+            elif isinstance(mod, SharedValueTable):
+                sparse += mod.values.numel() + mod.pre_values.numel()
         dense_part = total - sum(
             p.numel()
             for mod in self.modules()
-            if isinstance(mod, UltraMemLayer | PKMLayer | MoEFFN)
+            if isinstance(
+                mod, UltraMemLayer | PKMLayer | MoEFFN | UltraMemV2Layer | SharedValueTable
+            )
             for p in mod.parameters()
         )
         dense_part -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()

@@ -182,6 +182,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
                     col_hi=s.col_hi,
                     out_width=e.out_width,
                     storage_dtype=DTYPE_TO_PB[_STORAGE_PB[m.dtype]],
+                    pre_vdim=e.pre_vdim,
                 )
             )
         return pb.InfoReply(

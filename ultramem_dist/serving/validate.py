@@ -18,6 +18,7 @@ from ultramem_dist.errors import InvalidRequestError, TableNotFoundError, Versio
 from ultramem_dist.kernels import native
 from ultramem_dist.kernels.gather_pool import dense_offsets
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.serving import v2
 from ultramem_dist.store.reader import ShardSlice, ShardTable
 
 __all__ = [
@@ -188,6 +189,9 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
             f"table {req.table_id!r} is not served here; tables: {sorted(shard.tables)}"
         )
     entry, slot = table.entry, table.slot
+    if table.pre_values is not None:
+        return _decode_v2(req, shard, table, limits)
+    v2.check_pre_input_absent(req, req.table_id)
     lib = native.library()
     e = decode_entries(req, limits, entry.num_cores, check_weights=lib is None)
     indices, blocks, weights, num_tokens = e.indices, e.blocks, e.weights, e.num_tokens
@@ -216,3 +220,25 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
         blk = np.zeros_like(local)
     w = weights.reshape(-1, entry.num_cores)
     return GatherQuery(table, local, blk, w, offsets, num_tokens, num_blocks)
+
+
+def _decode_v2(
+    req: pb.GatherRequest, shard: ShardSlice, table: ShardTable, limits: Limits
+) -> GatherQuery:
+    """An UltraMemV2 request: usual checks, then the pre-value activation folded into weights."""
+    entry, slot = table.entry, table.slot
+    e = decode_entries(req, limits, entry.num_cores, check_weights=True)
+    offsets = e.offsets if e.offsets is not None else dense_offsets(*e.indices.shape)
+    pre_input = v2.decode_pre_input(req, e.num_tokens, entry.pre_vdim)
+    _range_check("blocks", _bounds(e.blocks), 0, entry.expansion, "an IVE block id in")
+    ids = _bounds(e.indices)
+    _range_check("indices", ids, 0, entry.n_rows, "a row id in")
+    if entry.sharding == "row":
+        owned = f"rows owned by shard {shard.shard} in"
+        _range_check("indices", ids, slot.row_lo, slot.row_hi, owned)
+    local = np.subtract(e.indices.reshape(-1), slot.row_lo, dtype=np.int64)
+    blk = e.blocks.reshape(-1).astype(np.int64, copy=False)
+    w = v2.apply_pre_values(
+        table, local, offsets, e.weights.reshape(-1, entry.num_cores), pre_input
+    )
+    return GatherQuery(table, local, blk, w, offsets, e.num_tokens, entry.expansion)

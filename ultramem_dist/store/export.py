@@ -26,10 +26,13 @@ from ultramem_dist.errors import ExportError
 from ultramem_dist.store.manifest import (
     LATEST_NAME,
     MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_SHARED,
     STORAGE_DTYPES,
     FileEntry,
     Manifest,
     ShardSlot,
+    SharedLayer,
     TableEntry,
     check_version_id,
 )
@@ -37,7 +40,13 @@ from ultramem_dist.store.merge import fold_projector
 from ultramem_dist.store.perms import apply_umask
 from ultramem_dist.store.planner import CostConstants, TableShape, plan_table
 
-__all__ = ["TableSpec", "export_checkpoint", "export_tables", "sha256_file"]
+__all__ = [
+    "TableSpec",
+    "export_checkpoint",
+    "export_tables",
+    "sha256_file",
+    "shared_table_spec",
+]
 
 ShardByArg = Literal["row", "dim", "auto"]
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -66,6 +75,10 @@ class TableSpec:
     """int64 ``[E*N]`` IVE permutation, stored with the version for provenance."""
     ive_seed: int | None = None
     layer: int = 0
+    pre_values: torch.Tensor | None = None
+    """UltraMemV2: ``[N, pre_vdim]`` pre-values stored with the (shared) table."""
+    shared_layers: tuple[tuple[int, int, int, torch.Tensor], ...] = ()
+    """UltraMemV2: ``(layer, offset, n_rows, ive_perm)`` of every layer sharing the table."""
 
     def shape(self, merged: bool, storage_bytes: int) -> TableShape:
         n, dv = self.values.shape
@@ -113,6 +126,21 @@ def _check_spec(table_id: str, spec: TableSpec, merged: bool) -> None:
         raise ExportError(
             f"table {table_id!r}: IVE permutation must have E*N={spec.expansion * n} entries"
         )
+    shared = spec.pre_values is not None or bool(spec.shared_layers)
+    if shared and (merged or spec.expansion != 1):
+        raise ExportError(
+            f"table {table_id!r}: a shared (UltraMemV2) table is exported unmerged with E=1"
+        )
+    if spec.pre_values is not None and (
+        spec.pre_values.dim() != 2 or spec.pre_values.shape[0] != n
+    ):
+        raise ExportError(
+            f"table {table_id!r}: pre_values must be [N={n}, pre_vdim], "
+            f"got {list(spec.pre_values.shape)}"
+        )
+    for layer, offset, rows, perm in spec.shared_layers:
+        if not (0 <= offset < n and 1 <= rows <= n) or perm.dim() != 1:
+            raise ExportError(f"table {table_id!r}: layer {layer} offset/rows/permutation invalid")
     if merged:
         if spec.out_proj is None:
             raise ExportError(
@@ -198,6 +226,11 @@ def export_tables(
                 rows, cols = (0, shape.n_rows), rng
             part = _slice(spec, is_merged, rows, cols).to(torch_dtype, copy=True).contiguous()
             shard_tensors[k][table_id] = part
+            if spec.pre_values is not None:
+                # row-sharded: the slot's rows; dim-sharded: whole on every shard (the
+                # pre-value dot needs every pre_vdim column before its activation)
+                pre = spec.pre_values.detach()[rows[0] : rows[1]]
+                shard_tensors[k][f"{table_id}.pre_values"] = pre.to(torch_dtype, copy=True)
             slots.append(
                 ShardSlot(
                     shard=k,
@@ -212,6 +245,12 @@ def export_tables(
             )
         if spec.ive_perm is not None:
             ive_tensors[table_id] = spec.ive_perm.detach().to(torch.int64, copy=True).contiguous()
+        shared_layers = []
+        for layer, offset, rows_n, perm in spec.shared_layers:
+            name = f"{table_id}.layer{layer}"
+            ive_tensors[name] = perm.detach().to(torch.int64, copy=True).contiguous()
+            shared_layers.append(SharedLayer(layer, offset, rows_n, name))
+        has_ive = spec.ive_perm is not None or bool(shared_layers)
         entries.append(
             TableEntry(
                 table_id=table_id,
@@ -226,10 +265,13 @@ def export_tables(
                 merged=is_merged,
                 sharding=plan.by,
                 shards=tuple(slots),
-                ive_file=IVE_FILE if spec.ive_perm is not None else None,
+                ive_file=IVE_FILE if has_ive else None,
                 ive_tensor=table_id if spec.ive_perm is not None else None,
                 ive_seed=spec.ive_seed,
                 plan={"requested": how, **plan.to_json()},
+                pre_vdim=0 if spec.pre_values is None else int(spec.pre_values.shape[1]),
+                pre_tensor=None if spec.pre_values is None else f"{table_id}.pre_values",
+                shared_layers=tuple(shared_layers),
             )
         )
 
@@ -255,6 +297,9 @@ def export_tables(
             tables=tuple(entries),
             files=files,
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            schema_version=(
+                SCHEMA_VERSION_SHARED if any(e.is_shared for e in entries) else SCHEMA_VERSION
+            ),
         )
         manifest.validate()
         (scratch / MANIFEST_NAME).write_text(manifest.dumps())
@@ -312,10 +357,10 @@ def export_checkpoint(
         raise ExportError(f"{config_path} is not valid JSON: {exc}") from None
     model_cfg = config.get("model", config) if isinstance(config, dict) else {}
     kind = str(model_cfg.get("kind", "unknown"))
-    if kind != "ultramem":
+    if kind not in ("ultramem", "ultramemv2"):
         raise ExportError(
             f"checkpoint {ckpt} is a {kind!r} model; only 'ultramem' models have value tables "
-            "to export"
+            "to export (and UltraMemV2 'ultramemv2' models: one shared table)"
         )
     config_hash = str(
         config.get("config_hash")
@@ -329,6 +374,23 @@ def export_checkpoint(
         model = load_pretrained(ckpt)
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"cannot load checkpoint {ckpt}: {exc}") from None
+    model_id = str(model_cfg.get("model_id") or ckpt.resolve().name)
+    if kind == "ultramemv2":
+        if merged:
+            raise ExportError(
+                "UltraMemV2 tables cannot be exported merged: every layer has its own projector "
+                "over one shared table"
+            )
+        return export_tables(
+            {"shared": shared_table_spec(model)},
+            out,
+            shards=shards,
+            by=by,
+            dtype=dtype,
+            version=version,
+            model_id=model_id,
+            config_hash=config_hash,
+        )
     layers = [m for m in getattr(model, "memory_layers", []) if isinstance(m, UltraMemLayer)]
     if not layers:
         raise ExportError(f"checkpoint {ckpt} has no UltraMem memory layers to export")
@@ -347,7 +409,6 @@ def export_checkpoint(
             ive_seed=int(cfg.perm_seed),
             layer=i,
         )
-    model_id = str(model_cfg.get("model_id") or ckpt.resolve().name)
     return export_tables(
         specs,
         out,
@@ -358,4 +419,28 @@ def export_checkpoint(
         version=version,
         model_id=model_id,
         config_hash=config_hash,
+    )
+
+
+def shared_table_spec(model: object) -> TableSpec:
+    """The one shared table of an UltraMemV2 :class:`~ultramem_dist.model.MemoryLM`."""
+    table = getattr(model, "shared_table", None)
+    layers = list(getattr(model, "v2_layers", []))
+    if table is None or not layers:
+        raise ExportError("model has no UltraMemV2 shared value table")
+    cfg = layers[0].cfg
+    if not cfg.pre_gelu:
+        raise ExportError("UltraMemV2 tables with pre_gelu=False cannot be served yet")
+    pre = table.pre_values.detach() if table.pre_values.shape[1] > 0 else None
+    return TableSpec(
+        values=table.values.detach(),
+        expansion=1,
+        num_cores=int(cfg.num_cores),
+        topm=int(cfg.topm),
+        heads=int(cfg.heads),
+        d_model=int(layers[0].d_model),
+        pre_values=pre,
+        shared_layers=tuple(
+            (int(m.layer_index), int(m.offset), int(m.n_rows), m.ive_perm) for m in layers
+        ),
     )

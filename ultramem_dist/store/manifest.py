@@ -28,6 +28,8 @@ __all__ = [
     "FORMAT",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "SCHEMA_VERSION_SHARED",
+    "SharedLayer",
     "FileEntry",
     "Manifest",
     "ShardSlot",
@@ -38,6 +40,10 @@ __all__ = [
 
 FORMAT = "ultramem-dist/value-store"
 SCHEMA_VERSION = 1
+SCHEMA_VERSION_SHARED = 2
+"""Schema 2 adds UltraMemV2 shared tables (pre-values, per-layer offsets and permutations);
+a schema-2 manifest without such tables means the same as schema 1."""
+READABLE_SCHEMAS = (SCHEMA_VERSION, SCHEMA_VERSION_SHARED)
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "LATEST"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -90,6 +96,19 @@ class ShardSlot:
 
 
 @dataclass(frozen=True)
+class SharedLayer:
+    """One UltraMemV2 memory layer's view of a shared table (schema 2)."""
+
+    layer: int
+    offset: int
+    """First physical row of the layer: row = ((z mod n_rows) + offset) mod table rows."""
+    n_rows: int
+    """knum**2 rows the layer addresses."""
+    ive_tensor: str
+    """Its permutation's tensor name in the table's ``ive_file``."""
+
+
+@dataclass(frozen=True)
 class TableEntry:
     """One value table (one memory layer) and how it is sharded."""
 
@@ -109,6 +128,17 @@ class TableEntry:
     ive_tensor: str | None = None
     ive_seed: int | None = None
     plan: dict[str, Any] = field(default_factory=dict)
+    pre_vdim: int = 0
+    """Width of the pre-values stored with the table (0: none; schema 2)."""
+    pre_tensor: str | None = None
+    """Tensor name of the pre-values in every shard file: the slot's rows when row-sharded,
+    all rows (whole, never column-split) when dim-sharded."""
+    shared_layers: tuple[SharedLayer, ...] = ()
+    """The memory layers that share this table (schema 2; empty for a v1 table)."""
+
+    @property
+    def is_shared(self) -> bool:
+        return bool(self.shared_layers) or self.pre_vdim > 0
 
     @property
     def out_width(self) -> int:
@@ -174,10 +204,15 @@ class Manifest:
         """Cross-field checks; raise :class:`ManifestError`/:class:`StorePathError`."""
         if self.format != FORMAT:
             raise ManifestError(f"not an ultramem-dist store manifest (format {self.format!r})")
-        if self.schema_version != SCHEMA_VERSION:
+        if self.schema_version not in READABLE_SCHEMAS:
             raise ManifestError(
                 f"manifest schema version {self.schema_version} is not supported "
-                f"(this build reads {SCHEMA_VERSION})"
+                f"(this build reads {', '.join(map(str, READABLE_SCHEMAS))})"
+            )
+        if self.schema_version < SCHEMA_VERSION_SHARED and any(t.is_shared for t in self.tables):
+            raise ManifestError(
+                f"manifest schema version {self.schema_version} cannot hold shared (UltraMemV2) "
+                f"tables; they need schema {SCHEMA_VERSION_SHARED}"
             )
         check_version_id(self.version)
         if self.dtype not in STORAGE_DTYPES:
@@ -230,6 +265,17 @@ def _parse(raw: dict[str, Any]) -> Manifest:
                 ive_tensor=t.get("ive_tensor"),
                 ive_seed=t.get("ive_seed"),
                 plan=dict(t.get("plan") or {}),
+                pre_vdim=int(t.get("pre_vdim", 0)),
+                pre_tensor=t.get("pre_tensor"),
+                shared_layers=tuple(
+                    SharedLayer(
+                        layer=int(x["layer"]),
+                        offset=int(x["offset"]),
+                        n_rows=int(x["n_rows"]),
+                        ive_tensor=str(x["ive_tensor"]),
+                    )
+                    for x in t.get("shared_layers") or ()
+                ),
             )
         )
     files = {str(k): FileEntry(str(v["sha256"]), int(v["bytes"])) for k, v in raw["files"].items()}
@@ -293,3 +339,24 @@ def _validate_table(t: TableEntry, num_shards: int, files: dict[str, FileEntry])
         raise ManifestError(f"{where}: shard ranges do not cover the table")
     if t.ive_file is not None and t.ive_file not in files:
         raise ManifestError(f"{where}: IVE file {t.ive_file!r} has no checksum entry")
+    _validate_shared(t, where)
+
+
+def _validate_shared(t: TableEntry, where: str) -> None:
+    if t.pre_vdim < 0:
+        raise ManifestError(f"{where}: pre_vdim must be >= 0")
+    if (t.pre_vdim > 0) != (t.pre_tensor is not None):
+        raise ManifestError(f"{where}: pre_vdim and pre_tensor must be given together")
+    if t.is_shared and (t.merged or t.expansion != 1):
+        raise ManifestError(f"{where}: a shared table is stored unmerged with one block (E=1)")
+    layers = [x.layer for x in t.shared_layers]
+    if len(set(layers)) != len(layers):
+        raise ManifestError(f"{where}: a layer appears twice in shared_layers")
+    for x in t.shared_layers:
+        if not (0 <= x.offset < t.n_rows and 1 <= x.n_rows <= t.n_rows):
+            raise ManifestError(
+                f"{where}: layer {x.layer} offset {x.offset} / rows {x.n_rows} lie outside the "
+                f"table's {t.n_rows} rows"
+            )
+        if t.ive_file is None:
+            raise ManifestError(f"{where}: shared layers need an IVE file for their permutations")

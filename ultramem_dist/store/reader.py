@@ -137,6 +137,8 @@ class ShardTable:
     values: torch.Tensor
     """Memory-mapped ``[rows, cols]`` slice (merged: ``[E*rows, h_c*cols]``)."""
     segments: tuple[ColumnSegment, ...]
+    pre_values: torch.Tensor | None = None
+    """UltraMemV2 pre-values: the slot's rows (row-sharded) or all rows (dim-sharded)."""
 
     @property
     def out_cols(self) -> int:
@@ -184,12 +186,30 @@ def load_shard(
                             f"{list(values.shape)}, manifest says {manifest.dtype} "
                             f"{list(slot.shape)}"
                         )
-                    tables[t.table_id] = ShardTable(t, slot, values, _segments(t, slot))
+                    pre = _pre_values(f, keys, name, t, slot, dtype)
+                    tables[t.table_id] = ShardTable(t, slot, values, _segments(t, slot), pre)
         except SafetensorError as exc:
             raise ChecksumError(
                 f"store file {name} is not a readable safetensors file: {exc}"
             ) from None
     return ShardSlice(manifest, shard, tables, vdir)
+
+
+def _pre_values(
+    f: object, keys: set[str], name: str, t: TableEntry, slot: ShardSlot, dtype: torch.dtype
+) -> torch.Tensor | None:
+    if t.pre_tensor is None:
+        return None
+    if t.pre_tensor not in keys:
+        raise ChecksumError(f"store file {name} lacks pre-value tensor {t.pre_tensor!r}")
+    pre = f.get_tensor(t.pre_tensor)  # type: ignore[attr-defined]
+    rows = slot.row_hi - slot.row_lo
+    if pre.dtype != dtype or tuple(pre.shape) != (rows, t.pre_vdim):
+        raise ChecksumError(
+            f"store file {name}: pre-values {t.pre_tensor!r} are {pre.dtype} {list(pre.shape)}, "
+            f"manifest says {dtype} {[rows, t.pre_vdim]}"
+        )
+    return pre
 
 
 def _segments(t: TableEntry, slot: ShardSlot) -> tuple[ColumnSegment, ...]:

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,ultramem_dist/proto/ultramem/v1/gather.proto\x12\x0bultramem.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.ultramem.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcf\x01\n\rGatherRequest\x12\x10\n\x08table_id\x18\x01 \x01(\t\x12\x15\n\rtable_version\x18\x02 \x01(\t\x12$\n\x07indices\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12$\n\x07offsets\x18\x04 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12#\n\x06\x62locks\x18\x05 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12$\n\x07weights\x18\x06 \x01(\x0b\x32\x13.ultramem.v1.Tensor\"p\n\x0bGatherReply\x12\x10\n\x08table_id\x18\x01 \x01(\t\x12\x15\n\rtable_version\x18\x02 \x01(\t\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12#\n\x06pooled\x18\x04 \x01(\x0b\x32\x13.ultramem.v1.Tensor\"i\n\x13StreamGatherRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x06gather\x18\x02 \x01(\x0b\x32\x1a.ultramem.v1.GatherRequest\x12\x12\n\ntimeout_us\x18\x03 \x01(\x04\"p\n\x11StreamGatherReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x06gather\x18\x02 \x01(\x0b\x32\x18.ultramem.v1.GatherReply\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"\xc4\x02\n\tTableInfo\x12\x10\n\x08table_id\x18\x01 \x01(\t\x12\x0e\n\x06n_rows\x18\x02 \x01(\x04\x12\n\n\x02\x64v\x18\x03 \x01(\r\x12\x11\n\texpansion\x18\x04 \x01(\r\x12\x11\n\tnum_cores\x18\x05 \x01(\r\x12\x0f\n\x07\x64_model\x18\x06 \x01(\r\x12\x0c\n\x04topm\x18\x07 \x01(\r\x12\r\n\x05heads\x18\x08 \x01(\r\x12\x0e\n\x06merged\x18\t \x01(\x08\x12\'\n\x08sharding\x18\n \x01(\x0e\x32\x15.ultramem.v1.Sharding\x12\x0e\n\x06row_lo\x18\x0b \x01(\x04\x12\x0e\n\x06row_hi\x18\x0c \x01(\x04\x12\x0e\n\x06\x63ol_lo\x18\r \x01(\r\x12\x0e\n\x06\x63ol_hi\x18\x0e \x01(\r\x12\x11\n\tout_width\x18\x0f \x01(\r\x12)\n\rstorage_dtype\x18\x10 \x01(\x0e\x32\x12.ultramem.v1.DType\"\x8e\x02\n\tInfoReply\x12\x13\n\x0bshard_index\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x15\n\rtable_version\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\t\x12&\n\x06tables\x18\x06 \x03(\x0b\x32\x16.ultramem.v1.TableInfo\x12\x11\n\tmax_batch\x18\x07 \x01(\r\x12\x15\n\rmax_per_query\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x16\n\x0eschema_version\x18\n \x01(\r\x12\x15\n\rgather_stream\x18\x0b \x01(\x08*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05*H\n\x08Sharding\x12\x18\n\x14SHARDING_UNSPECIFIED\x10\x00\x12\x10\n\x0cSHARDING_ROW\x10\x01\x12\x10\n\x0cSHARDING_DIM\x10\x02\x32\xdc\x01\n\nGatherPool\x12>\n\x06Gather\x12\x1a.ultramem.v1.GatherRequest\x1a\x18.ultramem.v1.GatherReply\x12T\n\x0cGatherStream\x12 .ultramem.v1.StreamGatherRequest\x1a\x1e.ultramem.v1.StreamGatherReply(\x01\x30\x01\x12\x38\n\x04Info\x12\x18.ultramem.v1.InfoRequest\x1a\x16.ultramem.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,ultramem_dist/proto/ultramem/v1/gather.proto\x12\x0bultramem.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.ultramem.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf7\x01\n\rGatherRequest\x12\x10\n\x08table_id\x18\x01 \x01(\t\x12\x15\n\rtable_version\x18\x02 \x01(\t\x12$\n\x07indices\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12$\n\x07offsets\x18\x04 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12#\n\x06\x62locks\x18\x05 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12$\n\x07weights\x18\x06 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12&\n\tpre_input\x18\x07 \x01(\x0b\x32\x13.ultramem.v1.Tensor\"p\n\x0bGatherReply\x12\x10\n\x08table_id\x18\x01 \x01(\t\x12\x15\n\rtable_version\x18\x02 \x01(\t\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12#\n\x06pooled\x18\x04 \x01(\x0b\x32\x13.ultramem.v1.Tensor\"i\n\x13StreamGatherRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x06gather\x18\x02 \x01(\x0b\x32\x1a.ultramem.v1.GatherRequest\x12\x12\n\ntimeout_us\x18\x03 \x01(\x04\"p\n\x11StreamGatherReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x06gather\x18\x02 \x01(\x0b\x32\x18.ultramem.v1.GatherReply\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"\xd6\x02\n\tTableInfo\x12\x10\n\x08table_id\x18\x01 \x01(\t\x12\x0e\n\x06n_rows\x18\x02 \x01(\x04\x12\n\n\x02\x64v\x18\x03 \x01(\r\x12\x11\n\texpansion\x18\x04 \x01(\r\x12\x11\n\tnum_cores\x18\x05 \x01(\r\x12\x0f\n\x07\x64_model\x18\x06 \x01(\r\x12\x0c\n\x04topm\x18\x07 \x01(\r\x12\r\n\x05heads\x18\x08 \x01(\r\x12\x0e\n\x06merged\x18\t \x01(\x08\x12\'\n\x08sharding\x18\n \x01(\x0e\x32\x15.ultramem.v1.Sharding\x12\x0e\n\x06row_lo\x18\x0b \x01(\x04\x12\x0e\n\x06row_hi\x18\x0c \x01(\x04\x12\x0e\n\x06\x63ol_lo\x18\r \x01(\r\x12\x0e\n\x06\x63ol_hi\x18\x0e \x01(\r\x12\x11\n\tout_width\x18\x0f \x01(\r\x12)\n\rstorage_dtype\x18\x10 \x01(\x0e\x32\x12.ultramem.v1.DType\x12\x10\n\x08pre_vdim\x18\x11 \x01(\r\"\x8e\x02\n\tInfoReply\x12\x13\n\x0bshard_index\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x15\n\rtable_version\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\t\x12&\n\x06tables\x18\x06 \x03(\x0b\x32\x16.ultramem.v1.TableInfo\x12\x11\n\tmax_batch\x18\x07 \x01(\r\x12\x15\n\rmax_per_query\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x16\n\x0eschema_version\x18\n \x01(\r\x12\x15\n\rgather_stream\x18\x0b \x01(\x08*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05*H\n\x08Sharding\x12\x18\n\x14SHARDING_UNSPECIFIED\x10\x00\x12\x10\n\x0cSHARDING_ROW\x10\x01\x12\x10\n\x0cSHARDING_DIM\x10\x02\x32\xdc\x01\n\nGatherPool\x12>\n\x06Gather\x12\x1a.ultramem.v1.GatherRequest\x1a\x18.ultramem.v1.GatherReply\x12T\n\x0cGatherStream\x12 .ultramem.v1.StreamGatherRequest\x1a\x1e.ultramem.v1.StreamGatherReply(\x01\x30\x01\x12\x38\n\x04Info\x12\x18.ultramem.v1.InfoRequest\x1a\x16.ultramem.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ultramem_dist.proto.ultramem.v1.gather_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1295
-  _globals['_DTYPE']._serialized_end=1417
-  _globals['_SHARDING']._serialized_start=1419
-  _globals['_SHARDING']._serialized_end=1491
+  _globals['_DTYPE']._serialized_start=1353
+  _globals['_DTYPE']._serialized_end=1475
+  _globals['_SHARDING']._serialized_start=1477
+  _globals['_SHARDING']._serialized_end=1549
   _globals['_TENSOR']._serialized_start=61
   _globals['_TENSOR']._serialized_end=133
   _globals['_GATHERREQUEST']._serialized_start=136
-  _globals['_GATHERREQUEST']._serialized_end=343
-  _globals['_GATHERREPLY']._serialized_start=345
-  _globals['_GATHERREPLY']._serialized_end=457
-  _globals['_STREAMGATHERREQUEST']._serialized_start=459
-  _globals['_STREAMGATHERREQUEST']._serialized_end=564
-  _globals['_STREAMGATHERREPLY']._serialized_start=566
-  _globals['_STREAMGATHERREPLY']._serialized_end=678
-  _globals['_INFOREQUEST']._serialized_start=680
-  _globals['_INFOREQUEST']._serialized_end=693
-  _globals['_TABLEINFO']._serialized_start=696
-  _globals['_TABLEINFO']._serialized_end=1020
-  _globals['_INFOREPLY']._serialized_start=1023
-  _globals['_INFOREPLY']._serialized_end=1293
-  _globals['_GATHERPOOL']._serialized_start=1494
-  _globals['_GATHERPOOL']._serialized_end=1714
+  _globals['_GATHERREQUEST']._serialized_end=383
+  _globals['_GATHERREPLY']._serialized_start=385
+  _globals['_GATHERREPLY']._serialized_end=497
+  _globals['_STREAMGATHERREQUEST']._serialized_start=499
+  _globals['_STREAMGATHERREQUEST']._serialized_end=604
+  _globals['_STREAMGATHERREPLY']._serialized_start=606
+  _globals['_STREAMGATHERREPLY']._serialized_end=718
+  _globals['_INFOREQUEST']._serialized_start=720
+  _globals['_INFOREQUEST']._serialized_end=733
+  _globals['_TABLEINFO']._serialized_start=736
+  _globals['_TABLEINFO']._serialized_end=1078
+  _globals['_INFOREPLY']._serialized_start=1081
+  _globals['_INFOREPLY']._serialized_end=1351
+  _globals['_GATHERPOOL']._serialized_start=1552
+  _globals['_GATHERPOOL']._serialized_end=1772
 # @@protoc_insertion_point(module_scope)

@@ -42,20 +42,22 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GatherRequest(_message.Message):
-    __slots__ = ("table_id", "table_version", "indices", "offsets", "blocks", "weights")
+    __slots__ = ("table_id", "table_version", "indices", "offsets", "blocks", "weights", "pre_input")
     TABLE_ID_FIELD_NUMBER: _ClassVar[int]
     TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PRE_INPUT_FIELD_NUMBER: _ClassVar[int]
     table_id: str
     table_version: str
     indices: Tensor
     offsets: Tensor
     blocks: Tensor
     weights: Tensor
-    def __init__(self, table_id: _Optional[str] = ..., table_version: _Optional[str] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Union[Tensor, _Mapping]] = ..., blocks: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    pre_input: Tensor
+    def __init__(self, table_id: _Optional[str] = ..., table_version: _Optional[str] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Union[Tensor, _Mapping]] = ..., blocks: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., pre_input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GatherReply(_message.Message):
     __slots__ = ("table_id", "table_version", "shard_index", "pooled")
@@ -96,7 +98,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("table_id", "n_rows", "dv", "expansion", "num_cores", "d_model", "topm", "heads", "merged", "sharding", "row_lo", "row_hi", "col_lo", "col_hi", "out_width", "storage_dtype")
+    __slots__ = ("table_id", "n_rows", "dv", "expansion", "num_cores", "d_model", "topm", "heads", "merged", "sharding", "row_lo", "row_hi", "col_lo", "col_hi", "out_width", "storage_dtype", "pre_vdim")
     TABLE_ID_FIELD_NUMBER: _ClassVar[int]
     N_ROWS_FIELD_NUMBER: _ClassVar[int]
     DV_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +115,7 @@ class TableInfo(_message.Message):
     COL_HI_FIELD_NUMBER: _ClassVar[int]
     OUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
     STORAGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PRE_VDIM_FIELD_NUMBER: _ClassVar[int]
     table_id: str
     n_rows: int
     dv: int
@@ -129,7 +132,8 @@ class TableInfo(_message.Message):
     col_hi: int
     out_width: int
     storage_dtype: DType
-    def __init__(self, table_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., dv: _Optional[int] = ..., expansion: _Optional[int] = ..., num_cores: _Optional[int] = ..., d_model: _Optional[int] = ..., topm: _Optional[int] = ..., heads: _Optional[int] = ..., merged: _Optional[bool] = ..., sharding: _Optional[_Union[Sharding, str]] = ..., row_lo: _Optional[int] = ..., row_hi: _Optional[int] = ..., col_lo: _Optional[int] = ..., col_hi: _Optional[int] = ..., out_width: _Optional[int] = ..., storage_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    pre_vdim: int
+    def __init__(self, table_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., dv: _Optional[int] = ..., expansion: _Optional[int] = ..., num_cores: _Optional[int] = ..., d_model: _Optional[int] = ..., topm: _Optional[int] = ..., heads: _Optional[int] = ..., merged: _Optional[bool] = ..., sharding: _Optional[_Union[Sharding, str]] = ..., row_lo: _Optional[int] = ..., row_hi: _Optional[int] = ..., col_lo: _Optional[int] = ..., col_hi: _Optional[int] = ..., out_width: _Optional[int] = ..., storage_dtype: _Optional[_Union[DType, str]] = ..., pre_vdim: _Optional[int] = ...) -> None: ...
 
 class InfoReply(_message.Message):
     __slots__ = ("shard_index", "num_shards", "table_version", "model_id", "config_hash", "tables", "max_batch", "max_per_query", "max_message_bytes", "schema_version", "gather_stream")

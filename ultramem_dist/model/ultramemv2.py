@@ -1,0 +1,188 @@
+"""UltraMemV2 (arXiv 2508.18756): memory layers that share one value table, with pre-values.
+
+Differences from :mod:`ultramem_dist.model.ultramem` (v1):
+
+- one :class:`SharedValueTable` (``values [L*N, Dv]`` and ``pre_values [L*N, pre_vdim]``)
+  serves every memory layer; layer ``l`` reads physical row
+  ``((z mod N) + l*N) mod (L*N)`` for a permuted virtual id ``z``;
+- the IVE virtual blocks are summed (``value_expand_time = 1``): one ``Linear(Dv -> D)``;
+- one ``query_norm`` LayerNorm (over Dk) shared by the row and column query halves;
+- each selected row's per-core score is multiplied by ``GELU(pre_values[row] . pre_input)``
+  with ``pre_input = W_pre x`` (``[T, pre_vdim]``) before pooling.
+
+Selection (TDQKR + MCS) is v1's :func:`~ultramem_dist.model.ultramem.tdqkr_topm`; pooling is the
+shared :func:`~ultramem_dist.kernels.gather_pool` kernel with a single block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ultramem_dist.kernels import gather_pool
+from ultramem_dist.model.config import UltraMemV2Config
+from ultramem_dist.model.selection import Selection
+from ultramem_dist.model.ultramem import ive_permutation, tdqkr_topm
+
+
+class SharedValueTable(nn.Module):
+    """The value (and pre-value) rows of every UltraMemV2 layer, stored once."""
+
+    def __init__(self, cfg: UltraMemV2Config, num_layers: int, dv: int) -> None:
+        super().__init__()
+        self.rows_per_layer = cfg.n_rows
+        self.num_layers = num_layers
+        total = cfg.n_rows * num_layers
+        self.values = nn.Parameter(torch.empty(total, dv))
+        self.pre_values = nn.Parameter(torch.empty(total, cfg.pre_vdim))
+        nn.init.normal_(self.values, std=cfg.value_std)
+        nn.init.normal_(self.pre_values, std=cfg.value_std)
+
+    @property
+    def total_rows(self) -> int:
+        return (
+            self.values.shape[0] if self.values.numel() else self.rows_per_layer * self.num_layers
+        )
+
+
+def pre_value_activation(
+    pre_values: torch.Tensor, rows: torch.Tensor, pre_input: torch.Tensor, gelu: bool = True
+) -> torch.Tensor:
+    """``act[t, j] = GELU(pre_values[rows[t, j]] . pre_input[t])`` → ``[T, L]``."""
+    dots = torch.einsum("tlp,tp->tl", pre_values[rows].to(pre_input.dtype), pre_input)
+    return F.gelu(dots) if gelu else dots
+
+
+class UltraMemV2Layer(nn.Module):
+    """One UltraMemV2 memory layer; its rows are ``[offset, offset + N)`` of the shared table."""
+
+    def __init__(
+        self, d_model: int, cfg: UltraMemV2Config, layer_index: int, num_layers: int
+    ) -> None:
+        super().__init__()
+        cfg.validate(d_model)
+        self.cfg = cfg
+        self.d_model = d_model
+        self.layer_index = layer_index
+        self.table_id = "shared"
+        self.dv = cfg.dv or d_model // 2
+        self.n_rows = cfg.n_rows
+        self.total_rows = cfg.n_rows * num_layers
+        self.offset = layer_index * cfg.n_rows
+        self.k_side = cfg.side
+        h, r, dk = cfg.heads, cfg.rank, cfg.dk
+        self.query = nn.Linear(d_model, 2 * dk, bias=False)
+        self.query_norm = nn.LayerNorm(dk)
+        # official layout: [head, side, key, kdim, tucker_rank]
+        self.keys = nn.Parameter(torch.empty(h, 2, self.k_side, dk, r))
+        self.key_norm = nn.LayerNorm(dk)
+        self.cores = nn.Parameter(torch.empty(h, cfg.num_cores, r, r))
+        self.pre_query = nn.Linear(d_model, cfg.pre_vdim, bias=False) if cfg.pre_vdim > 0 else None
+        self.out_proj = nn.Linear(self.dv, d_model, bias=False)
+        self.register_buffer("u", torch.zeros(h, r))
+        self.register_buffer("v", torch.zeros(h, r))
+        self.register_buffer(
+            "ive_perm",
+            ive_permutation(cfg.expansion * self.n_rows, cfg.perm_seed + layer_index),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        dk = self.cfg.dk
+        for norm in (self.query_norm, self.key_norm):
+            nn.init.constant_(norm.weight, dk**-0.33)
+            nn.init.zeros_(norm.bias)
+        nn.init.normal_(self.query.weight, std=dk**-0.5)
+        nn.init.normal_(self.keys, std=dk**-0.5)
+        nn.init.normal_(self.out_proj.weight, std=self.dv**-0.5)
+        if self.pre_query is not None:
+            nn.init.normal_(self.pre_query.weight, std=self.d_model**-0.5)
+        nn.init.uniform_(self.cores, 0.0, 1.0)
+        self.u.zero_()
+        self.v.zero_()
+        self.refresh_svd()
+
+    @torch.no_grad()
+    def refresh_svd(self) -> None:
+        """Leading singular vectors of the summed cores, sign kept closest to the previous."""
+        left, _, right_h = torch.linalg.svd(self.cores.detach().float().sum(1))
+        u_new, v_new = left[:, :, 0], right_h[:, 0, :]
+        had_prev = self.u.abs().sum(-1) > 0
+        flip = torch.where(had_prev, (u_new * self.u).sum(-1) < 0, u_new.sum(-1) < 0)
+        sign = torch.where(flip, -1.0, 1.0).unsqueeze(-1)
+        self.u.copy_(u_new * sign)
+        self.v.copy_(v_new * sign)
+
+    # ----------------------------------------------------------------- selection
+    def key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-rank row/col scores ``[T, H, r, K]`` for ``x`` ``[T, D]``."""
+        dk = self.cfg.dk
+        q = self.query(x).view(x.shape[0], 2, dk)
+        q = self.query_norm(q)  # one LayerNorm shared by both halves
+        keys = self.key_norm(self.keys.transpose(-1, -2))  # [H, 2, K, r, dk]
+        s_row = torch.einsum("td,hkrd->thrk", q[:, 0], keys[:, 0])
+        s_col = torch.einsum("td,hkrd->thrk", q[:, 1], keys[:, 1])
+        return s_row, s_col
+
+    def select(self, x: torch.Tensor) -> Selection:
+        """Top-m per head → rows of the *shared* table, block 0, per-core scores."""
+        s_row, s_col = self.key_scores(x)
+        virtual, scores = tdqkr_topm(s_row, s_col, self.cores, self.u, self.v, self.cfg.topm)
+        t = x.shape[0]
+        z = self.ive_perm[virtual.reshape(t, -1)]
+        rows = (z % self.n_rows + self.offset) % self.total_rows
+        return Selection(
+            indices=rows,
+            blocks=torch.zeros_like(rows),
+            weights=scores.reshape(t, -1, self.cfg.num_cores),
+        )
+
+    def pre_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``W_pre x`` ``[T, pre_vdim]`` (None without pre-values)."""
+        return None if self.pre_query is None else self.pre_query(x)
+
+    # ----------------------------------------------------------------- pooling
+    def pool(
+        self,
+        table: SharedValueTable,
+        sel: Selection,
+        pre_input: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``[T, Dv]`` pooled values (pre-value activation applied to the weights)."""
+        weights = sel.weights
+        if pre_input is not None:
+            act = pre_value_activation(table.pre_values, sel.indices, pre_input, self.cfg.pre_gelu)
+            weights = weights * act.unsqueeze(-1)
+        pooled = gather_pool(table.values, sel.indices, sel.blocks, weights, 1)
+        return pooled[:, 0]
+
+    def forward(self, x: torch.Tensor, table: SharedValueTable) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.d_model)
+        pooled = self.pool(table, self.select(flat), self.pre_input(flat))
+        return self.out_proj(pooled.to(self.out_proj.weight.dtype)).reshape(shape)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"layer={self.layer_index}, offset={self.offset}, N={self.n_rows}, K={self.k_side}, "
+            f"Dv={self.dv}, pre_vdim={c.pre_vdim}, H={c.heads}, m={c.topm}, r={c.rank}, "
+            f"h_c={c.num_cores}"
+        )
+
+    @property
+    def activated_param_count(self) -> int:
+        c = self.cfg
+        pre = self.pre_query.weight.numel() if self.pre_query is not None else 0
+        return (
+            self.query.weight.numel()
+            + self.cores.numel()
+            + pre
+            + c.heads * c.topm * (self.dv + c.pre_vdim)
+            + self.out_proj.weight.numel()
+            + 4 * c.dk
+        )
+
+
+__all__ = ["SharedValueTable", "UltraMemV2Layer", "pre_value_activation"]
