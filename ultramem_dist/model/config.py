@@ -324,7 +324,16 @@ class LMConfig:
         data.pop("model_id")
         if self.kind != "ultramemv2":
             data.pop("ultramemv2")  # older configs' hashes stay what they were
+        for name, default in _LATER_ULTRAMEM_FIELDS.items():
+            if data["ultramem"].get(name) == default:  # likewise for fields added later
+                data["ultramem"].pop(name)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_LATER_ULTRAMEM_FIELDS = {"aux_per_core": False, "shared_query_norm": False}
+"""UltraMemConfig fields added after checkpoints were first written, with the default that
+reproduces the older behaviour: left out of the hash at that default, so a checkpoint written
+before they existed keeps its hash (and ``--resume`` still accepts it)."""
 
 
 def preset(name: str, kind: str = "ultramem") -> LMConfig:
