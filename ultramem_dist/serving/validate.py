@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ultramem_dist._private.codec import decode_array
 from ultramem_dist.errors import InvalidRequestError, TableNotFoundError, VersionMismatchError
@@ -30,7 +29,7 @@ __all__ = [
     "decode_request",
 ]
 
-_INT = (torch.int32, torch.int64)
+_INT = ("int32", "int64")
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def decode_blocks_weights(
     weights = decode_array(
         req.weights,
         name="weights",
-        dtypes=(torch.float32,),
+        dtypes=("float32",),
         max_elements=max_nnz * num_cores,
         ndims=(indices.ndim + 1,),
     )
