@@ -4,16 +4,14 @@
 #
 #   CPU (default):
 #     docker build -t ghcr.io/ultramem/ultramem-dist:0.1.0 .
+#   CPU value shards only (`serve-shard`, no torch/Ray/kopf; the chart's image.shardCpuTag):
+#     docker build --target shard-cpu -t ghcr.io/ultramem/ultramem-dist:0.1.0-shard-cpu .
 #   CUDA:
 #     docker build -t ghcr.io/ultramem/ultramem-dist:0.1.0-cuda \
 #       --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 ARG BASE=python:3.11-slim
-FROM ${BASE}
-
-ARG TORCH_VERSION=2.13.0
-# CPU wheels by default; a CUDA build points this at the matching CUDA wheel index.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+FROM ${BASE} AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -42,6 +40,32 @@ RUN set -eux; \
 
 WORKDIR /opt/ultramem
 
+# Non-root; the chart runs it with a read-only root filesystem and an emptyDir at /tmp.
+RUN groupadd --system --gid 10001 ultramem \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --shell /usr/sbin/nologin ultramem
+
+# -- shard-cpu: a CPU value shard needs numpy, gRPC and the C kernel, not torch (~0.7 GB),
+# Ray or the Kubernetes client; `serve-shard` there never imports them (the import check
+# below fails the build if it did). GPU shards, Ray workers and the operator use the full image.
+FROM base AS shard-cpu
+COPY docker/shard-cpu-requirements.txt ./
+RUN pip install -r shard-cpu-requirements.txt
+COPY pyproject.toml README.md ./
+COPY ultramem_dist ./ultramem_dist
+RUN pip install --no-deps . \
+    && python -c "import sys; from ultramem_dist.cli import load_commands; load_commands(); import ultramem_dist.serving.app, ultramem_dist.serving.supervisor; bad = {'torch', 'ray', 'kubernetes'} & set(sys.modules); assert not bad, bad" \
+    && python -m ultramem_dist.kernels.native --out /tmp/check-native.so && rm /tmp/check-native.so \
+    && ultramem-dist serve-shard --help >/dev/null
+USER 10001:10001
+EXPOSE 50051 9090
+CMD ["ultramem-dist", "serve-shard", "--help"]
+
+# -- full (the default target): everything, torch included.
+FROM base AS full
+ARG TORCH_VERSION=2.13.0
+# CPU wheels by default; a CUDA build points this at the matching CUDA wheel index.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
 # torch first, from its own index (the CPU wheel unless TORCH_INDEX_URL says otherwise), in a
 # layer of its own so code changes do not re-download it.
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
@@ -56,9 +80,6 @@ RUN pip install ".[operator]" \
     && python -m ultramem_dist.kernels.native --out /tmp/check-native.so && rm /tmp/check-native.so \
     && ultramem-dist --help >/dev/null
 
-# Non-root; the chart runs it with a read-only root filesystem and an emptyDir at /tmp.
-RUN groupadd --system --gid 10001 ultramem \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --shell /usr/sbin/nologin ultramem
 USER 10001:10001
 
 EXPOSE 50051 9090

@@ -65,17 +65,33 @@ def cold_start(store: Path, verify: str, env: dict[str, str], work: Path) -> flo
         proc.wait(30)
 
 
-def import_profile(env: dict[str, str]) -> dict[str, float]:
-    res = subprocess.run([sys.executable, "-X", "importtime", "-c",
-                          "import ultramem_dist.serving.app"],
+# what `serve-shard` imports: the CLI with its command modules, then the server module
+SERVE_PATH = (
+    "import sys; from ultramem_dist.cli import load_commands; load_commands(); "
+    "import ultramem_dist.serving.app; print('torch' in sys.modules)"
+)
+
+
+def import_profile(env: dict[str, str]) -> dict[str, float | bool | dict[str, float]]:
+    """``-X importtime`` of the serve path: cumulative seconds of the main packages, the ten
+    slowest top-level imports, and whether torch was imported at all."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-c", SERVE_PATH],
                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
-    out: dict[str, float] = {}
+    out: dict[str, float | bool | dict[str, float]] = {}
+    top: dict[str, float] = {}
     for line in res.stderr.splitlines():
         parts = line.split("|")
         if len(parts) == 3 and parts[1].strip().isdigit():
-            name = parts[2].strip()
-            if name in ("torch", "numpy", "grpc", "safetensors", "ultramem_dist.serving.app"):
-                out[name] = max(out.get(name, 0.0), int(parts[1]) / 1e6)
+            raw = parts[2]
+            name = raw.strip()
+            seconds = int(parts[1]) / 1e6
+            if name in ("torch", "numpy", "grpc", "safetensors", "ultramem_dist.serving.app",
+                        "ultramem_dist.cli", "typer", "rich", "prometheus_client"):  # fmt: skip
+                out[name] = max(float(out.get(name, 0.0)), seconds)  # type: ignore[arg-type]
+            if raw.startswith(" ") and not raw.startswith("  "):  # imported by the command
+                top[name] = max(top.get(name, 0.0), seconds)
+    out["slowest_top_level"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:10])
+    out["torch_imported"] = res.stdout.strip() == "True"
     return out
 
 

@@ -135,6 +135,31 @@ def test_up_serves_every_replica_and_matches_local(deployed, model):
     torch.testing.assert_close(remote, local, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_shard_actors_never_import_torch(deployed, model):
+    """A CPU shard actor serves with numpy + the native kernel: after answering lookups, no
+    replica's worker process has imported torch (asked through Ray's ``__ray_call__``)."""
+    from ultramem_dist.cluster.registry import NAMESPACE
+    from ultramem_dist.kernels import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler: shards use the torch path")
+    with ClusterValueStore() as backend:  # every replica answers a few lookups first
+        for _ in range(8):
+            backend.submit("mem0", _selection(model)).result(timeout=30)
+    snap = deployed.status()
+    dep_id = snap["active"]
+    dep = snap["deployments"][dep_id]
+    loaded = {}
+    for shard, reps in dep["replicas"].items():
+        for replica in reps:
+            handle = ray.get_actor(f"ultramem-{dep_id}-s{shard}-r{replica}", namespace=NAMESPACE)
+            loaded[(shard, replica)] = ray.get(
+                handle.__ray_call__.remote(lambda self: "torch" in __import__("sys").modules),
+                timeout=30,
+            )
+    assert len(loaded) == 4 and not any(loaded.values()), loaded
+
+
 def test_killed_replica_restarts_while_traffic_keeps_succeeding(deployed, model):
     sel = _selection(model)
     ref = model.ultramem_layers()[0].pool_local(sel).detach()

@@ -117,6 +117,28 @@ def test_respawn_can_be_turned_off() -> None:
     assert c["command"][:2] == ["ultramem-dist", "serve-shard"]
 
 
+def test_standalone_cpu_shards_can_run_the_torch_free_image() -> None:
+    """image.shardCpuTag: standalone CPU shard pods run the `--target shard-cpu` image; GPU
+    shard pods, the operator and everything else keep the full image."""
+    repo = "ghcr.io/ultramem/ultramem-dist"
+    for name in ("one-shard", "gpu-standalone"):
+        values = {**variant_values(name)}
+        full = f"{repo}:{values.get('image', {}).get('tag') or '0.1.0'}"
+        values["image"] = {**values.get("image", {}), "shardCpuTag": "0.1.0-shard-cpu"}
+        r = render(values)
+        gpu = int(values.get("shard", {}).get("gpus", 0)) > 0
+        want = full if gpu else f"{repo}:0.1.0-shard-cpu"
+        stss = shard_statefulsets(r)
+        assert stss
+        for sts in stss:
+            assert container(sts["spec"]["template"]["spec"], "shard")["image"] == want, name
+        others = [c["image"] for owner, pod in r.pod_templates() for c in pod["containers"]
+                  if not owner.startswith("StatefulSet")]  # fmt: skip
+        assert others and all(image == full for image in others), others
+    (sts, *_) = shard_statefulsets(render(variant_values("one-shard")))  # unset: full image
+    assert container(sts["spec"]["template"]["spec"], "shard")["image"] == f"{repo}:0.1.0"
+
+
 def test_selectors_probes_and_ports_agree(variants: dict[str, Rendered]) -> None:
     for name in ("standalone", "eight-shards", "gpu-standalone", "autoscaling"):
         r = variants[name]

@@ -38,6 +38,7 @@ def test_every_ci_variant_passes_the_schema(chart: Any, variant: str) -> None:
         ({"mode": "kubernetes"}, "/mode"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
         ({"image": {"repository": ""}}, "/image/repository"),
+        ({"image": {"shardCpuTag": "0.1.0 cpu"}}, "/image/shardCpuTag"),
         ({"store": {"version": "V1.0"}}, "/store/version"),
         ({"store": {"sharding": "column"}}, "/store/sharding"),
         ({"store": {"replicaOverrides": {"zero": 2}}}, "/store/replicaOverrides"),

@@ -8,23 +8,26 @@ runtime hands out (upb materialises that object once per field access; we access
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
 from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ultramem_dist.errors import InvalidRequestError
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("ultramem-dist's wire codec assumes a little-endian host")
 
 __all__ = [
-    "DTYPE_TO_PB",
-    "PB_TO_DTYPE",
+    "NAME_TO_PB",
     "decode_array",
     "decode_tensor",
     "dtype_name",
@@ -32,21 +35,45 @@ __all__ = [
     "encode_tensor",
 ]
 
-PB_TO_DTYPE: dict[int, torch.dtype] = {
-    pb.DTYPE_FLOAT32: torch.float32,
-    pb.DTYPE_FLOAT16: torch.float16,
-    pb.DTYPE_BFLOAT16: torch.bfloat16,
-    pb.DTYPE_INT64: torch.int64,
-    pb.DTYPE_INT32: torch.int32,
+_PB_NAMES: dict[int, str] = {
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_FLOAT16: "float16",
+    pb.DTYPE_BFLOAT16: "bfloat16",
+    pb.DTYPE_INT64: "int64",
+    pb.DTYPE_INT32: "int32",
 }
-DTYPE_TO_PB: dict[torch.dtype, int] = {v: k for k, v in PB_TO_DTYPE.items()}
-_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.int64: "int64",
-    torch.int32: "int32",
-}
+NAME_TO_PB: dict[str, int] = {v: k for k, v in _PB_NAMES.items()}
+"""Wire ``DType`` of each dtype name (torch-free; :data:`DTYPE_TO_PB` is keyed by torch dtypes)."""
+
+
+@functools.cache
+def _torch_maps() -> tuple[dict[int, torch.dtype], dict[torch.dtype, int]]:
+    import torch
+
+    # torch warns once per process that a tensor over a read-only array is not writable;
+    # absorb that single warning here instead of wrapping every decode in catch_warnings.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(np.frombuffer(b"\0\0\0\0", dtype=np.float32))
+    to_torch = {code: getattr(torch, name) for code, name in _PB_NAMES.items()}
+    return to_torch, {v: k for k, v in to_torch.items()}
+
+
+def __getattr__(name: str) -> Any:
+    # PB_TO_DTYPE / DTYPE_TO_PB map to torch dtypes: built (importing torch) on first use only
+    if name == "PB_TO_DTYPE":
+        return _torch_maps()[0]
+    if name == "DTYPE_TO_PB":
+        return _torch_maps()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _name(dtype: Any) -> str:
+    """Name of a dtype given as a name, a torch dtype or a numpy dtype."""
+    if isinstance(dtype, str):
+        return dtype
+    return str(dtype).removeprefix("torch.")
+
 
 _PB_TO_NP: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype(np.float32),
@@ -56,22 +83,14 @@ _PB_TO_NP: dict[int, np.dtype] = {
     pb.DTYPE_INT32: np.dtype(np.int32),
 }
 _NP_TO_PB: dict[np.dtype, int] = {v: k for k, v in _PB_TO_NP.items() if k != pb.DTYPE_BFLOAT16}
-
-# torch warns once per process that a tensor over a read-only array is not writable; absorb
-# that single warning here instead of wrapping every decode in ``warnings.catch_warnings``.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    torch.from_numpy(np.frombuffer(b"\0\0\0\0", dtype=np.float32))
 MAX_NDIM = 4
 
 
-def dtype_name(dtype: torch.dtype | int) -> str:
-    """Short name of a torch dtype or a wire ``DType`` enum value."""
+def dtype_name(dtype: torch.dtype | str | int) -> str:
+    """Short name of a torch dtype, a dtype name or a wire ``DType`` enum value."""
     if isinstance(dtype, int):
-        if dtype not in PB_TO_DTYPE:
-            return f"DType({dtype})"
-        dtype = PB_TO_DTYPE[dtype]
-    return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        return _PB_NAMES.get(dtype, f"DType({dtype})")
+    return _name(dtype)
 
 
 def encode_array(a: np.ndarray, out: pb.Tensor, dtype: int = 0) -> pb.Tensor:
@@ -80,7 +99,7 @@ def encode_array(a: np.ndarray, out: pb.Tensor, dtype: int = 0) -> pb.Tensor:
     bfloat16 data, which numpy cannot name)."""
     code = dtype or _NP_TO_PB.get(a.dtype)
     if code is None:
-        supported = sorted(_NAMES.values())
+        supported = sorted(_PB_NAMES.values())
         raise TypeError(f"cannot encode numpy dtype {a.dtype}; supported: {supported}")
     out.dtype = code
     out.shape[:] = a.shape
@@ -90,19 +109,22 @@ def encode_array(a: np.ndarray, out: pb.Tensor, dtype: int = 0) -> pb.Tensor:
 
 def encode_tensor(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     """Serialise a CPU tensor (one copy into the message's ``bytes``)."""
-    if t.dtype not in DTYPE_TO_PB:
-        raise TypeError(f"cannot encode dtype {t.dtype}; supported: {sorted(_NAMES.values())}")
+    import torch
+
+    to_pb = _torch_maps()[1]
+    if t.dtype not in to_pb:
+        raise TypeError(f"cannot encode dtype {t.dtype}; supported: {sorted(_PB_NAMES.values())}")
     msg = pb.Tensor() if out is None else out
     t = t.detach()
     raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
-    return encode_array(raw.numpy(), msg, DTYPE_TO_PB[t.dtype])
+    return encode_array(raw.numpy(), msg, to_pb[t.dtype])
 
 
 def decode_array(
     msg: pb.Tensor,
     *,
     name: str,
-    dtypes: Collection[torch.dtype],
+    dtypes: Collection[torch.dtype | str],
     max_elements: int,
     ndims: Collection[int] = (1, 2, 3),
 ) -> np.ndarray:
@@ -114,8 +136,8 @@ def decode_array(
             ``max_elements`` elements, or ``len(data)`` not equal to ``numel * itemsize``.
     """
     code = msg.dtype
-    dtype = PB_TO_DTYPE.get(code)
-    if dtype is None or dtype not in dtypes:
+    dtype = _PB_NAMES.get(code)
+    if dtype is None or dtype not in {_name(d) for d in dtypes}:
         allowed = ", ".join(dtype_name(d) for d in dtypes)
         raise InvalidRequestError(
             f"{name}: dtype {dtype_name(code)} is not allowed; expected {allowed}"
@@ -149,11 +171,14 @@ def decode_tensor(
     msg: pb.Tensor,
     *,
     name: str,
-    dtypes: Collection[torch.dtype],
+    dtypes: Collection[torch.dtype | str],
     max_elements: int,
     ndims: Collection[int] = (1, 2, 3),
 ) -> torch.Tensor:
     """:func:`decode_array` as a torch tensor (a zero-copy view; same checks and errors)."""
+    import torch
+
+    _torch_maps()  # absorbs torch's one read-only-array warning
     a = decode_array(msg, name=name, dtypes=dtypes, max_elements=max_elements, ndims=ndims)
     t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if msg.dtype == pb.DTYPE_BFLOAT16 else t

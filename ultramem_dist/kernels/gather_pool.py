@@ -38,13 +38,17 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ultramem_dist.kernels import native
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions of the torch path, not here: a CPU shard uses this
+# module's segments and native plans without ever loading torch.
 
 __all__ = [
     "Backend",
@@ -112,6 +116,8 @@ def _weighted_bag(
 ) -> torch.Tensor:
     """``embedding_bag`` sum; a table stored in another dtype is converted row by row (only the
     gathered rows), so half-precision storage accumulates in the weights' precision."""
+    import torch
+    import torch.nn.functional as F
     dev = table.device
     idx_t = torch.from_numpy(idx).to(dev)
     off_t = torch.from_numpy(bag_offsets).to(dev)
@@ -131,6 +137,7 @@ _CHUNK_BYTES = 4 << 20  # converted rows per step: stays in cache, reused call a
 def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A per-thread buffer reused across calls: fresh multi-MB temporaries cost a page fault
     per 4 KiB on every call (the allocator returns them to the OS), more than the conversion."""
+    import torch
     buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
         buf = torch.empty(numel, dtype=dtype, device=device)
@@ -143,6 +150,8 @@ def _converted_bag(
 ) -> torch.Tensor:
     """Half-precision table, fp32 accumulation, no autograd: gather and convert the rows of a
     run of whole bags into two reusable buffers, then pool them; bags never straddle runs."""
+    import torch
+    import torch.nn.functional as F
     dev, width, nnz = table.device, table.shape[1], idx.size
     num_bags = bag_offsets.size
     out = torch.empty(num_bags, width, dtype=weights.dtype, device=dev)
@@ -203,32 +212,38 @@ def dense_offsets(num_tokens: int, per_token: int) -> np.ndarray:
 
 
 def native_plan(
-    table: torch.Tensor,
+    table: torch.Tensor | np.ndarray,
     segments: tuple[ColumnSegment, ...],
     num_cores: int,
     *,
     sum_segments: bool = False,
     backend: Backend = "auto",
+    dtype: str | None = None,
 ) -> native.NativePlan | None:
     """The native kernel bound to ``table`` when it can pool it (CPU, a supported dtype,
     contiguous columns tiled by ``segments``), else ``None`` (``backend="native"``: raise,
-    naming why). Shards build one per table at start and reuse it for every request."""
+    naming why). Shards build one per table at start and reuse it for every request.
+    ``table``: a torch tensor, or a numpy array (``dtype="bfloat16"`` for bfloat16 bits held
+    as ``uint16``; see :func:`.native.dtype_name`) — this needs no torch."""
     why = None
     lib = native.library() if backend != "torch" else None
     if lib is None:
         why = "the native library is not available (see the log / ULTRAMEM_NATIVE)"
-    elif table.device.type != "cpu":
-        why = "the table is not on the CPU"
-    elif table.dtype not in lib.dtypes:
-        why = f"table dtype {table.dtype} is not supported"
-    elif table.dim() != 2 or table.stride(1) != 1:
-        why = "table columns are not contiguous"
-    elif _tiling_cols(segments) != table.shape[1]:
-        why = "segments do not tile the table's columns"
+    else:
+        device, ndim, shape, strides, _, _ = native.table_layout(table)
+        name = native.dtype_name(table, dtype)
+        if device != "cpu":
+            why = "the table is not on the CPU"
+        elif name not in lib.dtypes:
+            why = f"table dtype {name} is not supported"
+        elif ndim != 2 or strides[1] != 1:
+            why = "table columns are not contiguous"
+        elif _tiling_cols(segments) != shape[1]:
+            why = "segments do not tile the table's columns"
     if why is None:
-        out_cols = segments[0].width if sum_segments else table.shape[1]
+        out_cols = segments[0].width if sum_segments else shape[1]
         return native.NativePlan(
-            lib, table, _segment_array(segments), num_cores, sum_segments, out_cols
+            lib, table, _segment_array(segments), num_cores, sum_segments, out_cols, dtype=name
         )
     if backend == "native":
         raise RuntimeError(f"native gather-pool cannot run this call: {why}")
@@ -237,6 +252,7 @@ def native_plan(
 
 def _native_weights_ok(weights: torch.Tensor, table: torch.Tensor, backend: Backend) -> bool:
     """Whether this call's weights let the native path run (float32 on the CPU, no autograd)."""
+    import torch
     why = None
     if weights.device.type != "cpu" or weights.dtype != torch.float32:
         why = f"weights must be float32 on the CPU (got {weights.dtype} on {weights.device})"
@@ -279,6 +295,7 @@ def gather_pool(
     Returns:
         ``[T, num_blocks, cols]`` (or ``[T, num_blocks, seg_width]`` with ``sum_segments``).
     """
+    import torch
     if table.dim() != 2:
         raise ValueError(f"table must be 2-D [rows, cols], got shape {tuple(table.shape)}")
     num_cores = weights.shape[-1]

@@ -34,11 +34,11 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-__all__ = ["NativeLib", "NativePlan", "build", "library"]
+__all__ = ["NativeLib", "NativePlan", "build", "kernel_threads", "library", "set_kernel_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def cflags() -> list[str]:
     return BASE_CFLAGS + shlex.split(os.environ.get("ULTRAMEM_NATIVE_CFLAGS", DEFAULT_ARCH_FLAGS))
 
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
+"""The C kernel's table dtype codes, by dtype name (no torch here: a CPU shard never imports it;
+a bfloat16 table is held by numpy as its raw ``uint16`` bit patterns)."""
+_NP_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 ISAS = {0: "generic", 1: "avx2"}
 _ERRORS = {
     -1: (IndexError, "row index {v} at entry {bad} is outside the table's {rows} rows"),
@@ -131,6 +134,7 @@ class NativeLib:
         self._lib.um_dtypes.restype = _i32
         mask = self._lib.um_dtypes()
         self.dtypes = frozenset(dt for dt, code in DTYPE_CODES.items() if mask >> code & 1)
+        """Names of the table dtypes this build pools (``"float32"``, ``"bfloat16"``, ...)."""
         self._lib.um_isa.restype = _i32
         self.isa = ISAS.get(int(self._lib.um_isa()), "unknown")
         """The kernel copy chosen at run time: ``"avx2"`` (AVX2 + FMA + F16C present) or
@@ -292,37 +296,98 @@ def library() -> NativeLib | None:
 PARALLEL_GRAIN = 256 << 10  # bytes of value rows per kernel thread, at least
 
 
+def dtype_name(table: Any, dtype: str | None = None) -> str:
+    """The dtype name of a table: ``dtype`` when given (required for a numpy ``uint16`` array
+    holding bfloat16 bits), else the numpy or torch dtype's name."""
+    if dtype is not None:
+        return dtype
+    if isinstance(table, np.ndarray):
+        name = _NP_NAMES.get(table.dtype)
+        if name is None:
+            raise TypeError(
+                f"numpy table of dtype {table.dtype}: pass dtype= (a uint16 array holds "
+                "bfloat16 bits only when dtype='bfloat16' says so)"
+            )
+        return name
+    return str(table.dtype).removeprefix("torch.")
+
+
+def table_layout(table: Any) -> tuple[str, int, tuple[int, ...], tuple[int, ...], int, int]:
+    """``(device type, ndim, shape, strides in elements, data address, element size)`` of a
+    numpy array or a torch tensor (read without importing torch)."""
+    if isinstance(table, np.ndarray):
+        size = table.itemsize
+        strides = tuple(st // size for st in table.strides)
+        return "cpu", table.ndim, table.shape, strides, _addr(table), size
+    shape = tuple(table.shape)
+    return (
+        table.device.type, table.dim(), shape, tuple(table.stride()), table.data_ptr(),
+        table.element_size(),
+    )  # fmt: skip
+
+
+_THREADS: int | None = None
+
+
+def set_kernel_threads(n: int | None) -> None:
+    """Threads the native kernel may use per call (``None``: the default, see
+    :func:`kernel_threads`); also torch's, when torch is loaded."""
+    global _THREADS
+    _THREADS = n
+    if n and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def kernel_threads() -> int:
+    """Threads per kernel call: :func:`set_kernel_threads`' value, else torch's when torch is
+    loaded (the same pool the torch path uses), else ``$OMP_NUM_THREADS``, else the CPUs this
+    process may run on."""
+    if _THREADS:
+        return _THREADS
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class NativePlan:
     """One table's native gather-pool call with everything about the table checked and
     converted once; :meth:`run` then pools a batch with one C call.
 
-    ``table`` is a CPU ``[rows, cols]`` tensor (unit column stride, a dtype of
-    ``lib.dtypes``); ``segments`` the ``[nseg, 3]`` (start, stop, core) column segments, which
-    must fit the table; ``out_cols`` the output width. The plan keeps the table alive.
+    ``table`` is a ``[rows, cols]`` CPU numpy array or torch tensor (unit column stride, a
+    dtype of ``lib.dtypes``; a numpy bfloat16 table is its ``uint16`` bits with
+    ``dtype="bfloat16"``); ``segments`` the ``[nseg, 3]`` (start, stop, core) column segments,
+    which must fit the table; ``out_cols`` the output width. The plan keeps the table alive.
     """
 
     def __init__(
         self,
         lib: NativeLib,
-        table: torch.Tensor,
+        table: Any,
         segments: np.ndarray,
         num_cores: int,
         sum_segments: bool,
         out_cols: int,
+        *,
+        dtype: str | None = None,
     ) -> None:
-        if table.device.type != "cpu" or table.dim() != 2 or table.stride(1) != 1:
+        device, ndim, shape, strides, addr, size = table_layout(table)
+        if device != "cpu" or ndim != 2 or strides[1] != 1:
             raise TypeError("native gather-pool needs a CPU table with contiguous columns")
-        if table.dtype not in lib.dtypes:
-            raise TypeError(f"native gather-pool: table dtype {table.dtype} not supported")
+        name = dtype_name(table, dtype)
+        if name not in lib.dtypes:
+            raise TypeError(f"native gather-pool: table dtype {name} not supported")
         self.lib = lib
-        self.table = table.detach()
+        self.table = table if isinstance(table, np.ndarray) else table.detach()
         self.segments = np.ascontiguousarray(segments, dtype=np.int32).reshape(-1, 3)
         self.num_cores = num_cores
         self.out_cols = out_cols
-        t = self.table
-        self._head = (t.data_ptr(), DTYPE_CODES[t.dtype], t.shape[0], t.stride(0), t.shape[1])
+        self._head = (addr, DTYPE_CODES[name], shape[0], strides[0], shape[1])
         self._segs = (_addr(self.segments), self.segments.shape[0], int(sum_segments))
-        self._row_bytes = t.shape[1] * t.element_size()
+        self._row_bytes = shape[1] * size
 
     def run(
         self,

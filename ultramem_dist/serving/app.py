@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-import torch
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -116,13 +115,19 @@ class ShardServer:
 
 
 def shard_to_device(shard: ShardSlice, device: str) -> ShardSlice:
-    """Copy every table of ``shard`` to ``device`` (no-op on CPU, where they stay mmap'd)."""
+    """Copy every table of ``shard`` to ``device`` (no-op on CPU, where they stay mmap'd and
+    torch is never imported)."""
+    if device == "cpu":
+        return shard
+    import torch  # a GPU shard's tables are torch tensors
+
     if torch.device(device).type == "cpu":
         return shard
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here")
     tables = {
-        tid: dataclasses.replace(t, values=t.values.to(device)) for tid, t in shard.tables.items()
+        tid: dataclasses.replace(t, device_values=t.values.to(device))
+        for tid, t in shard.tables.items()
     }
     return dataclasses.replace(shard, tables=tables)
 
@@ -191,12 +196,16 @@ def build_server(cfg: ServerConfig, shard: ShardSlice | None = None) -> tuple[Sh
     server and the bound port (useful with ``port=0``). Raises a ``StoreError`` subclass if the
     shard's files are missing, corrupt or inconsistent (nothing is served then).
     """
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    if cfg.torch_threads:  # the native kernel's threads (and torch's, once it is loaded)
+        native.set_kernel_threads(cfg.torch_threads)
     if shard is None:
         shard = load_shard(cfg.store, cfg.shard, cfg.version, verify=cfg.verify)
     shard = shard_to_device(shard, cfg.device)
-    native.library()  # build / load the native CPU kernel now, not on the first request
+    lib = native.library()  # build / load the native CPU kernel now, not on the first request
+    if cfg.torch_threads and (lib is None or cfg.device != "cpu"):
+        import torch  # the torch path serves here: it gets the same thread count
+
+        torch.set_num_threads(cfg.torch_threads)
     metrics = ShardMetrics()
     servicer = GatherPoolServicer(
         shard,

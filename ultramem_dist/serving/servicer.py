@@ -11,14 +11,13 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-import torch
 
-from ultramem_dist._private.codec import DTYPE_TO_PB, encode_array
+from ultramem_dist._private.codec import NAME_TO_PB, encode_array
 from ultramem_dist._private.status import status_for
 from ultramem_dist.errors import UltraMemError
 from ultramem_dist.kernels import gather_pool
 from ultramem_dist.kernels.gather_pool import native_plan
-from ultramem_dist.kernels.native import NativePlan
+from ultramem_dist.kernels.native import NativePlan, kernel_threads
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving.metrics import (
@@ -43,7 +42,6 @@ __all__ = ["GatherPoolServicer", "kernel_plan", "run_kernel"]
 _STREAM_MESSAGES = (pb.StreamGatherRequest, WireMessage)
 
 log = logging.getLogger(__name__)
-_STORAGE_PB = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class _DeadlinePassed(Exception):
@@ -71,7 +69,11 @@ def _entries(request: pb.GatherRequest) -> int:
 def kernel_plan(table: ShardTable) -> NativePlan | None:
     """The native kernel bound to a served table (``None``: it is on a GPU, or no compiler)."""
     e = table.entry
-    return native_plan(table.values, table.segments, e.num_cores, sum_segments=e.merged)
+    if table.device_values is not None:  # a GPU shard: the torch path
+        return None
+    return native_plan(
+        table.array, table.segments, e.num_cores, sum_segments=e.merged, dtype=table.dtype
+    )
 
 
 def run_kernel(q: GatherQuery, plan: NativePlan | None = None) -> np.ndarray:
@@ -80,10 +82,10 @@ def run_kernel(q: GatherQuery, plan: NativePlan | None = None) -> np.ndarray:
     the call goes through :func:`~ultramem_dist.kernels.gather_pool` (GPU or torch path)."""
     t = q.table
     if plan is not None:
-        out = plan.run(
-            q.indices, q.blocks, q.weights, q.offsets, q.num_blocks, torch.get_num_threads()
-        )
-    else:
+        out = plan.run(q.indices, q.blocks, q.weights, q.offsets, q.num_blocks, kernel_threads())
+    else:  # the torch path (GPU shard, or no native library): imports torch on first use
+        import torch
+
         dev = t.values.device  # cuda when the shard was started with ServerConfig.device="cuda"
         out = gather_pool(
             t.values,
@@ -181,7 +183,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
                     col_lo=s.col_lo,
                     col_hi=s.col_hi,
                     out_width=e.out_width,
-                    storage_dtype=DTYPE_TO_PB[_STORAGE_PB[m.dtype]],
+                    storage_dtype=NAME_TO_PB[m.dtype],
                     pre_vdim=e.pre_vdim,
                 )
             )
@@ -403,7 +405,7 @@ class GatherPoolServicer(pb_grpc.GatherPoolServicer):
         table = wire.table_for(message)
         if table is None or scope_refusal(scope, table.table_id) is not None:
             return None
-        threads = torch.get_num_threads()
+        threads = kernel_threads()
         try:
             return await self._kernel_step(wire.answer, message, table, threads, deadline=deadline)
         except (_DeadlinePassed, MemoryError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from ultramem_dist._private.codec import decode_array
 from ultramem_dist.errors import InvalidRequestError
@@ -47,7 +46,7 @@ def decode_pre_input(req: pb.GatherRequest, num_tokens: int, pre_vdim: int) -> n
     arr = decode_array(
         req.pre_input,
         name="pre_input",
-        dtypes=(torch.float32,),
+        dtypes=("float32",),
         max_elements=max(1, num_tokens) * pre_vdim,
         ndims=(2,),
     )
@@ -72,8 +71,8 @@ def apply_pre_values(
 
     ``local`` are row ids in the shard's slice (row sharding) or global ids (dim sharding,
     where the slice holds every row's pre-values)."""
-    assert table.pre_values is not None
-    pre = table.pre_values.float().numpy()
+    pre = table.pre_values_f32()
+    assert pre is not None
     token = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     dots = np.einsum("lp,lp->l", pre[local], pre_input[token], dtype=np.float32)
     return (weights * gelu(dots.astype(np.float32))[:, None]).astype(np.float32)

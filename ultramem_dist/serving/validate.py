@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ultramem_dist._private.codec import decode_array
 from ultramem_dist.errors import InvalidRequestError, TableNotFoundError, VersionMismatchError
@@ -31,7 +30,7 @@ __all__ = [
     "decode_request",
 ]
 
-_INT = (torch.int32, torch.int64)
+_INT = ("int32", "int64")
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def decode_blocks_weights(
     weights = decode_array(
         req.weights,
         name="weights",
-        dtypes=(torch.float32,),
+        dtypes=("float32",),
         max_elements=max_nnz * num_cores,
         ndims=(indices.ndim + 1,),
     )
@@ -189,7 +188,7 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
             f"table {req.table_id!r} is not served here; tables: {sorted(shard.tables)}"
         )
     entry, slot = table.entry, table.slot
-    if table.pre_values is not None:
+    if table.pre_array is not None:
         return _decode_v2(req, shard, table, limits)
     v2.check_pre_input_absent(req, req.table_id)
     lib = native.library()

@@ -181,7 +181,7 @@ class WirePath:
         """Messages answered on the fast path so far (a diagnostic)."""
         for tid, table in shard.tables.items():
             plan = plans.get(tid)
-            if plan is None or not tid.isascii() or table.pre_values is not None:
+            if plan is None or not tid.isascii() or table.pre_array is not None:
                 continue  # a GPU table, no plan, or UltraMemV2 pre-values: the general path
             e, slot = table.entry, table.slot
             self._tables[tid.encode()] = WireTable(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "column_ranges",
@@ -67,5 +69,7 @@ def is_core_aligned(ranges: Sequence[tuple[int, int]], width: int, num_cores: in
 
 def owner_of(ids: torch.Tensor, row_los: Sequence[int]) -> torch.Tensor:
     """Shard index owning each global row id, given the sorted start rows of every shard."""
+    import torch  # the client's; the store's readers need no torch
+
     bounds = torch.tensor(list(row_los[1:]), dtype=ids.dtype)
     return torch.bucketize(ids, bounds, right=True)

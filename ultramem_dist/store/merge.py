@@ -13,9 +13,12 @@ gather-pool over a ``[E*N, h_c*D]`` table with ``h_c`` segments of width ``D`` t
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ultramem_dist.kernels import ColumnSegment
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["fold_projector", "merged_segments"]
 
@@ -34,6 +37,8 @@ def fold_projector(
         values: ``[N, Dv]`` value table.
         out_proj: ``[D, E*Dv]`` weight of the layer's ``Linear(E*Dv -> D)``.
     """
+    import torch  # export-time only: a shard reads merged_segments without torch
+
     n, dv = values.shape
     d_model = out_proj.shape[0]
     if out_proj.shape[1] != expansion * dv:

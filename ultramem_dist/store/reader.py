@@ -2,19 +2,26 @@
 
 Nothing is served from a file until its size and sha256 match the manifest and its safetensors
 header names the expected tensors with the expected dtype and shape. The value tensors are
-zero-copy views of the file mapping (safetensors ``safe_open``), so a shard's RSS grows only with
-the pages it actually reads.
+zero-copy views of the file mapping (a read-only ``numpy.memmap`` at the tensor's offset, read
+from the safetensors header), so a shard's RSS grows only with the pages it actually reads.
+Nothing here imports torch: a CPU shard never loads it (:attr:`ShardTable.values` builds a torch
+view on first use, for the torch path and GPU shards). bfloat16 is held as its ``uint16`` bits.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import math
 import os
-from dataclasses import dataclass
+import struct
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
+import numpy as np
 
 from ultramem_dist.errors import ChecksumError, ManifestError, StoreError
 from ultramem_dist.kernels import ColumnSegment, column_segments
@@ -30,6 +37,9 @@ from ultramem_dist.store.manifest import (
 from ultramem_dist.store.merge import merged_segments
 from ultramem_dist.store.verify import VERIFY_MODES, VerifyMode, is_verified, record_verified
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "ShardSlice",
     "ShardTable",
@@ -39,7 +49,13 @@ __all__ = [
     "verify_store",
 ]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# manifest dtype -> (safetensors dtype tag, numpy dtype holding it)
+_DTYPES = {
+    "float32": ("F32", np.dtype("<f4")),
+    "float16": ("F16", np.dtype("<f2")),
+    "bfloat16": ("BF16", np.dtype("<u2")),  # raw bit patterns; the kernel reads them as bf16
+}
+_MAX_HEADER = 100 << 20  # safetensors' own cap on the JSON header
 
 
 def resolve_version(store: str | Path, version: str | None = None) -> Path:
@@ -134,11 +150,38 @@ class ShardTable:
 
     entry: TableEntry
     slot: ShardSlot
-    values: torch.Tensor
-    """Memory-mapped ``[rows, cols]`` slice (merged: ``[E*rows, h_c*cols]``)."""
+    array: np.ndarray
+    """Memory-mapped ``[rows, cols]`` slice (merged: ``[E*rows, h_c*cols]``), read-only; a
+    bfloat16 table as its ``uint16`` bits (see :attr:`dtype`)."""
     segments: tuple[ColumnSegment, ...]
-    pre_values: torch.Tensor | None = None
-    """UltraMemV2 pre-values: the slot's rows (row-sharded) or all rows (dim-sharded)."""
+    dtype: str = "float32"
+    """The stored dtype's name (``float32``, ``float16`` or ``bfloat16``)."""
+    device_values: Any = field(default=None, compare=False, repr=False)
+    """A copy of the slice on another device (a CUDA shard's), or ``None``."""
+    pre_array: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """UltraMemV2 pre-values ``[rows, pre_vdim]``, memory-mapped like :attr:`array` (bf16 as
+    ``uint16`` bits): the slot's rows (row-sharded) or all rows (dim-sharded); else ``None``."""
+
+    def pre_values_f32(self) -> np.ndarray | None:
+        """The pre-values widened to float32 (numpy; ``None`` for a v1 table)."""
+        if self.pre_array is None:
+            return None
+        if self.dtype == "bfloat16":
+            return (self.pre_array.astype(np.uint32) << 16).view(np.float32)
+        return self.pre_array.astype(np.float32)
+
+    @functools.cached_property
+    def values(self) -> torch.Tensor:
+        """The slice as a torch tensor: :attr:`device_values`, else a zero-copy CPU view of
+        :attr:`array` (imports torch; the CPU shard's native path never asks for it)."""
+        if self.device_values is not None:
+            return self.device_values
+        import torch
+
+        with warnings.catch_warnings():  # a read-only mapping: nothing writes into it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(self.array)
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
     @property
     def out_cols(self) -> int:
@@ -165,54 +208,112 @@ def load_shard(
         raise StoreError(
             f"shard {shard} does not exist; store version has shards 0..{manifest.num_shards - 1}"
         )
-    dtype = _DTYPES[manifest.dtype]
+    tag, np_dtype = _DTYPES[manifest.dtype]
     by_file: dict[str, list[TableEntry]] = {}
     for t in manifest.tables:
         by_file.setdefault(t.slot(shard).file, []).append(t)
     tables: dict[str, ShardTable] = {}
     for name, entries in by_file.items():
         path = _verify_file(vdir, manifest, name, verify)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = set(f.keys())
-                for t in entries:
-                    slot = t.slot(shard)
-                    if slot.tensor not in keys:
-                        raise ChecksumError(f"store file {name} lacks tensor {slot.tensor!r}")
-                    values = f.get_tensor(slot.tensor)
-                    if values.dtype != dtype or tuple(values.shape) != tuple(slot.shape):
-                        raise ChecksumError(
-                            f"store file {name}: tensor {slot.tensor!r} is {values.dtype} "
-                            f"{list(values.shape)}, manifest says {manifest.dtype} "
-                            f"{list(slot.shape)}"
-                        )
-                    pre = _pre_values(f, keys, name, t, slot, dtype)
-                    tables[t.table_id] = ShardTable(t, slot, values, _segments(t, slot), pre)
-        except SafetensorError as exc:
-            raise ChecksumError(
-                f"store file {name} is not a readable safetensors file: {exc}"
-            ) from None
+        header, data_start, size = _read_header(path, name)
+        for t in entries:
+            slot = t.slot(shard)
+            info = header.get(slot.tensor)
+            if not isinstance(info, dict):
+                raise ChecksumError(f"store file {name} lacks tensor {slot.tensor!r}")
+            shape, begin = _tensor_extent(info, name, slot.tensor, data_start, size)
+            if info.get("dtype") != tag or shape != tuple(slot.shape):
+                raise ChecksumError(
+                    f"store file {name}: tensor {slot.tensor!r} is {info.get('dtype')} "
+                    f"{list(shape)}, manifest says {manifest.dtype} {list(slot.shape)}"
+                )
+            nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+            if math.prod(shape) * np_dtype.itemsize != nbytes:
+                raise ChecksumError(
+                    f"store file {name}: tensor {slot.tensor!r} has {nbytes} data bytes for "
+                    f"{manifest.dtype} {list(shape)}"
+                )
+            values = _map(path, np_dtype, begin, shape)
+            pre = _pre_values(path, header, data_start, size, name, t, slot, tag, np_dtype)
+            tables[t.table_id] = ShardTable(
+                t, slot, values, _segments(t, slot), manifest.dtype, pre_array=pre
+            )
     return ShardSlice(manifest, shard, tables, vdir)
 
 
 def _pre_values(
-    f: object, keys: set[str], name: str, t: TableEntry, slot: ShardSlot, dtype: torch.dtype
-) -> torch.Tensor | None:
+    path: Path,
+    header: dict[str, Any],
+    data_start: int,
+    size: int,
+    name: str,
+    t: TableEntry,
+    slot: ShardSlot,
+    tag: str,
+    np_dtype: np.dtype,
+) -> np.ndarray | None:
+    """The slot's UltraMemV2 pre-values, checked and memory-mapped (``None`` for v1 tables)."""
     if t.pre_tensor is None:
         return None
-    if t.pre_tensor not in keys:
+    info = header.get(t.pre_tensor)
+    if not isinstance(info, dict):
         raise ChecksumError(f"store file {name} lacks pre-value tensor {t.pre_tensor!r}")
-    pre = f.get_tensor(t.pre_tensor)  # type: ignore[attr-defined]
-    rows = slot.row_hi - slot.row_lo
-    if pre.dtype != dtype or tuple(pre.shape) != (rows, t.pre_vdim):
+    shape, begin = _tensor_extent(info, name, t.pre_tensor, data_start, size)
+    rows = slot.row_hi - slot.row_lo  # a dim shard's slot spans every row
+    nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+    if (
+        info.get("dtype") != tag
+        or shape != (rows, t.pre_vdim)
+        or math.prod(shape) * np_dtype.itemsize != nbytes
+    ):
         raise ChecksumError(
-            f"store file {name}: pre-values {t.pre_tensor!r} are {pre.dtype} {list(pre.shape)}, "
-            f"manifest says {dtype} {[rows, t.pre_vdim]}"
+            f"store file {name}: pre-values {t.pre_tensor!r} are {info.get('dtype')} "
+            f"{list(shape)}, manifest says {tag} {[rows, t.pre_vdim]}"
         )
-    return pre
+    return _map(path, np_dtype, begin, shape)
 
 
 def _segments(t: TableEntry, slot: ShardSlot) -> tuple[ColumnSegment, ...]:
     if t.merged:
         return merged_segments(slot.col_hi - slot.col_lo, t.num_cores)
     return column_segments(slot.col_lo, slot.col_hi, t.dv, t.num_cores)
+
+
+def _read_header(path: Path, name: str) -> tuple[dict[str, Any], int, int]:
+    """A safetensors file's JSON header, where its data starts, and the file's size."""
+    bad = f"store file {name} is not a readable safetensors file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ChecksumError(f"{bad}: shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            size = os.fstat(f.fileno()).st_size
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ChecksumError(f"{bad}: header length {n} does not fit the file")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChecksumError(f"{bad}: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ChecksumError(f"{bad}: header is not a JSON object")
+    return header, 8 + n, size
+
+
+def _tensor_extent(
+    info: dict[str, Any], name: str, tensor: str, data_start: int, size: int
+) -> tuple[tuple[int, ...], int]:
+    """A header entry's shape and absolute data offset, checked to lie inside the file."""
+    shape, offs = info.get("shape"), info.get("data_offsets")
+    ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
+    if not (ints(shape) and ints(offs) and len(offs) == 2 and offs[0] <= offs[1]):
+        raise ChecksumError(f"store file {name}: tensor {tensor!r} has a malformed header entry")
+    if data_start + offs[1] > size:
+        raise ChecksumError(f"store file {name}: tensor {tensor!r} runs past the end of the file")
+    return tuple(shape), data_start + offs[0]
+
+
+def _map(path: Path, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only zero-copy mapping of ``shape`` elements at ``offset`` of ``path``."""
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape).view(np.ndarray)

@@ -53,6 +53,16 @@ ultramem.io/store: {{ include "ultramem.fullname" . }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* A standalone shard pod's image: the torch-free shard-cpu tag when set and the pod has no
+GPU (image.shardCpuTag), else the full image. */}}
+{{- define "ultramem.shardImage" -}}
+{{- if and .Values.image.shardCpuTag (not (gt (int .Values.shard.gpus) 0)) -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.shardCpuTag -}}
+{{- else -}}
+{{- include "ultramem.image" . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "ultramem.operatorImage" -}}
 {{- $repo := default .Values.image.repository .Values.operator.image.repository -}}
 {{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.operator.image.tag -}}
