@@ -86,6 +86,21 @@ class PendingPool:
     shape: tuple[int, ...]
 
 
+@torch.no_grad()
+def refresh_core_vectors(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+    """Write into ``u, v`` ``[H, r]`` the leading left/right singular vectors of the summed
+    Tucker cores ``cores [H, h_c, r, r]``, each sign kept closest to the previous vector; on the
+    first call (``u`` all zero) ``u`` is made to sum >= 0, so non-negative row/col scores are
+    ranked from the top. Shared by the UltraMem and UltraMemV2 layers."""
+    left, _, right_h = torch.linalg.svd(cores.detach().float().sum(1))
+    u_new, v_new = left[:, :, 0], right_h[:, 0, :]
+    had_prev = u.abs().sum(-1) > 0
+    flip = torch.where(had_prev, (u_new * u).sum(-1) < 0, u_new.sum(-1) < 0)
+    sign = torch.where(flip, -1.0, 1.0).unsqueeze(-1)
+    u.copy_(u_new * sign)
+    v.copy_(v_new * sign)
+
+
 class UltraMemLayer(nn.Module):
     """UltraMem memory layer (Huang et al., ICLR 2025) with a pluggable value backend."""
 
@@ -142,16 +157,7 @@ class UltraMemLayer(nn.Module):
     def refresh_svd(self) -> None:
         """Recompute u, v (leading singular vectors of the summed cores), keeping their sign
         closest to the previous ones. Call once per optimizer step."""
-        core_sum = self.cores.detach().float().sum(1)
-        left, _, right_h = torch.linalg.svd(core_sum)
-        u_new, v_new = left[:, :, 0], right_h[:, 0, :]
-        # Stay closest to the previous vectors; on the first call (no previous) make u sum >= 0,
-        # so non-negative row/col scores are ranked from the top.
-        had_prev = self.u.abs().sum(-1) > 0
-        flip = torch.where(had_prev, (u_new * self.u).sum(-1) < 0, u_new.sum(-1) < 0)
-        sign = torch.where(flip, -1.0, 1.0).unsqueeze(-1)
-        self.u.copy_(u_new * sign)
-        self.v.copy_(v_new * sign)
+        refresh_core_vectors(self.cores, self.u, self.v)
 
     def aux_loss(self) -> torch.Tensor:
         """alpha * mean(relu(sigma_i - tau)^2) over the non-leading singular values of the summed

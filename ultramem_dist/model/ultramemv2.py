@@ -23,7 +23,7 @@ from torch import nn
 from ultramem_dist.kernels import gather_pool
 from ultramem_dist.model.config import UltraMemV2Config
 from ultramem_dist.model.selection import Selection
-from ultramem_dist.model.ultramem import ive_permutation, tdqkr_topm
+from ultramem_dist.model.ultramem import ive_permutation, refresh_core_vectors, tdqkr_topm
 
 
 class SharedValueTable(nn.Module):
@@ -106,13 +106,7 @@ class UltraMemV2Layer(nn.Module):
     @torch.no_grad()
     def refresh_svd(self) -> None:
         """Leading singular vectors of the summed cores, sign kept closest to the previous."""
-        left, _, right_h = torch.linalg.svd(self.cores.detach().float().sum(1))
-        u_new, v_new = left[:, :, 0], right_h[:, 0, :]
-        had_prev = self.u.abs().sum(-1) > 0
-        flip = torch.where(had_prev, (u_new * self.u).sum(-1) < 0, u_new.sum(-1) < 0)
-        sign = torch.where(flip, -1.0, 1.0).unsqueeze(-1)
-        self.u.copy_(u_new * sign)
-        self.v.copy_(v_new * sign)
+        refresh_core_vectors(self.cores, self.u, self.v)
 
     # ----------------------------------------------------------------- selection
     def key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
