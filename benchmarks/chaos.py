@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -107,7 +108,8 @@ async def ray_scenario(store: Path, concurrency: int, fault_at: float, settle: f
 
 def idle_restart_s(store: Path, workdir: Path, rounds: int = 3) -> list[float]:
     """kill -9 + restart of one replica with no load running: the bare process start cost
-    (interpreter, torch import, sha256 of the shard files, bind) on this machine."""
+    (interpreter and imports — no torch on a CPU shard —, the shard's verification — cached
+    after the first load, ``serve-shard --verify cached`` —, bind) on this machine."""
     import signal
 
     times = []
@@ -155,7 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ultramem-chaos-") as tmp:
         store = make_synthetic_store(Path(tmp) / "store", shards=args.shards, seed=0,
                                      tables={"row": ("row", False)})  # fmt: skip
-        idle = idle_restart_s(store, Path(tmp) / "idle", rounds=2 if args.quick else 3)
+        idle = idle_restart_s(store, Path(tmp) / "idle", rounds=2 if args.quick else 5)
         print(f"idle restart times: {idle}", flush=True)
         idle_refork = idle_refork_s(store, Path(tmp) / "refork", rounds=2 if args.quick else 3)
         print(f"idle re-fork times: {idle_refork}", flush=True)
@@ -199,12 +201,15 @@ def main() -> None:
             "kill-worker": "SIGKILL of the serving worker of a serve-shard --respawn replica; "
             "kill and term are cold restarts of a whole (unsupervised) replica",
             "recovery_s": "fault -> the replacement has answered load traffic (full capacity)",
+            "cold_start_s": "median of idle_restart_s (5 rounds): idle cold start of a replica "
+            "to serving, verification cached",
             "idle_restart_s": "kill -9 + restart with no load: the bare process start cost; "
             "under load the replacement competes with the load for the same 2 cores",
             "idle_refork_s": "kill -9 of a supervised replica's worker with no load -> the "
             "re-forked worker serves (no import, no sha256: fork + build/bind the gRPC server)",
         },
         "idle_restart_s": idle,
+        "cold_start_s": statistics.median(idle),
         "idle_refork_s": idle_refork,
         "scenarios": scenarios,
         "loadavg_before": [round(x, 2) for x in load_before],
