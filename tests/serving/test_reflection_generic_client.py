@@ -4,23 +4,19 @@ against a real shard server and a real router."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import threading
 
 import grpc
 import pytest
 import torch
-from conftest import REPO, make_table_spec, random_queries
+from conftest import REPO, make_table_spec, random_queries, shard_and_router
 from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
 from ultramem_dist.kernels import gather_pool
-from ultramem_dist.router import RouterConfig, build_router
-from ultramem_dist.serving import ServerConfig
 from ultramem_dist.store import export_tables
 
 SPEC = make_table_spec(n_rows=200, dv=16)
@@ -32,22 +28,7 @@ def endpoints(tmp_path_factory, in_process_shard):
     """``{"shard": target, "router": target}``: shard 0 of a 1-shard store, and a router."""
     root = tmp_path_factory.mktemp("reflect")
     export_tables({"mem0": SPEC}, root, shards=1, by="dim", version="v1")
-    shard = in_process_shard(ServerConfig(store=root, shard=0))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start():
-        server, port = await build_router(RouterConfig(targets=[shard.target]))
-        await server.start()
-        return server, port
-
-    router, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    yield {"shard": shard.target, "router": f"127.0.0.1:{port}"}
-    asyncio.run_coroutine_threadsafe(router.stop(0.5), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    yield from shard_and_router(root, in_process_shard)
 
 
 def json_tensor(t: torch.Tensor, dtype: str) -> dict:
