@@ -66,6 +66,82 @@ def test_native_equals_torch_path(
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    tokens=st.integers(1, 5),
+    length=st.integers(0, 10),
+    blocks=st.integers(1, 4),
+    cores=st.sampled_from([1, 2]),
+    width=st.sampled_from([1, 8, 24]),
+    pre_dim=st.sampled_from([1, 7, 8, 32, 33]),
+    ragged=st.booleans(),
+    gelu=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    data=st.data(),
+)
+def test_native_pre_values_equal_torch_path(
+    rows, tokens, length, blocks, cores, width, pre_dim, ragged, gelu, dtype, data
+):
+    """UltraMemV2 pre-values: the native single pass (pre-value row . pre_input, GELU or not,
+    scale, pool) equals the torch path (activation, then pooling) for every dtype, dense and
+    ragged queries, a column slice of the values (a dim shard keeps the pre-values whole) and
+    pre-value rows strided wider than pre_vdim."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    dv = cores * width
+    lo = data.draw(st.integers(0, dv - 1))
+    hi = data.draw(st.integers(lo + 1, dv))
+    table = torch.randn(rows, dv, generator=gen).to(dtype)[:, lo:hi]
+    pre = torch.randn(rows, pre_dim + 2, generator=gen).to(dtype)[:, :pre_dim]
+    pre_in = torch.randn(tokens, pre_dim, generator=gen)
+    if ragged:
+        lengths = torch.randint(0, length + 1, (tokens,), generator=gen)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        shape: tuple[int, ...] = (int(offsets[-1]),)
+    else:
+        offsets, shape = None, (tokens, length)
+    idx = torch.randint(0, rows, shape, generator=gen)
+    blk = torch.randint(0, blocks, shape, generator=gen)
+    w = torch.randn(*shape, cores, generator=gen)
+    kw = dict(
+        segments=column_segments(lo, hi, dv, cores), offsets=offsets, pre_values=pre,
+        pre_input=pre_in, pre_gelu=gelu,
+    )  # fmt: skip
+    ref = gather_pool(table, idx, blk, w, blocks, backend="torch", **kw)
+    out = gather_pool(table, idx, blk, w, blocks, backend="native", **kw)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+    # and the activation really is applied: without it the pools differ (unless all zero)
+    plain = gather_pool(table, idx, blk, w, blocks, segments=kw["segments"], offsets=offsets)
+    if idx.numel() and ref.abs().max() > 1e-3:
+        assert not torch.allclose(plain, ref, atol=1e-5)
+
+
+def test_native_pre_value_plan_refuses_what_it_would_misread():
+    """A pre-value plan needs pre_input of [T, pre_vdim] float32; pre-values must cover the
+    table's rows in its dtype; a plain plan refuses a pre_input."""
+    lib = native.library()
+    table = np.ones((10, 8), dtype=np.float32)
+    segs = column_segments(0, 8, 8, 1)
+    args = (np.zeros(2, np.int64), np.zeros(2, np.int64), np.ones((2, 1), np.float32))
+    tok = np.array([0, 2], dtype=np.int64)
+    plan = native_plan(table, segs, 1, pre=np.ones((10, 4), np.float32))
+    with pytest.raises(ValueError, match="required"):
+        plan.run(*args, tok, 1, 1)
+    with pytest.raises(TypeError, match="pre_input"):
+        plan.run(*args, tok, 1, 1, pre_input=np.ones((1, 3), np.float32))
+    out = plan.run(*args, tok, 1, 1, pre_input=np.full((1, 4), 0.5, np.float32))
+    gelu2 = 2.0 * 0.5 * (1 + torch.erf(torch.tensor(2.0) / 2**0.5)).item()  # GELU(4 * .5)
+    np.testing.assert_allclose(out, np.full((1, 1, 8), 2 * gelu2, np.float32), rtol=1e-6)
+    with pytest.raises(ValueError, match="cover"):
+        native.NativePlan(lib, table, plan.segments, 1, False, 8, pre=np.ones((9, 4), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        native.NativePlan(lib, table, plan.segments, 1, False, 8, pre=np.ones((10, 4), np.float16))
+    plain = native_plan(table, segs, 1)
+    with pytest.raises(ValueError, match="no pre-values"):
+        plain.run(*args, tok, 1, 1, pre_input=np.ones((1, 4), np.float32))
+
+
 @pytest.mark.parametrize("ragged", [False, True])
 def test_native_sum_segments_equals_torch_path(ragged):
     gen = torch.Generator().manual_seed(3)
@@ -218,6 +294,7 @@ def test_generic_build_equals_torch_path(tmp_path, isa):
     full = {k: v for k, v in os.environ.items() if k != "ULTRAMEM_NATIVE_ISA"} | env
     tests = (
         f"{__file__}::test_native_equals_torch_path",
+        f"{__file__}::test_native_pre_values_equal_torch_path",
         f"{__file__}::test_isa_is_chosen_at_run_time",
     )
     proc = subprocess.run(
@@ -228,5 +305,5 @@ def test_generic_build_equals_torch_path(tmp_path, isa):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "2 passed" in proc.stdout
+    assert "3 passed" in proc.stdout
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # built there, with those flags

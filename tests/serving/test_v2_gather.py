@@ -150,3 +150,31 @@ def test_pre_input_on_a_v1_table_is_refused(tmp_path, in_process_shard):
     assert "has no pre-values" in (err.value.details() or "")
     req.ClearField("pre_input")
     assert stub.Gather(req, timeout=10).table_version == "v1a"
+
+
+@pytest.mark.parametrize("by", ["row", "dim"])
+def test_native_and_torch_shard_paths_agree(v2_model, tmp_path, by):
+    """The shard's one-pass native kernel and its torch path (a GPU shard, or no compiler)
+    answer the same V2 query alike."""
+    from ultramem_dist.serving.servicer import kernel_plan, run_kernel
+    from ultramem_dist.serving.validate import Limits, decode_request
+    from ultramem_dist.store.reader import load_shard
+
+    ckpt = save_pretrained(v2_model, tmp_path / "ckpt")
+    export_checkpoint(ckpt, tmp_path / "s", shards=2, by=by, version="v2a")
+    shard = load_shard(tmp_path / "s", 1)
+    table = shard.tables["shared"]
+    lo, hi = table.slot.row_lo, table.slot.row_hi
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(lo, hi, (9,), generator=gen)
+    req = _request(
+        {"indices": idx, "offsets": torch.tensor([0, 4, 4, 9])},
+        torch.randn(9, 2, generator=gen),
+        torch.randn(3, table.entry.pre_vdim, generator=gen),
+    )
+    q = decode_request(req, shard, Limits(max_batch=64, max_per_query=64))
+    plan = kernel_plan(table)
+    assert plan is not None and plan.pre is not None
+    np_native = run_kernel(q, plan)
+    np_torch = run_kernel(q, None)
+    torch.testing.assert_close(torch.from_numpy(np_native), torch.from_numpy(np_torch))

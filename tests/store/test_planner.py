@@ -95,3 +95,24 @@ def test_merged_dim_split_is_over_d_model():
     merged = TableShape(**{**RELEASED.__dict__, "merged": True})
     plan = plan_table(merged, 2, "dim")
     assert plan.ranges == ((0, 384), (384, 768))
+
+
+def test_pre_values_cost_more_on_dim_shards_and_can_flip_the_choice():
+    """UltraMemV2 pre-values: row shards each do the pre-value work of their L/S entries, dim
+    shards all L (pre-values whole), so the modelled difference grows by exactly
+    (c_read*b*P + c_pre) * L * (1 - 1/S), and a wide enough P makes row-wise win."""
+    from dataclasses import replace
+
+    k = CostConstants()
+    s = 4
+    v1 = RELEASED
+    assert plan_table(v1, s).by == "dim"
+    for p in (16, 64):
+        v2 = replace(v1, pre_vdim=p)
+        grow = (cost_dim(v2, s, k) - cost_row(v2, s, k)) - (cost_dim(v1, s, k) - cost_row(v1, s, k))
+        want = (k.c_read * v1.storage_bytes * p + k.c_pre) * v1.entries * (1 - 1 / s)
+        assert grow == pytest.approx(want, rel=1e-9)
+        assert cost_row(v2, s, k) > cost_row(v1, s, k)  # pre_input on the wire, reads, GELU
+    wide = replace(v1, pre_vdim=4096)
+    assert plan_table(wide, s).by == "row"
+    assert plan_table(replace(v1, pre_vdim=0), s) == plan_table(v1, s)  # v1 unchanged

@@ -31,6 +31,12 @@ Two implementations of this one contract, chosen per call (``backend="auto"``):
 3. Unequal segments (a dimension shard boundary that cuts a core slice unevenly) use the same
    layout over full-width rows and keep each segment's columns of its own bags: never a copy of
    the table (a column slice of the table would be, inside ``embedding_bag``).
+
+UltraMemV2 tables also have *pre-values* ``[rows, pre_vdim]``: with ``pre_values`` and
+``pre_input`` (``[T, pre_vdim]``, one row per token) every entry's weights are first scaled by
+``GELU(pre_values[idx[l]] . pre_input[token(l)])`` (``pre_gelu=False``: the dot product). The
+native routine does it in the same pass (read the pre-value row, dot, activate, scale, pool);
+the torch path computes :func:`pre_value_activation` (differentiable) and pools as above.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ __all__ = [
     "dense_offsets",
     "gather_pool",
     "native_plan",
+    "pre_value_activation",
 ]
 
 Backend = Literal["auto", "native", "torch"]
@@ -211,6 +218,31 @@ def dense_offsets(num_tokens: int, per_token: int) -> np.ndarray:
     return offs
 
 
+def pre_value_activation(
+    pre_values: torch.Tensor,
+    indices: torch.Tensor,
+    pre_input: torch.Tensor,
+    *,
+    offsets: torch.Tensor | None = None,
+    gelu: bool = True,
+) -> torch.Tensor:
+    """``act[l] = GELU(pre_values[indices[l]] . pre_input[token(l)])``, shaped like ``indices``
+    (dense ``[T, L]``: token ``t`` is row ``t``; flat ``[nnz]``: tokens from CSR ``offsets``).
+    Differentiable in ``pre_values`` and ``pre_input``; ``gelu=False`` returns the dot product."""
+    import torch
+    import torch.nn.functional as F
+
+    if offsets is None:
+        rows = pre_values[indices].to(pre_input.dtype)  # [T, L, P]
+        dots = torch.einsum("tlp,tp->tl", rows, pre_input)
+    else:
+        counts = torch.diff(offsets.to(torch.int64))
+        token = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        rows = pre_values[indices].to(pre_input.dtype)  # [nnz, P]
+        dots = (rows * pre_input[token.to(pre_input.device)]).sum(-1)
+    return F.gelu(dots) if gelu else dots
+
+
 def native_plan(
     table: torch.Tensor | np.ndarray,
     segments: tuple[ColumnSegment, ...],
@@ -219,12 +251,15 @@ def native_plan(
     sum_segments: bool = False,
     backend: Backend = "auto",
     dtype: str | None = None,
+    pre: torch.Tensor | np.ndarray | None = None,
+    pre_gelu: bool = True,
 ) -> native.NativePlan | None:
     """The native kernel bound to ``table`` when it can pool it (CPU, a supported dtype,
     contiguous columns tiled by ``segments``), else ``None`` (``backend="native"``: raise,
     naming why). Shards build one per table at start and reuse it for every request.
     ``table``: a torch tensor, or a numpy array (``dtype="bfloat16"`` for bfloat16 bits held
-    as ``uint16``; see :func:`.native.dtype_name`) — this needs no torch."""
+    as ``uint16``; see :func:`.native.dtype_name`) — this needs no torch. ``pre``: the table's
+    UltraMemV2 pre-values (same dtype), pooled in the same pass (:class:`.native.NativePlan`)."""
     why = None
     lib = native.library() if backend != "torch" else None
     if lib is None:
@@ -243,21 +278,32 @@ def native_plan(
     if why is None:
         out_cols = segments[0].width if sum_segments else shape[1]
         return native.NativePlan(
-            lib, table, _segment_array(segments), num_cores, sum_segments, out_cols, dtype=name
-        )
+            lib, table, _segment_array(segments), num_cores, sum_segments, out_cols, dtype=name,
+            pre=pre, pre_gelu=pre_gelu,
+        )  # fmt: skip
     if backend == "native":
         raise RuntimeError(f"native gather-pool cannot run this call: {why}")
     return None
 
 
-def _native_weights_ok(weights: torch.Tensor, table: torch.Tensor, backend: Backend) -> bool:
-    """Whether this call's weights let the native path run (float32 on the CPU, no autograd)."""
+def _native_weights_ok(
+    weights: torch.Tensor, table: torch.Tensor, backend: Backend, *pre: torch.Tensor | None
+) -> bool:
+    """Whether this call's weights let the native path run (float32 on the CPU, no autograd;
+    ``pre``: the pre-values and pre_input, when given, likewise)."""
     import torch
     why = None
+    given = [p for p in pre if p is not None]
     if weights.device.type != "cpu" or weights.dtype != torch.float32:
         why = f"weights must be float32 on the CPU (got {weights.dtype} on {weights.device})"
-    elif torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (table, weights, *given)):
         why = "autograd needs the torch path"
+    elif given and (
+        pre[0].dtype != table.dtype
+        or pre[1].dtype != torch.float32
+        or any(t.device.type != "cpu" for t in given)
+    ):
+        why = "pre-values need the table's dtype and a float32 pre_input on the CPU"
     if why is not None and backend == "native":
         raise RuntimeError(f"native gather-pool cannot run this call: {why}")
     return why is None
@@ -274,6 +320,9 @@ def gather_pool(
     offsets: torch.Tensor | None = None,
     sum_segments: bool = False,
     backend: Backend = "auto",
+    pre_values: torch.Tensor | None = None,
+    pre_input: torch.Tensor | None = None,
+    pre_gelu: bool = True,
 ) -> torch.Tensor:
     """Weighted gather of ``table`` rows pooled per (token, IVE block).
 
@@ -291,6 +340,9 @@ def gather_pool(
             (projector-folded) tables, where every segment is already a full ``D``-wide output.
         backend: ``"auto"`` (native where it applies, else torch), ``"torch"``, or ``"native"``
             (raises ``RuntimeError`` where the native path cannot run this call).
+        pre_values: UltraMemV2 pre-values ``[rows, pre_vdim]`` (rows indexed like ``table``);
+            with ``pre_input`` ``[T, pre_vdim]``, every entry's weights are scaled by
+            ``GELU(pre_values[idx] . pre_input[token])`` first (``pre_gelu=False``: the dot).
 
     Returns:
         ``[T, num_blocks, cols]`` (or ``[T, num_blocks, seg_width]`` with ``sum_segments``).
@@ -323,15 +375,31 @@ def gather_pool(
         return torch.zeros(num_tokens, num_blocks, out_w, dtype=weights.dtype, device=table.device)
     if sum_segments and not equal:
         raise ValueError("sum_segments needs equal-width segments covering the table")
-    if backend != "torch" and _native_weights_ok(weights, table, backend):
-        plan = native_plan(table, segments, num_cores, sum_segments=sum_segments, backend=backend)
+    if (pre_values is None) != (pre_input is None):
+        raise ValueError("pre_values and pre_input go together (an UltraMemV2 table has both)")
+    if pre_input is not None and tuple(pre_input.shape) != (num_tokens, pre_values.shape[1]):
+        raise ValueError(
+            f"pre_input must be [T, pre_vdim] = [{num_tokens}, {pre_values.shape[1]}], "
+            f"got {list(pre_input.shape)}"
+        )
+    if backend != "torch" and _native_weights_ok(weights, table, backend, pre_values, pre_input):
+        plan = native_plan(
+            table, segments, num_cores, sum_segments=sum_segments, backend=backend,
+            pre=pre_values, pre_gelu=pre_gelu,
+        )  # fmt: skip
         if plan is not None:
             tok_off = dense_offsets(num_tokens, per_token) if offsets is None else _i64(offsets)
             w = np.ascontiguousarray(weights.detach().reshape(-1, num_cores).numpy())
+            pre_in = None if pre_input is None else np.ascontiguousarray(pre_input.detach().numpy())
             out = plan.run(
-                _i64(indices), _i64(blocks), w, tok_off, num_blocks, torch.get_num_threads()
-            )
+                _i64(indices), _i64(blocks), w, tok_off, num_blocks, torch.get_num_threads(),
+                pre_input=pre_in,
+            )  # fmt: skip
             return torch.from_numpy(out)
+    if pre_values is not None:
+        assert pre_input is not None
+        act = pre_value_activation(pre_values, indices, pre_input, offsets=offsets, gelu=pre_gelu)
+        weights = weights * act.unsqueeze(-1)
     # Index bookkeeping is integer work on a few thousand entries: numpy does it with a
     # fraction of torch's per-call overhead. Weights stay torch (one differentiable gather).
     flat_w = weights.reshape(-1)  # entry j, core c -> j * num_cores + c

@@ -65,6 +65,7 @@ _ERRORS = {
     -3: (ValueError, "column segment {bad} does not fit the table / output"),
     -4: (TypeError, "table dtype not supported by this build"),
     -5: (MemoryError, "native gather-pool could not allocate its scratch buffers"),
+    -6: (ValueError, "pre-values do not fit the table (fewer rows, or no columns)"),
 }
 _i64 = ctypes.c_int64
 _i32 = ctypes.c_int32
@@ -107,6 +108,11 @@ class NativeLib:
         fn.argtypes = [_ptr, _i32, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64]
         fn.argtypes += [_ptr, _i64, _i32, _ptr, _i64, _i32, ctypes.POINTER(_i64)]
         self.gather_pool = fn
+        pre = self._lib.um_gather_pool_pre
+        pre.restype = _i32
+        pre.argtypes = [*fn.argtypes, _ptr, _i64, _i64, _i64, _ptr, _i32]
+        self.gather_pool_pre = pre
+        """``um_gather_pool`` plus an UltraMemV2 table's pre-values (one pass; see the C)."""
         split = self._lib.um_split_rows
         split.restype = _i32
         split.argtypes = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64] + [_ptr] * 5
@@ -252,7 +258,7 @@ def build(out: Path | None = None) -> Path:
         # loaded by torch); pthreads when the compiler has no OpenMP
         for extra in (["-fopenmp"], []):
             proc = subprocess.run(
-                [*cc, *flags, *extra, *map(str, SOURCES), "-o", tmp],
+                [*cc, *flags, *extra, *map(str, SOURCES), "-o", tmp, "-lm"],
                 capture_output=True,
                 text=True,
             )
@@ -361,6 +367,11 @@ class NativePlan:
     dtype of ``lib.dtypes``; a numpy bfloat16 table is its ``uint16`` bits with
     ``dtype="bfloat16"``); ``segments`` the ``[nseg, 3]`` (start, stop, core) column segments,
     which must fit the table; ``out_cols`` the output width. The plan keeps the table alive.
+
+    ``pre``: an UltraMemV2 table's pre-values ``[rows, pre_vdim]`` in the table's dtype (unit
+    column stride; at least the table's rows): :meth:`run` then needs ``pre_input`` and scales
+    every entry's weights by ``GELU(pre[idx] . pre_input[token])`` in the same pass
+    (``pre_gelu=False``: by the dot product).
     """
 
     def __init__(
@@ -373,6 +384,8 @@ class NativePlan:
         out_cols: int,
         *,
         dtype: str | None = None,
+        pre: Any = None,
+        pre_gelu: bool = True,
     ) -> None:
         device, ndim, shape, strides, addr, size = table_layout(table)
         if device != "cpu" or ndim != 2 or strides[1] != 1:
@@ -388,6 +401,22 @@ class NativePlan:
         self._head = (addr, DTYPE_CODES[name], shape[0], strides[0], shape[1])
         self._segs = (_addr(self.segments), self.segments.shape[0], int(sum_segments))
         self._row_bytes = shape[1] * size
+        self.pre = None if pre is None else pre if isinstance(pre, np.ndarray) else pre.detach()
+        self._pre: tuple[int, int, int, int] | None = None
+        if pre is not None:
+            p_dev, p_ndim, p_shape, p_strides, p_addr, p_size = table_layout(pre)
+            if p_dev != "cpu" or p_ndim != 2 or p_strides[1] != 1 or p_size != size:
+                raise TypeError(
+                    "native gather-pool: pre-values must be a CPU [rows, pre_vdim] array with "
+                    "contiguous columns in the table's dtype"
+                )
+            if p_shape[0] < shape[0] or p_shape[1] < 1:
+                raise ValueError(
+                    f"native gather-pool: pre-values {list(p_shape)} do not cover the table's "
+                    f"{shape[0]} rows"
+                )
+            self._pre = (p_addr, p_shape[0], p_strides[0], p_shape[1])
+        self.pre_gelu = bool(pre_gelu)
 
     def run(
         self,
@@ -397,11 +426,13 @@ class NativePlan:
         tok_off: np.ndarray,
         num_blocks: int,
         nthreads: int,
+        pre_input: np.ndarray | None = None,
     ) -> np.ndarray:
         """``[T, num_blocks, out_cols]`` float32 for C-contiguous int64 ``idx``/``blk``
         ``[nnz]`` in token order, float32 ``weights`` ``[nnz, num_cores]`` and int64 CSR
-        ``tok_off`` ``[T + 1]`` (``tok_off[-1] == nnz``). These are read by address, so their
-        dtypes and sizes are checked here: a wrong one would be read as garbage."""
+        ``tok_off`` ``[T + 1]`` (``tok_off[-1] == nnz``); with pre-values, float32
+        ``pre_input`` ``[T, pre_vdim]``. These are read by address, so their dtypes and sizes
+        are checked here: a wrong one would be read as garbage."""
         nnz = idx.shape[0]
         _expect_arrays(
             ("idx", idx, _I64, (nnz,)),
@@ -411,26 +442,29 @@ class NativePlan:
         )
         _expect_csr(tok_off, nnz)
         num_tokens = tok_off.shape[0] - 1
+        if (pre_input is None) != (self._pre is None):
+            raise ValueError(
+                "pre_input: required for a table with pre-values"
+                if pre_input is None
+                else "pre_input: this table has no pre-values"
+            )
+        if self._pre is not None:
+            _expect_arrays(("pre_input", pre_input, _F32, (num_tokens, self._pre[3])))
         out = np.empty((num_tokens, num_blocks, self.out_cols), dtype=np.float32)
         # a thread per PARALLEL_GRAIN bytes of rows read: waking a thread costs more than it
         # saves on a small batch (the C side also caps threads at the token count)
         nthreads = min(nthreads, 1 + nnz * self._row_bytes // PARALLEL_GRAIN)
         bad = _i64(0)
-        rc = self.lib.gather_pool(
-            *self._head,
-            _addr(idx),
-            _addr(blk),
-            _addr(weights),
-            self.num_cores,
-            _addr(tok_off),
-            num_tokens,
-            num_blocks,
-            *self._segs,
-            _addr(out),
-            self.out_cols,
-            nthreads,
+        args = (
+            *self._head, _addr(idx), _addr(blk), _addr(weights), self.num_cores, _addr(tok_off),
+            num_tokens, num_blocks, *self._segs, _addr(out), self.out_cols, nthreads,
             ctypes.byref(bad),
-        )
+        )  # fmt: skip
+        if self._pre is None:
+            rc = self.lib.gather_pool(*args)
+        else:
+            assert pre_input is not None
+            rc = self.lib.gather_pool_pre(*args, *self._pre, _addr(pre_input), int(self.pre_gelu))
         if rc != 0:
             exc, msg = _ERRORS.get(rc, (RuntimeError, f"native gather-pool failed ({rc})"))
             b = bad.value

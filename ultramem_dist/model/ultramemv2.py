@@ -17,10 +17,10 @@ shared :func:`~ultramem_dist.kernels.gather_pool` kernel with a single block.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ultramem_dist.kernels import gather_pool
+from ultramem_dist.kernels.gather_pool import pre_value_activation
 from ultramem_dist.model.config import UltraMemV2Config
 from ultramem_dist.model.selection import Selection
 from ultramem_dist.model.ultramem import ive_permutation, refresh_core_vectors, tdqkr_topm
@@ -44,14 +44,6 @@ class SharedValueTable(nn.Module):
         return (
             self.values.shape[0] if self.values.numel() else self.rows_per_layer * self.num_layers
         )
-
-
-def pre_value_activation(
-    pre_values: torch.Tensor, rows: torch.Tensor, pre_input: torch.Tensor, gelu: bool = True
-) -> torch.Tensor:
-    """``act[t, j] = GELU(pre_values[rows[t, j]] . pre_input[t])`` → ``[T, L]``."""
-    dots = torch.einsum("tlp,tp->tl", pre_values[rows].to(pre_input.dtype), pre_input)
-    return F.gelu(dots) if gelu else dots
 
 
 class UltraMemV2Layer(nn.Module):
@@ -144,11 +136,10 @@ class UltraMemV2Layer(nn.Module):
         pre_input: torch.Tensor | None,
     ) -> torch.Tensor:
         """``[T, Dv]`` pooled values (pre-value activation applied to the weights)."""
-        weights = sel.weights
-        if pre_input is not None:
-            act = pre_value_activation(table.pre_values, sel.indices, pre_input, self.cfg.pre_gelu)
-            weights = weights * act.unsqueeze(-1)
-        pooled = gather_pool(table.values, sel.indices, sel.blocks, weights, 1)
+        pre = {} if pre_input is None else {"pre_values": table.pre_values, "pre_input": pre_input}
+        pooled = gather_pool(
+            table.values, sel.indices, sel.blocks, sel.weights, 1, pre_gelu=self.cfg.pre_gelu, **pre
+        )
         return pooled[:, 0]
 
     def forward(self, x: torch.Tensor, table: SharedValueTable) -> torch.Tensor:
@@ -179,4 +170,4 @@ class UltraMemV2Layer(nn.Module):
         )
 
 
-__all__ = ["SharedValueTable", "UltraMemV2Layer", "pre_value_activation"]
+__all__ = ["SharedValueTable", "UltraMemV2Layer", "pre_value_activation"]  # (re-exported)

@@ -72,8 +72,9 @@ def kernel_plan(table: ShardTable) -> NativePlan | None:
     if table.device_values is not None:  # a GPU shard: the torch path
         return None
     return native_plan(
-        table.array, table.segments, e.num_cores, sum_segments=e.merged, dtype=table.dtype
-    )
+        table.array, table.segments, e.num_cores, sum_segments=e.merged, dtype=table.dtype,
+        pre=table.pre_array,
+    )  # fmt: skip
 
 
 def run_kernel(q: GatherQuery, plan: NativePlan | None = None) -> np.ndarray:
@@ -82,7 +83,10 @@ def run_kernel(q: GatherQuery, plan: NativePlan | None = None) -> np.ndarray:
     the call goes through :func:`~ultramem_dist.kernels.gather_pool` (GPU or torch path)."""
     t = q.table
     if plan is not None:
-        out = plan.run(q.indices, q.blocks, q.weights, q.offsets, q.num_blocks, kernel_threads())
+        out = plan.run(
+            q.indices, q.blocks, q.weights, q.offsets, q.num_blocks, kernel_threads(),
+            pre_input=q.pre_input,
+        )  # fmt: skip
     else:  # the torch path (GPU shard, or no native library): imports torch on first use
         import torch
 
@@ -96,6 +100,8 @@ def run_kernel(q: GatherQuery, plan: NativePlan | None = None) -> np.ndarray:
             segments=t.segments,
             offsets=torch.from_numpy(q.offsets).to(dev),
             sum_segments=t.entry.merged,
+            pre_values=None if t.pre_values is None else t.pre_values.to(dev),
+            pre_input=None if q.pre_input is None else torch.from_numpy(q.pre_input).to(dev),
         )
         out = out.cpu().numpy()
     return out.reshape(q.num_tokens, out.shape[-1]) if t.entry.merged else out

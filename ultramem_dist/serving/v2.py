@@ -1,30 +1,21 @@
 """UltraMemV2 requests on a shard: the per-token ``pre_input`` and the pre-value activation.
 
 For a table stored with pre-values (manifest ``pre_vdim > 0``) every entry ``l`` of token ``t``
-has its per-core weights multiplied by ``GELU(pre_values[row_l] . pre_input[t])`` before the
-usual gather-pool. Row-sharded shards hold their rows' pre-values, dim-sharded shards all of
-them, so the dot product is always complete on the shard (no all-reduce before the GELU).
+has its per-core weights multiplied by ``GELU(pre_values[row_l] . pre_input[t])`` by the
+gather-pool kernel, in the same pass that pools the value rows (``kernels/gather_pool.py``).
+Row-sharded shards hold their rows' pre-values, dim-sharded shards all of them, so the dot
+product is always complete on the shard (no all-reduce before the GELU).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from ultramem_dist._private.codec import decode_array
 from ultramem_dist.errors import InvalidRequestError
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
-from ultramem_dist.store.reader import ShardTable
 
-__all__ = ["apply_pre_values", "check_pre_input_absent", "decode_pre_input", "gelu"]
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """Exact (erf) GELU in float64 then cast back, matching ``torch.nn.functional.gelu``."""
-    x64 = x.astype(np.float64)
-    erf = np.vectorize(math.erf, otypes=[np.float64])
-    return (0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))).astype(x.dtype)
+__all__ = ["check_pre_input_absent", "decode_pre_input"]
 
 
 def check_pre_input_absent(req: pb.GatherRequest, table_id: str) -> None:
@@ -58,21 +49,3 @@ def decode_pre_input(req: pb.GatherRequest, num_tokens: int, pre_vdim: int) -> n
     if arr.size and not np.isfinite(arr).all():
         raise InvalidRequestError("pre_input: contains NaN or Inf; expected finite values")
     return arr
-
-
-def apply_pre_values(
-    table: ShardTable,
-    local: np.ndarray,
-    offsets: np.ndarray,
-    weights: np.ndarray,
-    pre_input: np.ndarray,
-) -> np.ndarray:
-    """``weights [nnz, h_c]`` times ``GELU(pre_values[local] . pre_input[token])`` per entry.
-
-    ``local`` are row ids in the shard's slice (row sharding) or global ids (dim sharding,
-    where the slice holds every row's pre-values)."""
-    pre = table.pre_values_f32()
-    assert pre is not None
-    token = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    dots = np.einsum("lp,lp->l", pre[local], pre_input[token], dtype=np.float32)
-    return (weights * gelu(dots.astype(np.float32))[:, None]).astype(np.float32)

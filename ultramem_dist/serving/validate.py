@@ -52,6 +52,8 @@ class GatherQuery:
     offsets: np.ndarray
     num_tokens: int
     num_blocks: int
+    pre_input: np.ndarray | None = None
+    """UltraMemV2: float32 ``[T, pre_vdim]`` for a table with pre-values (else ``None``)."""
 
 
 def decode_blocks_weights(
@@ -224,7 +226,8 @@ def decode_request(req: pb.GatherRequest, shard: ShardSlice, limits: Limits) -> 
 def _decode_v2(
     req: pb.GatherRequest, shard: ShardSlice, table: ShardTable, limits: Limits
 ) -> GatherQuery:
-    """An UltraMemV2 request: usual checks, then the pre-value activation folded into weights."""
+    """An UltraMemV2 request: the usual checks plus ``pre_input`` (the kernel applies the
+    pre-value activation while it pools)."""
     entry, slot = table.entry, table.slot
     e = decode_entries(req, limits, entry.num_cores, check_weights=True)
     offsets = e.offsets if e.offsets is not None else dense_offsets(*e.indices.shape)
@@ -237,7 +240,5 @@ def _decode_v2(
         _range_check("indices", ids, slot.row_lo, slot.row_hi, owned)
     local = np.subtract(e.indices.reshape(-1), slot.row_lo, dtype=np.int64)
     blk = e.blocks.reshape(-1).astype(np.int64, copy=False)
-    w = v2.apply_pre_values(
-        table, local, offsets, e.weights.reshape(-1, entry.num_cores), pre_input
-    )
-    return GatherQuery(table, local, blk, w, offsets, e.num_tokens, entry.expansion)
+    w = e.weights.reshape(-1, entry.num_cores)
+    return GatherQuery(table, local, blk, w, offsets, e.num_tokens, entry.expansion, pre_input)

@@ -92,6 +92,7 @@ class TableSpec:
             d_model=self.d_model,
             merged=merged,
             storage_bytes=storage_bytes,
+            pre_vdim=0 if self.pre_values is None else int(self.pre_values.shape[1]),
         )
 
 

@@ -29,6 +29,17 @@ request (``q*L``), i.e. wide values, few entries and many shards; row-wise wins 
 values with many entries per token. Ties go to dimension-wise (what production deployments of
 UltraMem-style memories use).
 
+UltraMemV2 tables add pre-values ``[N, P]`` (``P = pre_vdim``): every shard gets the token's
+``pre_input`` (``4*P`` request bytes) and, per entry it pools, reads that row's pre-values
+(``b*P`` bytes) and computes the dot product and GELU (``c_pre``). Row-wise a shard does this
+for its ``L/S`` entries; dim-wise every shard keeps the pre-values whole and does it for all
+``L`` entries (the GELU needs the complete dot product), so the terms
+
+    row-wise  + c_net * 4*P + (c_read * b*P + c_pre) * L/S
+    dim-wise  + c_net * 4*P + (c_read * b*P + c_pre) * L
+
+tilt the choice toward row-wise as ``P`` and ``S`` grow.
+
 A table also has hard limits: row-wise needs ``N >= S`` and dim-wise ``W >= S``.
 """
 
@@ -58,6 +69,8 @@ class CostConstants:
     """Seconds per byte the client adds or concatenates."""
     split_penalty: float = 1.5
     """Read-time multiplier when a dim split straddles an MCS core boundary unevenly."""
+    c_pre: float = 8e-9
+    """Seconds per entry for an UltraMemV2 pre-value dot product and its GELU (beyond the read)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,8 @@ class TableShape:
     d_model: int
     merged: bool = False
     storage_bytes: int = 4
+    pre_vdim: int = 0
+    """UltraMemV2 pre-value width ``P`` (0: a v1 table)."""
 
     @property
     def entries(self) -> int:
@@ -90,6 +105,15 @@ class TableShape:
     @property
     def out_blocks(self) -> int:
         return 1 if self.merged else self.expansion
+
+
+def _pre_cost(shape: TableShape, entries: float, k: CostConstants) -> float:
+    """Seconds per token one shard spends on pre-values: ``pre_input`` on the wire, and a
+    pre-value row read + dot + GELU for each of its ``entries`` (0 for a v1 table)."""
+    if not shape.pre_vdim:
+        return 0.0
+    p = shape.pre_vdim
+    return k.c_net * 4 * p + (k.c_read * shape.storage_bytes * p + k.c_pre) * entries
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,7 @@ def cost_row(shape: TableShape, shards: int, k: CostConstants) -> float:
         + k.c_entry * L / S
         + k.c_read * shape.storage_bytes * shape.row_width * L / S
         + k.c_fanin * 4 * E * W * S
+        + _pre_cost(shape, L / S, k)
     )
 
 
@@ -137,6 +162,7 @@ def cost_dim(shape: TableShape, shards: int, k: CostConstants) -> float:
         + k.c_entry * L
         + k.c_read * shape.storage_bytes * shape.row_width / S * L * penalty
         + k.c_fanin * 4 * E * W
+        + _pre_cost(shape, L, k)  # pre-values whole on every dim shard
     )
 
 

@@ -183,6 +183,19 @@ class ShardTable:
             t = torch.from_numpy(self.array)
         return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
+    @functools.cached_property
+    def pre_values(self) -> torch.Tensor | None:
+        """:attr:`pre_array` as a zero-copy CPU torch tensor (``None`` for a v1 table; imports
+        torch: only the torch path of the kernel asks for it)."""
+        if self.pre_array is None:
+            return None
+        import torch
+
+        with warnings.catch_warnings():  # a read-only mapping: nothing writes into it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(self.pre_array)
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
     @property
     def out_cols(self) -> int:
         return self.slot.col_hi - self.slot.col_lo

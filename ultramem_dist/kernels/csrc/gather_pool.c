@@ -20,6 +20,7 @@
  * __builtin_cpu_supports (bf16 -> fp32: zero-extend + shift 16; fp16 -> fp32: vcvtph2ps).
  * ULTRAMEM_NATIVE_ISA=generic forces the portable copy (tests compare both).
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,6 +62,12 @@ typedef struct {
     int64_t t0, t1; /* this job's tokens */
     int32_t failed;
     int64_t pf_lo, pf_bytes; /* byte range of a row the segments read (prefetched) */
+    /* UltraMemV2 pre-values (pre == NULL: none): entry l of token t has its weights scaled by
+     * act = GELU(pre[idx[l]] . pre_in[t]) (or the plain dot product with pre_gelu = 0) */
+    const char *pre;
+    int64_t pre_stride, pre_dim; /* elements; pre has the table's dtype */
+    const float *pre_in;         /* [T, pre_dim] */
+    int32_t pre_gelu;
 } um_job;
 
 /* Portable loaders: vector extensions only (what the compiler makes of them depends on the
@@ -130,12 +137,23 @@ static inline __attribute__((always_inline)) void um_prefetch(const um_job *j, s
         const char *r = j->table + (size_t)(j->idx[l] * j->row_stride) * item + j->pf_lo;
         const char *e = r + j->pf_bytes;
         for (r -= (uintptr_t)r & 63; r < e; r += 64) __builtin_prefetch(r, 0, 3);
+        if (j->pre) __builtin_prefetch(j->pre + (size_t)(j->idx[l] * j->pre_stride) * item, 0, 3);
     }
 }
 
 /* One bag (n entries, rows rows[k] with weights wts[k]) over columns [c0, c0 + width) of the
  * table, written (add = 0) or added (add = 1) to o[0 .. width). */
 #define UM_DEFINE_BAG(NAME, T, LOAD, SCALAR, ATTR)                                            \
+    /* act = GELU(p . q) over n columns (pre_gelu = 0: the dot product itself) */              \
+    static inline __attribute__((always_inline)) ATTR float um_pre_act_##NAME(                \
+        const T *p, const float *q, int64_t n, int32_t use_gelu) {                            \
+        v8f a = {0};                                                                          \
+        int64_t c = 0;                                                                        \
+        for (; c + 8 <= n; c += 8) a += LOAD(p + c) * um_load_f32(q + c);                     \
+        float d = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));          \
+        for (; c < n; c++) d += SCALAR(p + c) * q[c];                                         \
+        return use_gelu ? 0.5f * d * (1.0f + erff(d * 0.70710678118654752f)) : d;            \
+    }                                                                                         \
     static inline __attribute__((always_inline)) ATTR void um_bag_##NAME(                     \
         const T *const *rows, const float *wts, int64_t n, int64_t c0, int64_t width,         \
         float *o, int add) {                                                                  \
@@ -181,8 +199,9 @@ static inline __attribute__((always_inline)) void um_prefetch(const um_job *j, s
 #define UM_DEFINE_TOKENS(NAME, T, LOAD, SCALAR, ATTR)                                         \
     UM_DEFINE_BAG(NAME, T, LOAD, SCALAR, ATTR)                                                \
     static ATTR void um_tokens_##NAME(um_job *j, int64_t *count, int64_t *ord,                \
-                                      const T **rows, float *wts) {                           \
+                                      const T **rows, float *wts, float *act) {               \
         const T *table = (const T *)j->table;                                                 \
+        const T *pre = (const T *)j->pre;                                                     \
         /* half tables only: measured slower for fp32 rows, faster for half (kernel_limit) */ \
         const int prefetch = sizeof(T) == 2 && __atomic_load_n(&um_prefetch_on, __ATOMIC_RELAXED); \
         if (prefetch && j->t0 < j->t1) um_prefetch(j, sizeof(T), j->tok_off[j->t0], j->tok_off[j->t0 + 1]); \
@@ -197,6 +216,11 @@ static inline __attribute__((always_inline)) void um_prefetch(const um_job *j, s
             for (int64_t k = 0; k < n; k++) count[j->blk[l0 + k] + 1]++;                      \
             for (int64_t e = 0; e < j->E; e++) count[e + 1] += count[e];                      \
             for (int64_t k = 0; k < n; k++) ord[count[j->blk[l0 + k]]++] = l0 + k;            \
+            if (pre) /* the pre-value activation of every entry of the token, before pooling */ \
+                for (int64_t k = 0; k < n; k++)                                               \
+                    act[k] = um_pre_act_##NAME(pre + j->idx[l0 + k] * j->pre_stride,          \
+                                               j->pre_in + t * j->pre_dim, j->pre_dim,        \
+                                               j->pre_gelu);                                  \
             /* count[e] is now the end of bag e; bag e is ord[start .. count[e]) */           \
             int64_t start = 0;                                                                \
             for (int64_t e = 0; e < j->E; e++) {                                              \
@@ -214,6 +238,8 @@ static inline __attribute__((always_inline)) void um_prefetch(const um_job *j, s
                     const int64_t lo = j->seg[3 * s], hi = j->seg[3 * s + 1];                 \
                     const int64_t core = j->seg[3 * s + 2];                                   \
                     for (int64_t k = 0; k < m; k++) wts[k] = j->w[ord[start + k] * j->ncores + core]; \
+                    if (pre)                                                                  \
+                        for (int64_t k = 0; k < m; k++) wts[k] *= act[ord[start + k] - l0];   \
                     const int add = j->sum_segments && s > 0;                                 \
                     um_bag_##NAME(rows, wts, m, lo, hi - lo, ob + (j->sum_segments ? 0 : lo), add); \
                 }                                                                             \
@@ -266,29 +292,30 @@ static void *um_run(void *arg) {
     int64_t *ord = malloc(sizeof(int64_t) * (size_t)(longest + 1));
     void **rows = malloc(sizeof(void *) * (size_t)(longest + 1));
     float *wts = malloc(sizeof(float) * (size_t)(longest + 1));
+    float *act = malloc(sizeof(float) * (size_t)(longest + 1));
     const int avx2 = um_isa() == UM_ISA_AVX2;
-    if (!count || !ord || !rows || !wts) {
+    if (!count || !ord || !rows || !wts || !act) {
         j->failed = 1;
     } else {
         switch (j->dtype) {
         case UM_F32:
 #if UM_X86
-            if (avx2) { um_tokens_avx2_f32(j, count, ord, (const float **)rows, wts); break; }
+            if (avx2) { um_tokens_avx2_f32(j, count, ord, (const float **)rows, wts, act); break; }
 #endif
-            um_tokens_f32(j, count, ord, (const float **)rows, wts);
+            um_tokens_f32(j, count, ord, (const float **)rows, wts, act);
             break;
         case UM_BF16:
 #if UM_X86
-            if (avx2) { um_tokens_avx2_bf16(j, count, ord, (const uint16_t **)rows, wts); break; }
+            if (avx2) { um_tokens_avx2_bf16(j, count, ord, (const uint16_t **)rows, wts, act); break; }
 #endif
-            um_tokens_bf16(j, count, ord, (const uint16_t **)rows, wts);
+            um_tokens_bf16(j, count, ord, (const uint16_t **)rows, wts, act);
             break;
 #if UM_HAS_F16
         case UM_F16:
 #if UM_X86
-            if (avx2) { um_tokens_avx2_f16(j, count, ord, (const _Float16 **)rows, wts); break; }
+            if (avx2) { um_tokens_avx2_f16(j, count, ord, (const _Float16 **)rows, wts, act); break; }
 #endif
-            um_tokens_f16(j, count, ord, (const _Float16 **)rows, wts);
+            um_tokens_f16(j, count, ord, (const _Float16 **)rows, wts, act);
             break;
 #endif
         default: j->failed = 1; break;
@@ -299,21 +326,29 @@ static void *um_run(void *arg) {
     free(ord);
     free(rows);
     free(wts);
+    free(act);
     return NULL;
 }
 
 /* Which table dtypes this build supports (bit k = dtype k). */
 int32_t um_dtypes(void) { return (1 << UM_F32) | (1 << UM_BF16) | (UM_HAS_F16 << UM_F16); }
 
-/* Returns 0; -1 an index outside [0, rows); -2 a block outside [0, E); -3 a bad segment;
- * -4 an unsupported dtype; -5 out of memory.  (*bad names the entry / segment.)  The caller
- * validates requests first; these checks keep a bad call from reading outside the table. */
-int32_t um_gather_pool(const void *table, int32_t dtype, int64_t rows, int64_t row_stride,
-                       int64_t cols, const int64_t *idx, const int64_t *blk, const float *w,
-                       int64_t ncores, const int64_t *tok_off, int64_t T, int64_t E,
-                       const int32_t *seg, int64_t nseg, int32_t sum_segments, float *out,
-                       int64_t out_cols, int32_t nthreads, int64_t *bad) {
+typedef struct {
+    const void *values;
+    int64_t rows, stride, dim;
+    const float *input;
+    int32_t gelu;
+} um_pre;
+
+static int32_t um_gather_pool_impl(const void *table, int32_t dtype, int64_t rows,
+                                   int64_t row_stride, int64_t cols, const int64_t *idx,
+                                   const int64_t *blk, const float *w, int64_t ncores,
+                                   const int64_t *tok_off, int64_t T, int64_t E,
+                                   const int32_t *seg, int64_t nseg, int32_t sum_segments,
+                                   float *out, int64_t out_cols, int32_t nthreads, int64_t *bad,
+                                   const um_pre *pre) {
     if (dtype < 0 || dtype > 2 || !((um_dtypes() >> dtype) & 1)) return -4;
+    if (pre && (pre->rows < rows || pre->dim < 1 || pre->stride < pre->dim)) return -6;
     const int64_t nnz = tok_off[T];
     for (int64_t l = 0; l < nnz; l++) {
         if (idx[l] < 0 || idx[l] >= rows) { *bad = l; return -1; }
@@ -336,9 +371,16 @@ int32_t um_gather_pool(const void *table, int32_t dtype, int64_t rows, int64_t r
     const int64_t pf_lo = nseg ? clo * item : 0;
     const int64_t pf_bytes = nseg ? (chi - clo) * item : 0;
     um_job base = {(const char *)table, dtype, row_stride, idx, blk, w, ncores, tok_off, E,
-                   seg, nseg, sum_segments, out, out_cols, 0, T, 0, 0, 0};
+                   seg, nseg, sum_segments, out, out_cols, 0, T, 0, 0, 0, NULL, 0, 0, NULL, 0};
     base.pf_lo = pf_lo;
     base.pf_bytes = pf_bytes;
+    if (pre) {
+        base.pre = (const char *)pre->values;
+        base.pre_stride = pre->stride;
+        base.pre_dim = pre->dim;
+        base.pre_in = pre->input;
+        base.pre_gelu = pre->gelu;
+    }
     if (nthreads > UM_MAX_THREADS) nthreads = UM_MAX_THREADS;
     if (nthreads > T) nthreads = (int32_t)T;
     if (nthreads < 1) nthreads = 1;
@@ -377,4 +419,33 @@ int32_t um_gather_pool(const void *table, int32_t dtype, int64_t rows, int64_t r
     }
 #endif
     return failed ? -5 : 0;
+}
+
+/* Returns 0; -1 an index outside [0, rows); -2 a block outside [0, E); -3 a bad segment;
+ * -4 an unsupported dtype; -5 out of memory.  (*bad names the entry / segment.)  The caller
+ * validates requests first; these checks keep a bad call from reading outside the table. */
+int32_t um_gather_pool(const void *table, int32_t dtype, int64_t rows, int64_t row_stride,
+                       int64_t cols, const int64_t *idx, const int64_t *blk, const float *w,
+                       int64_t ncores, const int64_t *tok_off, int64_t T, int64_t E,
+                       const int32_t *seg, int64_t nseg, int32_t sum_segments, float *out,
+                       int64_t out_cols, int32_t nthreads, int64_t *bad) {
+    return um_gather_pool_impl(table, dtype, rows, row_stride, cols, idx, blk, w, ncores, tok_off,
+                               T, E, seg, nseg, sum_segments, out, out_cols, nthreads, bad, NULL);
+}
+
+/* um_gather_pool for an UltraMemV2 table, in the same single pass: every entry's weights are
+ * scaled by GELU(pre_values[idx] . pre_input[token]) (pre_gelu = 0: by the dot product) as its
+ * token is pooled.  pre_values: [pre_rows >= rows, pre_stride] in the table's dtype, pre_dim
+ * columns read; pre_input: float32 [T, pre_dim].  Returns as um_gather_pool, or -6 for a
+ * pre-value table that does not fit. */
+int32_t um_gather_pool_pre(const void *table, int32_t dtype, int64_t rows, int64_t row_stride,
+                           int64_t cols, const int64_t *idx, const int64_t *blk, const float *w,
+                           int64_t ncores, const int64_t *tok_off, int64_t T, int64_t E,
+                           const int32_t *seg, int64_t nseg, int32_t sum_segments, float *out,
+                           int64_t out_cols, int32_t nthreads, int64_t *bad,
+                           const void *pre_values, int64_t pre_rows, int64_t pre_stride,
+                           int64_t pre_dim, const float *pre_input, int32_t pre_gelu) {
+    const um_pre pre = {pre_values, pre_rows, pre_stride, pre_dim, pre_input, pre_gelu};
+    return um_gather_pool_impl(table, dtype, rows, row_stride, cols, idx, blk, w, ncores, tok_off,
+                               T, E, seg, nseg, sum_segments, out, out_cols, nthreads, bad, &pre);
 }
