@@ -178,3 +178,43 @@ def test_native_and_torch_shard_paths_agree(v2_model, tmp_path, by):
     np_native = run_kernel(q, plan)
     np_torch = run_kernel(q, None)
     torch.testing.assert_close(torch.from_numpy(np_native), torch.from_numpy(np_torch))
+
+
+def test_a_model_without_pre_gelu_is_served_with_the_plain_dot_product(tmp_path):
+    """``pre_gelu=False`` (optional in the official config) is exported as manifest
+    ``pre_activation: none`` and the shard scales by the dot product itself; an unknown
+    activation in a manifest is refused."""
+    import json
+    from dataclasses import replace
+
+    from ultramem_dist.serving.servicer import kernel_plan, run_kernel
+    from ultramem_dist.serving.validate import Limits, decode_request
+    from ultramem_dist.store.manifest import Manifest, ManifestError
+    from ultramem_dist.store.reader import load_shard
+
+    cfg = preset("micro", "ultramemv2")
+    cfg.ultramemv2 = replace(cfg.ultramemv2, pre_gelu=False)
+    torch.manual_seed(4)
+    model = MemoryLM(cfg).eval()
+    ckpt = save_pretrained(model, tmp_path / "ckpt")
+    export_checkpoint(ckpt, tmp_path / "s", shards=1, version="v2a")
+    raw = json.loads((tmp_path / "s" / "v2a" / "manifest.json").read_text())
+    assert raw["tables"][0]["pre_activation"] == "none"
+    shard = load_shard(tmp_path / "s", 0)
+    layer, table = model.v2_layers[1], model.shared_table
+    x = torch.randn(4, cfg.d_model)
+    with torch.no_grad():
+        sel, pre = layer.select(x), layer.pre_input(x)
+        want = layer.pool(table, sel, pre)
+    t, n = sel.indices.shape
+    req = _request(
+        {"indices": sel.indices.reshape(-1), "offsets": torch.arange(t + 1) * n},
+        sel.weights.reshape(t * n, -1).float().contiguous(),
+        pre.float().contiguous(),
+    )
+    q = decode_request(req, shard, Limits(max_batch=64, max_per_query=64))
+    got = run_kernel(q, kernel_plan(shard.tables["shared"]))
+    torch.testing.assert_close(torch.from_numpy(got).reshape(t, -1), want, rtol=1e-5, atol=1e-6)
+    raw["tables"][0]["pre_activation"] = "relu"
+    with pytest.raises(ManifestError, match="pre_activation"):
+        Manifest.from_json(raw)

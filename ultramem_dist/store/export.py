@@ -79,6 +79,8 @@ class TableSpec:
     """UltraMemV2: ``[N, pre_vdim]`` pre-values stored with the (shared) table."""
     shared_layers: tuple[tuple[int, int, int, torch.Tensor], ...] = ()
     """UltraMemV2: ``(layer, offset, n_rows, ive_perm)`` of every layer sharing the table."""
+    pre_gelu: bool = True
+    """UltraMemV2: GELU on the pre-value dot product (False: the dot product scales as is)."""
 
     def shape(self, merged: bool, storage_bytes: int) -> TableShape:
         n, dv = self.values.shape
@@ -273,6 +275,7 @@ def export_tables(
                 pre_vdim=0 if spec.pre_values is None else int(spec.pre_values.shape[1]),
                 pre_tensor=None if spec.pre_values is None else f"{table_id}.pre_values",
                 shared_layers=tuple(shared_layers),
+                pre_activation="gelu" if spec.pre_gelu else "none",
             )
         )
 
@@ -430,8 +433,6 @@ def shared_table_spec(model: object) -> TableSpec:
     if table is None or not layers:
         raise ExportError("model has no UltraMemV2 shared value table")
     cfg = layers[0].cfg
-    if not cfg.pre_gelu:
-        raise ExportError("UltraMemV2 tables with pre_gelu=False cannot be served yet")
     pre = table.pre_values.detach() if table.pre_values.shape[1] > 0 else None
     return TableSpec(
         values=table.values.detach(),
@@ -441,6 +442,7 @@ def shared_table_spec(model: object) -> TableSpec:
         heads=int(cfg.heads),
         d_model=int(layers[0].d_model),
         pre_values=pre,
+        pre_gelu=bool(cfg.pre_gelu),
         shared_layers=tuple(
             (int(m.layer_index), int(m.offset), int(m.n_rows), m.ive_perm) for m in layers
         ),

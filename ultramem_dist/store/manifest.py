@@ -75,6 +75,10 @@ def resolve_inside(root: Path, rel: str) -> Path:
     return target
 
 
+PRE_ACTIVATIONS = ("gelu", "none")
+"""Pre-value activations a shard applies (manifest ``pre_activation``)."""
+
+
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
@@ -135,6 +139,9 @@ class TableEntry:
     all rows (whole, never column-split) when dim-sharded."""
     shared_layers: tuple[SharedLayer, ...] = ()
     """The memory layers that share this table (schema 2; empty for a v1 table)."""
+    pre_activation: str = "gelu"
+    """What scales an entry's weights by its pre-value dot product ``d``: ``"gelu"`` (GELU(d),
+    the UltraMemV2 default) or ``"none"`` (``d`` itself). Written only with pre-values."""
 
     @property
     def is_shared(self) -> bool:
@@ -175,6 +182,8 @@ class Manifest:
         for t in d["tables"]:
             for s in t["shards"]:
                 s["shape"] = list(s["shape"])
+            if not t["pre_vdim"]:  # a v1 table's manifest stays as it was
+                del t["pre_activation"]
         d["files"] = {k: asdict(v) for k, v in sorted(self.files.items())}
         return d
 
@@ -267,6 +276,7 @@ def _parse(raw: dict[str, Any]) -> Manifest:
                 plan=dict(t.get("plan") or {}),
                 pre_vdim=int(t.get("pre_vdim", 0)),
                 pre_tensor=t.get("pre_tensor"),
+                pre_activation=str(t.get("pre_activation", "gelu")),
                 shared_layers=tuple(
                     SharedLayer(
                         layer=int(x["layer"]),
@@ -347,6 +357,10 @@ def _validate_shared(t: TableEntry, where: str) -> None:
         raise ManifestError(f"{where}: pre_vdim must be >= 0")
     if (t.pre_vdim > 0) != (t.pre_tensor is not None):
         raise ManifestError(f"{where}: pre_vdim and pre_tensor must be given together")
+    if t.pre_activation not in PRE_ACTIVATIONS:
+        raise ManifestError(
+            f"{where}: pre_activation {t.pre_activation!r}; expected one of {PRE_ACTIVATIONS}"
+        )
     if t.is_shared and (t.merged or t.expansion != 1):
         raise ManifestError(f"{where}: a shared table is stored unmerged with one block (E=1)")
     layers = [x.layer for x in t.shared_layers]
