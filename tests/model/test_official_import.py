@@ -382,6 +382,11 @@ BAD = [
         lambda s: _drop(s, "model.transformer.blocks.1.memory.tucker_core.0"),
         ["tucker_core.0 .. tucker_core", "found ['tucker_core.1']"],
     ),
+    (
+        official_v2,
+        lambda s: _with(s, OWNER + "values_for_look_up", torch.full((64, 12), float("nan"))),
+        [OWNER + "values_for_look_up", "NaN"],
+    ),
     (lambda: {}, lambda s: s, ["no official memory-layer keys"]),
 ]
 

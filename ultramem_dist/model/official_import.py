@@ -91,6 +91,8 @@ def _expect(group: _Group, name: str, shape: tuple[int, ...], what: str) -> torc
             f"key {group.key(name)!r} ({what}) has shape {_shape(t.shape)}, expected "
             f"{_shape(shape)}"
         )
+    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        raise ImportCheckpointError(f"key {group.key(name)!r} ({what}) holds NaN or Inf values")
     return t
 
 
@@ -347,7 +349,7 @@ def convert_v2(
         raise ImportCheckpointError(f"the official v2 layers do not fit: {exc}") from None
     window = cfg.window_rows(n_mem)
     out: dict[str, torch.Tensor] = {
-        "shared_table.values": vals,
+        "shared_table.values": _expect(owner, "values_for_look_up", (total, dv), "shared values"),
         "shared_table.pre_values": pre if pre is not None else torch.zeros(total, 0),
     }
     for i, g in enumerate(groups):
