@@ -399,6 +399,40 @@ def test_bad_state_dicts_are_refused_with_a_sentence(tmp_path, make, edit, words
     assert not (tmp_path / "ckpt").exists()  # nothing written
 
 
+def test_npu_copies_of_the_cores_are_accepted_when_they_agree(tmp_path) -> None:
+    state = official_v2(seed=4)
+    pre = "model.transformer.blocks.0.mem."
+    u, v = state[pre + "tucker_core_u"], state[pre + "tucker_core_v"]
+    state[pre + "tucker_core_uv"] = torch.stack([u.flatten(), v.flatten()], -1)
+    state[pre + "tucker_core_stacked"] = torch.stack(
+        [state[pre + f"tucker_core.{c}"] for c in range(HC)], 0
+    )
+    plain = import_official(official_v2(seed=4), tmp_path / "a", topm=M, memory_only=True)
+    model = import_official(state, tmp_path / "b", topm=M, memory_only=True)
+    assert torch.equal(model.v2_layers[0].cores, plain.v2_layers[0].cores)
+    state[pre + "tucker_core_stacked"] = state[pre + "tucker_core_stacked"] + 1
+    with pytest.raises(ImportCheckpointError, match="tucker_core_stacked.*disagrees"):
+        import_official(state, tmp_path / "c", topm=M, memory_only=True)
+
+
+def test_other_keys_are_dropped_only_when_asked(tmp_path) -> None:
+    olmo = {
+        "model.transformer.wte.weight": torch.zeros(50, D),
+        "model.transformer.blocks.0.att_proj.weight": torch.zeros(3 * D, D),
+    }
+    state = {**official_v1(seed=5), **olmo}
+    with pytest.raises(ImportCheckpointError, match="unknown key .*--drop-other-keys"):
+        import_official(state, tmp_path / "a", topm=M, memory_only=True)
+    with pytest.raises(ImportCheckpointError, match="needs --memory-only"):
+        import_official(state, tmp_path / "b", topm=M, drop_other_keys=True)
+    model = import_official(state, tmp_path / "c", topm=M, memory_only=True, drop_other_keys=True)
+    plain = import_official(official_v1(seed=5), tmp_path / "d", topm=M, memory_only=True)
+    for a, b in zip(model.memory_layers, plain.memory_layers, strict=True):
+        assert torch.equal(a.values, b.values) and torch.equal(a.keys, b.keys)
+    info = json.loads((tmp_path / "c" / "config.json").read_text())["imported"]
+    assert info["memory_only"] and info["dropped_keys"] == 2
+
+
 def test_a_share_ratio_the_keys_do_not_fit_is_refused(tmp_path) -> None:
     with pytest.raises(ImportCheckpointError, match="pass the share_ratio"):
         import_official(

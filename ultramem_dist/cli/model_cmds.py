@@ -206,6 +206,12 @@ def import_official_cmd(
         help="Import only the memory layers; the backbone is a random init that only `export` "
         "accepts (for state dicts without this project's backbone names).",
     ),
+    drop_other_keys: bool = typer.Option(
+        False,
+        "--drop-other-keys",
+        help="With --memory-only: discard every key that is not an official memory name (e.g. "
+        "the official OLMo backbone) instead of refusing it.",
+    ),
     n_layers: int | None = typer.Option(
         None, "--n-layers", min=1, help="Blocks (default: from the backbone keys, else derived)."
     ),
@@ -233,6 +239,7 @@ def import_official_cmd(
             pre_gelu=pre_gelu,
             every=every,
             memory_only=memory_only,
+            drop_other_keys=drop_other_keys,
             backbone=Backbone(
                 n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, memory_spec=memory_spec
             ),

@@ -55,9 +55,13 @@ OFFICIAL_NAMES: tuple[str, ...] = (
     "shuffle_index",
     "tucker_core_u",
     "tucker_core_v",
+    "tucker_core_uv",
+    "tucker_core_stacked",
     "keys",
 )
-"""Parameter/buffer names of the official layers (a ``tucker_core.<c>`` list comes besides)."""
+"""Parameter/buffer names of the official layers (a ``tucker_core.<c>`` list comes besides).
+``tucker_core_uv`` and ``tucker_core_stacked`` are copies the official code makes on NPUs
+(``post_load_init``): accepted when they agree with ``tucker_core_u/v`` and the core list."""
 
 _CORE = re.compile(r"^(?P<prefix>(?:.*\.)?)tucker_core\.(?P<c>\d+)$")
 _MEMORY_PREFIXES = ("memory_layers.", "v2_layers.", "shared_table.")
@@ -191,6 +195,8 @@ def _check_common(group: _Group, d: _Dims, n_virtual: int) -> dict[str, torch.Te
         if bias is not None:
             _expect(group, f"{name}.bias", (dk,), "LayerNorm bias")
         norms[f"{name}.bias"] = torch.zeros(dk) if bias is None else bias
+    _check_copy(group, "tucker_core_uv", torch.stack([u.flatten(), v.flatten()], -1), "u, v")
+    _check_copy(group, "tucker_core_stacked", torch.stack(cores, 0), "the tucker_core list")
     return {
         "query.weight": q,
         "keys": keys,
@@ -200,6 +206,18 @@ def _check_common(group: _Group, d: _Dims, n_virtual: int) -> dict[str, torch.Te
         "ive_perm": perm.long(),
         **norms,
     }
+
+
+def _check_copy(group: _Group, name: str, want: torch.Tensor, of: str) -> None:
+    """An optional derived copy (NPU layout) must equal what it is derived from."""
+    got = group.tensors.get(name)
+    if got is None:
+        return
+    _expect(group, name, tuple(want.shape), f"NPU copy of {of}")
+    if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3):
+        raise ImportCheckpointError(
+            f"key {group.key(name)!r} (the NPU copy of {of}) disagrees with {of}"
+        )
 
 
 def _refuse_extra(group: _Group, allowed: set[str], what: str) -> None:
@@ -220,6 +238,8 @@ _V1_NAMES = {
     "shuffle_index",
     "tucker_core_u",
     "tucker_core_v",
+    "tucker_core_uv",
+    "tucker_core_stacked",
 }
 _V2_NAMES = (_V1_NAMES - {"values_for_look_up"}) | {"pre_values_proj.weight"}
 
@@ -506,6 +526,7 @@ def import_official(
     pre_gelu: bool = True,
     every: int = 1,
     memory_only: bool = False,
+    drop_other_keys: bool = False,
     backbone: Backbone | None = None,
     model_id: str = "official-import",
     seed: int = 0,
@@ -514,11 +535,20 @@ def import_official(
     """Convert an official-layout state dict into this project's checkpoint directory ``out``.
 
     ``topm`` is the official ``knn``; ``share_ratio``, ``pre_gelu`` (``mem_use_glu_act``) and
-    ``every`` apply to v2. Raises :class:`ImportCheckpointError` naming any unknown, missing or
+    ``every`` apply to v2. ``drop_other_keys`` (memory-only imports only) discards every key
+    that is not an official memory name — an official OLMo backbone, say — and records how many
+    in ``config.json``. Raises :class:`ImportCheckpointError` naming any unknown, missing or
     misshaped key. Returns the model that was written."""
     if topm < 1:
         raise ImportCheckpointError(f"topm={topm} must be >= 1")
+    if drop_other_keys and not memory_only:
+        raise ImportCheckpointError(
+            "--drop-other-keys (drop_other_keys) discards the backbone: it needs --memory-only"
+        )
     groups, rest = split_official(state)
+    dropped = len(rest) if drop_other_keys else 0
+    if drop_other_keys:
+        rest = {}
     kind, layers, owner = classify(groups)
     if kind == "v1":
         mem = convert_v1(layers, topm)
@@ -534,7 +564,8 @@ def import_official(
         if key not in target or key.startswith(_MEMORY_PREFIXES):
             raise ImportCheckpointError(
                 f"unknown key {key!r}: neither an official memory-layer parameter nor one of this "
-                f"project's backbone parameters ({', '.join(expected_backbone[:4])}, ...)"
+                f"project's backbone parameters ({', '.join(expected_backbone[:4])}, ...); "
+                "with --memory-only, --drop-other-keys discards such keys"
             )
     if rest:
         missing = [k for k in expected_backbone if k not in rest]
@@ -568,7 +599,13 @@ def import_official(
         target[key] = value.detach().to(want.dtype).contiguous()
     model.load_state_dict(target, strict=True)
     model.eval()
-    info = {"format": f"official-{kind}", "memory_only": memory_only, "source": source}
+    info: dict[str, Any] = {
+        "format": f"official-{kind}",
+        "memory_only": memory_only,
+        "source": source,
+    }
+    if drop_other_keys:
+        info["dropped_keys"] = dropped
     save_pretrained(model, out, extra={"imported": info})
     return model
 
