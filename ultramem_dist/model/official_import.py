@@ -69,7 +69,7 @@ _MEMORY_PREFIXES = ("memory_layers.", "v2_layers.", "shared_table.")
 
 
 @dataclass
-class _Group:
+class OfficialModule:
     """The official keys sharing one prefix (one layer, or v2's value-owning module)."""
 
     prefix: str
@@ -83,7 +83,7 @@ def _shape(shape: Any) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
-def _expect(group: _Group, name: str, shape: tuple[int, ...], what: str) -> torch.Tensor:
+def _expect(group: OfficialModule, name: str, shape: tuple[int, ...], what: str) -> torch.Tensor:
     """``group``'s ``name`` with exactly ``shape``, else an error naming key and shape."""
     t = group.tensors.get(name)
     if t is None:
@@ -105,9 +105,11 @@ def _natural(prefix: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", prefix))
 
 
-def split_official(state: Mapping[str, torch.Tensor]) -> tuple[list[_Group], dict[str, Any]]:
+def split_official(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[list[OfficialModule], dict[str, Any]]:
     """Official memory keys grouped by prefix (natural order), and the remaining keys."""
-    groups: dict[str, _Group] = {}
+    groups: dict[str, OfficialModule] = {}
     rest: dict[str, Any] = {}
     for key, value in state.items():
         if not isinstance(key, str):
@@ -124,7 +126,7 @@ def split_official(state: Mapping[str, torch.Tensor]) -> tuple[list[_Group], dic
             continue
         if not isinstance(value, torch.Tensor):
             raise ImportCheckpointError(f"key {key!r} is not a tensor")
-        groups.setdefault(prefix, _Group(prefix)).tensors[name] = value
+        groups.setdefault(prefix, OfficialModule(prefix)).tensors[name] = value
     return sorted(groups.values(), key=lambda g: _natural(g.prefix)), rest
 
 
@@ -140,7 +142,7 @@ class _Dims:
     num_cores: int
 
 
-def _layer_dims(group: _Group) -> _Dims:
+def _layer_dims(group: OfficialModule) -> _Dims:
     keys = group.tensors.get("keys")
     if keys is None or keys.dim() != 5 or keys.shape[1] != 2:
         got = "missing" if keys is None else f"of shape {_shape(keys.shape)}"
@@ -164,7 +166,7 @@ def _layer_dims(group: _Group) -> _Dims:
     return _Dims(int(q.shape[1]), dk, heads, k_side, rank, len(cores))
 
 
-def _check_common(group: _Group, d: _Dims, n_virtual: int) -> dict[str, torch.Tensor]:
+def _check_common(group: OfficialModule, d: _Dims, n_virtual: int) -> dict[str, torch.Tensor]:
     """The keys v1 and v2 layers share, checked and converted to this project's layout."""
     h, r, dk = d.heads, d.rank, d.dk
     q = group.tensors.get("query_proj.weight")
@@ -208,7 +210,7 @@ def _check_common(group: _Group, d: _Dims, n_virtual: int) -> dict[str, torch.Te
     }
 
 
-def _check_copy(group: _Group, name: str, want: torch.Tensor, of: str) -> None:
+def _check_copy(group: OfficialModule, name: str, want: torch.Tensor, of: str) -> None:
     """An optional derived copy (NPU layout) must equal what it is derived from."""
     got = group.tensors.get(name)
     if got is None:
@@ -220,7 +222,7 @@ def _check_copy(group: _Group, name: str, want: torch.Tensor, of: str) -> None:
         )
 
 
-def _refuse_extra(group: _Group, allowed: set[str], what: str) -> None:
+def _refuse_extra(group: OfficialModule, allowed: set[str], what: str) -> None:
     for name in sorted(group.tensors):
         if name not in allowed and not name.startswith("tucker_core."):
             raise ImportCheckpointError(f"unexpected key {group.key(name)!r} in an official {what}")
@@ -256,7 +258,7 @@ class ImportedMemory:
     tensors: dict[str, torch.Tensor]
 
 
-def convert_v1(groups: list[_Group], topm: int) -> ImportedMemory:
+def convert_v1(groups: list[OfficialModule], topm: int) -> ImportedMemory:
     """Official v1 layers (each with its own ``values_for_look_up``) → ``memory_layers.<i>``."""
     d = _layer_dims(groups[0])
     vals = groups[0].tensors.get("values_for_look_up")
@@ -314,7 +316,12 @@ def convert_v1(groups: list[_Group], topm: int) -> ImportedMemory:
 
 
 def convert_v2(
-    groups: list[_Group], owner: _Group, topm: int, share_ratio: float, pre_gelu: bool, every: int
+    groups: list[OfficialModule],
+    owner: OfficialModule,
+    topm: int,
+    share_ratio: float,
+    pre_gelu: bool,
+    every: int,
 ) -> ImportedMemory:
     """Official v2 layers + the one value-owning module → ``v2_layers.<i>``, ``shared_table``."""
     _refuse_extra(owner, {"values_for_look_up", "pre_values_for_look_up"}, "v2 value module")
@@ -405,7 +412,9 @@ def convert_v2(
     return ImportedMemory("ultramemv2", d.d_model, n_mem, None, cfg, out)
 
 
-def classify(groups: list[_Group]) -> tuple[str, list[_Group], _Group | None]:
+def classify(
+    groups: list[OfficialModule],
+) -> tuple[str, list[OfficialModule], OfficialModule | None]:
     """``("v1", layers, None)`` or ``("v2", layers, value_owner)``; mixed layouts are refused."""
     if not groups:
         raise ImportCheckpointError(
@@ -556,8 +565,9 @@ def import_official(
         assert owner is not None
         mem = convert_v2(layers, owner, topm, share_ratio, pre_gelu, every)
     cfg = _lm_config(mem, backbone or Backbone(), rest, model_id)
-    torch.manual_seed(seed)
-    model = MemoryLM(cfg)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        model = MemoryLM(cfg)
     target = model.state_dict()
     expected_backbone = [k for k in target if not k.startswith(_MEMORY_PREFIXES)]
     for key in rest:
@@ -613,6 +623,7 @@ def import_official(
 __all__ = [
     "OFFICIAL_NAMES",
     "Backbone",
+    "OfficialModule",
     "ImportedMemory",
     "classify",
     "convert_v1",
