@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumError",
     "ExportError",
+    "ImportCheckpointError",
     "InvalidRequestError",
     "LookupProcessError",
     "ManifestError",
@@ -48,6 +49,11 @@ class StorePathError(StoreError):
 
 class ExportError(UltraMemError):
     """Tables cannot be exported as requested (bad arguments or an unsupported model)."""
+
+
+class ImportCheckpointError(UltraMemError):
+    """An official UltraMem/UltraMemV2 state dict cannot be imported (unreadable file, or an
+    unknown, missing or misshaped key: the message names it and the shape it should have)."""
 
 
 # --- requests (raised by the shard, mapped to gRPC status codes) --------------------------------

@@ -52,6 +52,10 @@ BAD_INPUT = [
     (["generate", "--checkpoint", "CKPT", "--prompt", "x", "--lookup", "fiber"], ["--lookup"]),
     (["generate", "--checkpoint", "CKPT", "--prompt", "x", "--max-new-tokens", "0"], ["tokens"]),
     (["generate", "--checkpoint", "CKPT", "--prompt", "x", "--tls-ca", "FILE"], ["--store"]),
+    (["import-official", "FILE", "--out", "STORE2", "--topm", "3"], ["not a torch state-dict"]),
+    (["import-official", "NOPE", "--out", "STORE2", "--topm", "3"], ["NOPE", "does not exist"]),
+    (["import-official", "FILE", "--out", "STORE2"], ["--topm"]),
+    (["import-official", "FILE", "--out", "CKPT", "--topm", "3"], ["already holds a checkpoint"]),
     (["demo", "--steps", "0"], ["--steps"]),
     (["demo", "--shards", "0"], ["--shards"]),
     # serve-shard / lookup / info / serve-router

@@ -35,6 +35,7 @@ print(json.dumps({"code": code, "heavy": heavy}))
         (["roll", "/nonexistent-store", "--version", "v2"], 2),
         (["scale", "--shards", "0"], 2),
         (["generate", "--prompt", "x"], 2),
+        (["import-official", "x.pt", "--out", "y"], 2),
     ],
 )
 def test_help_and_input_errors_do_not_import_torch_ray_or_grpc(argv, code):

@@ -30,7 +30,7 @@ def numpy_v2_layer(layer: UltraMemV2Layer, table: SharedValueTable, x: np.ndarra
     values = table.values.detach().double().numpy()
     pre_values = table.pre_values.detach().double().numpy()
     perm = layer.ive_perm.numpy()
-    dk, n, k_side = c.dk, c.n_rows, layer.k_side
+    dk, n, k_side = c.dk, layer.n_rows, layer.k_side  # n: the layer's window of the table
     total = values.shape[0]
     q = x @ p["query.weight"].T
     q_row = _layer_norm(q[:, :dk], p["query_norm.weight"], p["query_norm.bias"])
@@ -69,7 +69,13 @@ def _exact_cfg(**kw: object) -> UltraMemV2Config:
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"pre_gelu": False}, {"num_cores": 1, "rank": 1, "heads": 1}, {"expansion": 1, "topm": 4}],
+    [
+        {},
+        {"pre_gelu": False},
+        {"num_cores": 1, "rank": 1, "heads": 1},
+        {"expansion": 1, "topm": 4},
+        {"share_ratio": 0.75, "topm": 12},  # 3 layers: overlapping windows of 6**2 rows, K=12
+    ],
 )
 @pytest.mark.parametrize("layer_index", [0, 2])
 def test_layer_matches_numpy_reference(kw: dict, layer_index: int) -> None:

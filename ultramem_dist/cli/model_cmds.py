@@ -1,4 +1,4 @@
-"""``train`` and ``generate`` commands."""
+"""``train``, ``generate`` and ``import-official`` commands."""
 
 from __future__ import annotations
 
@@ -182,3 +182,75 @@ def generate(
         )
         if not same:
             raise typer.Exit(1)
+
+
+@app.command("import-official")
+def import_official_cmd(
+    checkpoint: Path = typer.Argument(
+        ..., help="torch.save'd state dict in the official UltraMem (v1) or UltraMemV2 layout."
+    ),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to write (must be new)."),
+    topm: int = typer.Option(
+        ..., "--topm", min=1, help="Rows per head (the official knn; not in the state dict)."
+    ),
+    share_ratio: float = typer.Option(
+        1.0, "--share-ratio", help="v2: the official share_ratio the layers were built with."
+    ),
+    pre_gelu: bool = typer.Option(
+        True, "--pre-gelu/--no-pre-gelu", help="v2: GELU on the pre-value score (mem_use_glu_act)."
+    ),
+    every: int = typer.Option(1, "--every", min=1, help="v2: a memory layer every k-th block."),
+    memory_only: bool = typer.Option(
+        False,
+        "--memory-only/--with-backbone",
+        help="Import only the memory layers; the backbone is a random init that only `export` "
+        "accepts (for state dicts without this project's backbone names).",
+    ),
+    drop_other_keys: bool = typer.Option(
+        False,
+        "--drop-other-keys",
+        help="With --memory-only: discard every key that is not an official memory name (e.g. "
+        "the official OLMo backbone) instead of refusing it.",
+    ),
+    n_layers: int | None = typer.Option(
+        None, "--n-layers", min=1, help="Blocks (default: from the backbone keys, else derived)."
+    ),
+    n_heads: int = typer.Option(4, "--n-heads", min=1, help="Attention heads of the backbone."),
+    d_ff: int | None = typer.Option(None, "--d-ff", min=1, help="FFN width (default: 4*D)."),
+    memory_spec: str | None = typer.Option(
+        None, "--memory-spec", help="v1 skip-layer wiring 'a:b,...' (default: 0:1,2:3,...)."
+    ),
+    model_id: str = typer.Option("official-import", "--model-id", help="Model id to record."),
+    seed: int = typer.Option(0, help="Seed of the random backbone (memory-only imports)."),
+) -> None:
+    """Convert an official-layout state dict into a checkpoint that `export` serves."""
+    from ultramem_dist.errors import ImportCheckpointError
+    from ultramem_dist.model.official_import import Backbone, import_official, load_state_file
+
+    if (out / "config.json").exists():
+        fail(f"{out} already holds a checkpoint; choose a new --out")
+    try:
+        state = load_state_file(checkpoint)
+        model = import_official(
+            state,
+            out,
+            topm=topm,
+            share_ratio=share_ratio,
+            pre_gelu=pre_gelu,
+            every=every,
+            memory_only=memory_only,
+            drop_other_keys=drop_other_keys,
+            backbone=Backbone(
+                n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, memory_spec=memory_spec
+            ),
+            model_id=model_id,
+            seed=seed,
+            source=str(checkpoint),
+        )
+    except ImportCheckpointError as exc:
+        fail(f"cannot import {checkpoint}: {exc}")
+    mem = len(model.v2_layers) or len(model.memory_layers)
+    console.print(
+        f"imported {mem} official {model.cfg.kind} memory layer(s) "
+        f"({'memory only' if memory_only else 'with backbone'}) → {out}"
+    )

@@ -81,10 +81,12 @@ class UltraMemConfig:
 class UltraMemV2Config:
     """UltraMemV2 memory layers (arXiv 2508.18756): one value table shared by every layer.
 
-    Layer ``l`` owns its query, keys, cores, IVE permutation and ``Linear(Dv -> D)``; its rows
-    live at ``offset = l * knum**2`` of the shared table of ``knum**2 * L_mem`` rows. The
-    virtual blocks of IVE are summed (``value_expand_time = 1``). With ``pre_vdim > 0`` each
-    selected row's score is multiplied by ``GELU(pre_values[row] . (W_pre x))`` (PEER-style).
+    Layer ``l`` owns its query, keys, cores, IVE permutation and ``Linear(Dv -> D)``; its
+    window of the shared table of ``A = knum**2 * L_mem`` rows starts at ``offset = l * knum**2``
+    and holds :meth:`window_rows` rows (``knum**2`` by default; see ``share_ratio``); physical row
+    ``((z mod window) + offset) mod A``. The virtual blocks of IVE are summed
+    (``value_expand_time = 1``). With ``pre_vdim > 0`` each selected row's score is multiplied by
+    ``GELU(pre_values[row] . (W_pre x))`` (PEER-style).
     """
 
     knum: int = 64
@@ -110,9 +112,16 @@ class UltraMemV2Config:
     every: int = 1
     """A memory layer in every ``every``-th block (1: every block, as in the paper)."""
     value_std: float = 0.02
-    """Init std of the shared values (and pre-values)."""
+    """Init std of the shared values (and pre-values); 0 means the paper's Eq. 26 value
+    (:func:`eq26_value_std`, with the top-1 score variance measured on the fresh layers)."""
     perm_seed: int = 0
     """Seed of the per-layer IVE permutations (layer l uses perm_seed + l)."""
+    share_ratio: float = 0.0
+    """Fraction of the shared table each layer addresses, by the official rule: window
+    ``knum' = floor(sqrt(A * share_ratio))``, ``knum'**2`` rows, ``sqrt(E)*knum'`` keys per side,
+    offsets still ``l * knum**2`` (so windows overlap; 1.0 = every layer sees the whole table,
+    the official default). 0 (this project's default): disjoint windows of ``knum**2`` rows,
+    which is the official rule at ``share_ratio = 1/L_mem``."""
 
     @property
     def n_rows(self) -> int:
@@ -121,6 +130,36 @@ class UltraMemV2Config:
     @property
     def side(self) -> int:
         return math.isqrt(self.expansion) * self.knum
+
+    def window_knum(self, num_layers: int) -> int:
+        """Keys per side of the physical window one layer addresses (before the ``sqrt(E)``
+        factor): ``knum`` for ``share_ratio == 0``, else ``floor(sqrt(knum**2 * L * ratio))``."""
+        if self.share_ratio == 0:
+            return self.knum
+        # the epsilon keeps e.g. ratio = 1/L from rounding knum**2 * L * ratio just below knum**2
+        return math.isqrt(int(self.n_rows * num_layers * self.share_ratio + 1e-6))
+
+    def window_rows(self, num_layers: int) -> int:
+        """Rows of one layer's window of the shared table (``value_num`` of the official code)."""
+        return self.window_knum(num_layers) ** 2
+
+    def window_side(self, num_layers: int) -> int:
+        """Keys per side of one layer: ``sqrt(E) * window_knum``."""
+        return math.isqrt(self.expansion) * self.window_knum(num_layers)
+
+    def validate_layers(self, num_layers: int) -> None:
+        """The checks that need the number of memory layers (window size vs top-m)."""
+        side = self.window_side(num_layers)
+        if side < 1:
+            raise ValueError(
+                f"ultramemv2 share_ratio={self.share_ratio} leaves no rows per layer with "
+                f"{num_layers} memory layers of knum={self.knum}"
+            )
+        if self.topm > side:
+            raise ValueError(
+                f"ultramemv2 topm m={self.topm} is larger than the K={side} keys per side that "
+                f"share_ratio={self.share_ratio} leaves each of {num_layers} layers"
+            )
 
     def layer_blocks(self, n_layers: int) -> list[int]:
         """Block ids that carry a memory layer (memory is read and added in the same block)."""
@@ -137,12 +176,19 @@ class UltraMemV2Config:
             raise ValueError(
                 f"ultramemv2 value width Dv={dv} is not divisible by num_cores={self.num_cores}"
             )
-        if not 1 <= self.topm <= self.side:
+        # with share_ratio > 0 the window (so K) depends on L_mem: validate_layers checks it
+        top = self.side if self.share_ratio == 0 else self.topm
+        if not 1 <= self.topm <= top:
             raise ValueError(f"ultramemv2 topm m={self.topm} must be between 1 and K={self.side}")
         if self.pre_vdim < 0:
             raise ValueError("ultramemv2 pre_vdim must be >= 0")
-        if self.value_std <= 0:
-            raise ValueError("ultramemv2 value_std must be > 0")
+        if self.value_std < 0:
+            raise ValueError("ultramemv2 value_std must be > 0 (or 0 for the paper's Eq. 26)")
+        if not 0 <= self.share_ratio <= 1:
+            raise ValueError(
+                f"ultramemv2 share_ratio={self.share_ratio} must lie in (0, 1] "
+                f"(or be 0 for disjoint windows)"
+            )
 
 
 @dataclass
@@ -289,6 +335,7 @@ class LMConfig:
             self.moe_block_ids()
         elif self.kind == "ultramemv2":
             self.ultramemv2.validate(self.d_model)
+            self.ultramemv2.validate_layers(len(self.ultramemv2.layer_blocks(self.n_layers)))
 
     def memory_pairs(self) -> list[tuple[int, int]]:
         if self.kind not in ("pkm", "ultramem"):
@@ -324,6 +371,10 @@ class LMConfig:
         data.pop("model_id")
         if self.kind != "ultramemv2":
             data.pop("ultramemv2")  # older configs' hashes stay what they were
+        else:
+            for name, default in _LATER_ULTRAMEMV2_FIELDS.items():
+                if data["ultramemv2"].get(name) == default:
+                    data["ultramemv2"].pop(name)
         for name, default in _LATER_ULTRAMEM_FIELDS.items():
             if data["ultramem"].get(name) == default:  # likewise for fields added later
                 data["ultramem"].pop(name)
@@ -334,6 +385,34 @@ _LATER_ULTRAMEM_FIELDS = {"aux_per_core": False, "shared_query_norm": False}
 """UltraMemConfig fields added after checkpoints were first written, with the default that
 reproduces the older behaviour: left out of the hash at that default, so a checkpoint written
 before they existed keeps its hash (and ``--resume`` still accepts it)."""
+
+_LATER_ULTRAMEMV2_FIELDS = {"share_ratio": 0.0}
+"""The same for UltraMemV2Config fields added after V2 checkpoints were first written."""
+
+
+def eq26_value_std(
+    d_model: int,
+    d_ff: int,
+    topm: int,
+    heads: int,
+    pre_vdim: int,
+    dv: int,
+    num_layers: int,
+    score_var: float,
+) -> float:
+    """UltraMemV2's principled value init (paper appendix, Eq. 26): the std ``sigma_V`` that
+    makes a memory layer's output variance at init match one FFN layer's,
+
+    ``sigma_V = (0.2 * k_inner * D / (m * H * (1 + sigma_s**2) * d_pre * Dv * L)) ** (1/4)``
+
+    with ``k_inner = d_ff / D`` (the FFN's width ratio), ``m`` rows per head, ``H`` heads,
+    ``d_pre = max(pre_vdim, 1)``, ``L`` memory layers and ``sigma_s**2`` the variance of the
+    top-1 score normalised to mean 1 (``score_var``)."""
+    if min(d_model, d_ff, topm, heads, dv, num_layers) < 1 or score_var < 0:
+        raise ValueError("eq26_value_std needs positive sizes and score_var >= 0")
+    k_inner = d_ff / d_model
+    denom = topm * heads * (1.0 + score_var) * max(pre_vdim, 1) * dv * num_layers
+    return (0.2 * k_inner * d_model / denom) ** 0.25
 
 
 def preset(name: str, kind: str = "ultramem") -> LMConfig:

@@ -39,10 +39,22 @@ def load_config(path: str | Path) -> LMConfig:
     return LMConfig.from_dict(data["model"])
 
 
-def load_pretrained(path: str | Path, map_location: str = "cpu") -> MemoryLM:
-    """Rebuild a :class:`MemoryLM` from a directory written by :func:`save_pretrained`."""
+def load_pretrained(
+    path: str | Path, map_location: str = "cpu", allow_memory_only: bool = False
+) -> MemoryLM:
+    """Rebuild a :class:`MemoryLM` from a directory written by :func:`save_pretrained`.
+
+    A memory-only import of an official checkpoint (``ultramem-dist import-official
+    --memory-only``: real memory layers, a random backbone) is refused unless
+    ``allow_memory_only`` (what ``export`` passes: serving the value tables needs no backbone)."""
     path = Path(path)
     cfg = load_config(path)
+    imported = json.loads((path / CONFIG_FILE).read_text()).get("imported") or {}
+    if imported.get("memory_only") and not allow_memory_only:
+        raise ValueError(
+            f"{path} is a memory-only import of an official checkpoint (its backbone is a random "
+            "init, not trained weights): only `ultramem-dist export` reads it"
+        )
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint: {WEIGHTS_FILE} is missing")

@@ -14,11 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ultramem_dist.model.config import LMConfig
+from ultramem_dist.model.config import LMConfig, eq26_value_std
 from ultramem_dist.model.moe import MoEFFN
 from ultramem_dist.model.pkm import PKMLayer
 from ultramem_dist.model.ultramem import PendingPool, UltraMemLayer
-from ultramem_dist.model.ultramemv2 import SharedValueTable, UltraMemV2Layer
+from ultramem_dist.model.ultramemv2 import (
+    SharedValueTable,
+    UltraMemV2Layer,
+    measure_top1_score_var,
+)
 
 
 @dataclass
@@ -124,6 +128,19 @@ class MemoryLM(nn.Module):
                 UltraMemV2Layer(cfg.d_model, v2, layer_index=li, num_layers=n_mem)
                 for li in range(n_mem)
             )
+            if v2.value_std == 0:  # the paper's Eq. 26, sigma_s**2 measured on layer 0
+                dv = v2.dv or cfg.d_model // 2
+                std = eq26_value_std(
+                    cfg.d_model,
+                    cfg.d_ff,
+                    v2.topm,
+                    v2.heads,
+                    v2.pre_vdim,
+                    dv,
+                    n_mem,
+                    measure_top1_score_var(self.v2_layers[0]),
+                )
+                self.shared_table.reset_values(std)
         self._v2_at = {b: i for i, b in enumerate(self.v2_blocks)}
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.01)

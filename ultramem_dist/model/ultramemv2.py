@@ -4,7 +4,8 @@ Differences from :mod:`ultramem_dist.model.ultramem` (v1):
 
 - one :class:`SharedValueTable` (``values [L*N, Dv]`` and ``pre_values [L*N, pre_vdim]``)
   serves every memory layer; layer ``l`` reads physical row
-  ``((z mod N) + l*N) mod (L*N)`` for a permuted virtual id ``z``;
+  ``((z mod W) + l*N) mod (L*N)`` for a permuted virtual id ``z``, with its window
+  ``W = N`` by default or ``floor(sqrt(L*N*share_ratio))**2`` (official rule, windows overlap);
 - the IVE virtual blocks are summed (``value_expand_time = 1``): one ``Linear(Dv -> D)``;
 - one ``query_norm`` LayerNorm (over Dk) shared by the row and column query halves;
 - each selected row's per-core score is multiplied by ``GELU(pre_values[row] . pre_input)``
@@ -36,8 +37,14 @@ class SharedValueTable(nn.Module):
         total = cfg.n_rows * num_layers
         self.values = nn.Parameter(torch.empty(total, dv))
         self.pre_values = nn.Parameter(torch.empty(total, cfg.pre_vdim))
-        nn.init.normal_(self.values, std=cfg.value_std)
-        nn.init.normal_(self.pre_values, std=cfg.value_std)
+        # value_std == 0 (Eq. 26) needs the layers: MemoryLM calls reset_values once they exist
+        self.reset_values(cfg.value_std or 0.02)
+
+    @torch.no_grad()
+    def reset_values(self, std: float) -> None:
+        """Draw the values and pre-values from ``N(0, std**2)``."""
+        nn.init.normal_(self.values, std=std)
+        nn.init.normal_(self.pre_values, std=std)
 
     @property
     def total_rows(self) -> int:
@@ -59,10 +66,11 @@ class UltraMemV2Layer(nn.Module):
         self.layer_index = layer_index
         self.table_id = "shared"
         self.dv = cfg.dv or d_model // 2
-        self.n_rows = cfg.n_rows
+        cfg.validate_layers(num_layers)
+        self.n_rows = cfg.window_rows(num_layers)  # this layer's window (value_num)
         self.total_rows = cfg.n_rows * num_layers
         self.offset = layer_index * cfg.n_rows
-        self.k_side = cfg.side
+        self.k_side = cfg.window_side(num_layers)
         h, r, dk = cfg.heads, cfg.rank, cfg.dk
         self.query = nn.Linear(d_model, 2 * dk, bias=False)
         self.query_norm = nn.LayerNorm(dk)
@@ -170,4 +178,23 @@ class UltraMemV2Layer(nn.Module):
         )
 
 
-__all__ = ["SharedValueTable", "UltraMemV2Layer", "pre_value_activation"]  # (re-exported)
+@torch.no_grad()
+def measure_top1_score_var(layer: UltraMemV2Layer, n_samples: int = 2048, seed: int = 0) -> float:
+    """``sigma_s**2`` of Eq. 26: the variance of every head's top-1 selection score (summed over
+    the cores), normalised to mean 1, for unit-variance inputs ``x ~ N(0, I)`` through ``layer``
+    as it is now (call on a freshly initialised layer). A private generator leaves the global
+    RNG alone."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_samples, layer.d_model, generator=gen)
+    scores = layer.select(x).weights.sum(-1).view(n_samples, layer.cfg.heads, layer.cfg.topm)
+    top1 = scores.max(-1).values.double()
+    mean = top1.mean().abs().clamp_min(1e-12)
+    return float((top1 / mean).var())
+
+
+__all__ = [
+    "SharedValueTable",
+    "UltraMemV2Layer",
+    "measure_top1_score_var",
+    "pre_value_activation",
+]

@@ -375,7 +375,7 @@ def export_checkpoint(
     except ImportError as exc:  # pragma: no cover - the model package ships with the project
         raise ExportError(f"cannot load checkpoints: {exc}") from None
     try:
-        model = load_pretrained(ckpt)
+        model = load_pretrained(ckpt, allow_memory_only=True)  # tables need no backbone
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"cannot load checkpoint {ckpt}: {exc}") from None
     model_id = str(model_cfg.get("model_id") or ckpt.resolve().name)
