@@ -16,10 +16,16 @@ Workload: T queries x L = 160 rows (H = 2, m = 80), E = 4 IVE blocks, h_c = 2 MC
 value rows the kernel must read (``T * L * 256 * itemsize``); the memcpy baseline copies the same
 number of bytes with ``Tensor.copy_`` from the table itself — rotating through a cold table, or
 re-reading a warm one — so cold is compared with cold and warm with warm. Every timed call on a
-cold table follows a read of a 96 MiB buffer (caches evicted); variants are interleaved.
+cold table follows a read of a buffer 2x the last-level cache (caches evicted); variants are
+interleaved.
 
-Tables: *cold* (1 Mi rows: 1 GiB fp32, 512 MiB bf16/fp16 — far beyond the 32 MiB L3) and *warm*
-(4 Ki rows: 4 MiB fp32, inside L3). Variants, every one checked against a float64 reference:
+Tables: *cold* (at least 1 Mi rows, doubled until even the half-precision tables are 4x the
+last-level cache sysfs reports: 4 Mi rows = 4 GiB fp32 / 2 GiB bf16 on a 480 MiB-L3 machine) and
+*warm* (4 Ki rows: 4 MiB fp32, inside L3). Two baselines are timed beside every variant:
+``memcpy`` (``copy_`` of the same number of bytes, sequential) and ``gather_copy``
+(``index_select`` of the same rows, no arithmetic: the random-row read rate the memory system
+gives this row size, which a gather-pool cannot beat). Variants, every one checked against a
+float64 reference:
 
 * ``gather_pool`` — the product kernel (the native C path where a compiler is present);
   ``gather_pool_no_prefetch`` — the same with its software prefetch of the next token's rows
@@ -167,13 +173,33 @@ def no_prefetch(table: torch.Tensor, x: Inputs) -> torch.Tensor:
 _EVICT = torch.empty(0)
 
 
+def l3_bytes() -> int:
+    """The last-level cache size this machine reports (sysfs), else 32 MiB."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return max(sizes, default=32 << 20)
+
+
 def evict_caches() -> None:
-    """Read a buffer 3x the 32 MiB L3: the next call finds none of its rows in cache (without
-    this, a variant timed right after another one re-reads the rows that one just pulled in)."""
+    """Read a buffer 2x the last-level cache (at least 96 MiB): the next call finds none of its
+    rows in cache (without this, a variant timed right after another one re-reads the rows that
+    one just pulled in)."""
     global _EVICT
     if _EVICT.numel() == 0:
-        _EVICT = torch.ones(96 << 18)  # 96 MiB of fp32
+        _EVICT = torch.ones(max(96 << 20, 2 * l3_bytes()) // 4)
     float(_EVICT.sum())
+
+
+def gather_copy(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The same rows gathered with no arithmetic (``index_select``): what the memory system
+    gives a random-row read of this row size, the kernel's own ceiling."""
+    return torch.index_select(table, 0, idx.reshape(-1))
 
 
 def time_ms(fn: Callable[[], object], cold: bool) -> float:
@@ -236,6 +262,7 @@ def bench_table(
             variants["compiled"] = (lambda x=x: compiled(table, *x), True)
         nbytes = batch * L * DV * itemsize
         memcpy = Memcpy(table, nbytes)
+        baselines = {"memcpy": memcpy, "gather_copy": lambda x=x: gather_copy(table, x[0])}
         checks: dict[str, dict[str, Any]] = {}
         scale = float(ref.abs().max())
         for v, (fn, exact) in variants.items():  # correctness first (and warm-up)
@@ -251,9 +278,9 @@ def bench_table(
             checks[v] = {"exact": exact, "max_abs_err": round(err, 7)}
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            names = ["memcpy", *variants] if n_threads == threads[0] else ["memcpy", *THREADED]
-            fns: dict[str, Callable[[], object]] = {"memcpy": memcpy}
-            fns.update({v: variants[v][0] for v in names if v != "memcpy"})
+            names = [*baselines, *(variants if n_threads == threads[0] else THREADED)]
+            fns: dict[str, Callable[[], object]] = dict(baselines)
+            fns.update({v: variants[v][0] for v in names if v not in baselines})
             for fn in fns.values():
                 fn()
             samples: dict[str, list[float]] = {v: [] for v in names}
@@ -261,6 +288,7 @@ def bench_table(
                 for v in names:
                     samples[v].append(time_ms(fns[v], cold=name == "cold"))
             memcpy_ms = statistics.median(samples["memcpy"])
+            gather_ms = statistics.median(samples["gather_copy"])
             for v in names:
                 ms = statistics.median(samples[v])
                 rows.append(
@@ -275,6 +303,7 @@ def bench_table(
                         "min_ms": round(min(samples[v]), 3),
                         "gbps": round(nbytes / ms / 1e6, 2),
                         "vs_memcpy": round(memcpy_ms / ms, 3),
+                        "vs_gather_copy": round(gather_ms / ms, 3),
                         "rows_per_s": round(batch * L / ms * 1e3),
                         "bytes": nbytes,
                         **checks.get(v, {}),
@@ -300,6 +329,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     groups = sorted({(r["table"], r["dtype"]) for r in rows if r["batch"] == batch})
     variants = [
         "memcpy",
+        "gather_copy",
         "gather_pool",
         "gather_pool_no_prefetch",
         "bag_only",
@@ -345,7 +375,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 for x in rows
                 if (x["table"], x["dtype"], x["batch"], x["threads"])
                 == (r["table"], r["dtype"], r["batch"], r["threads"])
-                and x["variant"] != "memcpy"
+                and x["variant"] not in ("memcpy", "gather_copy")
                 and x.get("exact", True)
             ),
             key=lambda x: x["gbps"],
@@ -361,8 +391,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def cold_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The product kernel on the cold table, per dtype, T and thread count: ``cold_ratio``
-    (kernel GB/s / ``copy_`` GB/s of the same bytes, measured interleaved), ``rows_per_s`` and
-    that rate relative to float32's at the same T and threads (half tables read half the
+    (kernel GB/s / ``copy_`` GB/s of the same bytes, measured interleaved), ``gather_ratio``
+    (kernel / ``index_select`` of the same rows: the random-row read ceiling), ``rows_per_s``
+    and that rate relative to float32's at the same T and threads (half tables read half the
     bytes per row, so >= 1 is the goal)."""
     kern = [r for r in rows if r["table"] == "cold" and r["variant"] == "gather_pool"]
     nopf = {
@@ -376,6 +407,7 @@ def cold_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
         base = fp32.get((r["batch"], r["threads"]))
         out.setdefault(r["dtype"], {})[f"T{r['batch']}_threads{r['threads']}"] = {
             "cold_ratio": r["vs_memcpy"],
+            "gather_ratio": r["vs_gather_copy"],
             "kernel_gbps": r["gbps"],
             "rows_per_s": r["rows_per_s"],
             "rows_per_s_vs_float32": round(r["rows_per_s"] / base, 3) if base else None,
@@ -394,8 +426,10 @@ def main() -> None:
     lib = native.library()
     if args.quick:
         cold_rows, batches, threads, reps = 1 << 18, [16, 256], [1], 3
-    else:
+    else:  # cold: even the half tables >= 4x the last-level cache (and >= 1 Mi rows)
         cold_rows, batches, threads, reps = 1 << 20, [16, 256], [1, 2], 11
+        while cold_rows * DV * 2 < 4 * l3_bytes():
+            cold_rows *= 2
     warm_rows = 4096
     torch.set_num_threads(threads[0])
     compiled = None
@@ -427,6 +461,7 @@ def main() -> None:
             "dv": DV,
             "cold_rows": cold_rows,
             "warm_rows": warm_rows,
+            "l3_bytes": l3_bytes(),
             "batches": batches,
             "threads": threads,
             "reps": reps,
