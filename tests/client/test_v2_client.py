@@ -7,14 +7,19 @@ the shard catches it."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
+import grpc
 import pytest
 import torch
 
+from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist.client import ChannelOptions, GatherClient, ProcessValueStore, RemoteValueStore
 from ultramem_dist.errors import InvalidRequestError
 from ultramem_dist.model import MemoryLM, preset, save_pretrained
+from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
+from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 from ultramem_dist.serving import ServerConfig
 from ultramem_dist.store.export import export_checkpoint
 
@@ -171,8 +176,25 @@ async def test_router_forwards_pre_input_to_the_shards(v2_model, router):
             _check(got, want)
         sel, _ = _cases(v2_model)[0]
         bad = torch.full_like(sel.pre_input, float("inf"))
-        with pytest.raises(InvalidRequestError, match=r"router: .*shard \d.*NaN or Inf"):
+        with pytest.raises(InvalidRequestError, match=r"router: pre_input: contains NaN or Inf"):
             await client.gather("shared", sel.indices, sel.blocks, sel.weights, pre_input=bad)
+    # a generic caller (no client-side checks) gets the shard's own refusals from the router
+    stub = pb_grpc.GatherPoolStub(grpc.insecure_channel(router))
+    req = pb.GatherRequest(table_id="shared", table_version=VERSION)
+    encode_tensor(sel.indices, req.indices)
+    encode_tensor(sel.blocks, req.blocks)
+    encode_tensor(sel.weights, req.weights)
+    for pre, match in ((None, "must carry pre_input"), (sel.pre_input[:2], r"expected \[5, 8\]")):
+        req.ClearField("pre_input")
+        if pre is not None:
+            encode_tensor(pre.contiguous(), req.pre_input)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Gather(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert re.search(match, err.value.details() or "")
+    encode_tensor(sel.pre_input, req.pre_input)
+    reply = stub.Gather(req, timeout=10)
+    assert reply.table_version == VERSION
 
 
 @pytest.mark.parametrize("by", ["row", "dim"])

@@ -10,7 +10,7 @@ generic client needs no sharding logic at all.
 The caller's deadline bounds the whole fan-out; a cancelled call cancels the shard calls.
 Requests are checked for shape and limits here; ids, block ids and weights are checked by the
 shards, whose refusals are passed on with the same status code. An UltraMemV2 request's
-``pre_input`` is forwarded whole to every shard called.
+``pre_input`` is checked as a shard checks it and forwarded whole to every shard called.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import grpc
 import numpy as np
 import torch
 
-from ultramem_dist._private.codec import decode_array, encode_tensor
+from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist._private.status import status_for
 from ultramem_dist.client import GatherClient
 from ultramem_dist.errors import UltraMemError
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
+from ultramem_dist.serving import v2
 from ultramem_dist.serving.metrics import (
     ShardMetrics,
     measured_gather,
@@ -132,15 +133,11 @@ class RouterServicer(pb_grpc.GatherPoolServicer):
         if e.offsets is not None:
             offsets = torch.from_numpy(e.offsets)
             indices, blocks, weights = _dense_from_ragged(indices, blocks, weights, offsets)
-        pre = None
-        if req.HasField("pre_input"):  # shape and presence checked by the client, values by shards
-            pre = decode_array(
-                req.pre_input,
-                name="pre_input",
-                dtypes=("float32",),
-                max_elements=max(1, e.num_tokens) * max(1, t.pre_vdim),
-                ndims=(2,),
-            )
+        pre = None  # checked here as a shard checks it (presence, shape, dtype, finite)
+        if t.pre_vdim:
+            pre = v2.decode_pre_input(req, e.num_tokens, t.pre_vdim)
+        else:
+            v2.check_pre_input_absent(req, req.table_id)
         return indices, blocks, weights, pre, entries
 
     # -- RPCs ----------------------------------------------------------------------------------
