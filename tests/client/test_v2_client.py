@@ -6,13 +6,12 @@ the shard catches it."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 
 import grpc
 import pytest
 import torch
+from conftest import running_router
 
 from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist.client import ChannelOptions, GatherClient, ProcessValueStore, RemoteValueStore
@@ -143,26 +142,9 @@ async def test_client_refuses_missing_misshapen_or_misplaced_pre_input(v2_model,
 
 @pytest.fixture(scope="module")
 def router(targets):
-    """A router in front of the 2 row shards, on its own event loop thread."""
-    from ultramem_dist.router import RouterConfig, build_router
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start():
-        server, port = await build_router(RouterConfig(targets=targets["row"].split(",")))
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0.5), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    """A router in front of the 2 row shards."""
+    with running_router(targets["row"].split(",")) as target:
+        yield target
 
 
 async def test_router_forwards_pre_input_to_the_shards(v2_model, router):
