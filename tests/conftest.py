@@ -54,6 +54,18 @@ def make_table_spec(
     )
 
 
+def micro_v2_model(seed: int):
+    """A random-init micro UltraMemV2 ``MemoryLM`` (eval mode) with its pre-values re-drawn at
+    std 1, so the GELU pre-value activation is far from linear and matters in every test."""
+    from ultramem_dist.model import MemoryLM, preset
+
+    torch.manual_seed(seed)
+    model = MemoryLM(preset("micro", "ultramemv2")).eval()
+    with torch.no_grad():
+        model.shared_table.pre_values.normal_()
+    return model
+
+
 def random_queries(spec, num_tokens: int, seed: int = 1):
     """Random valid (indices, blocks, weights) for ``spec``: ``[T, H*m]`` each (+ ``h_c``)."""
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ import re
 import grpc
 import pytest
 import torch
-from conftest import running_router
+from conftest import micro_v2_model, running_router
 
 from ultramem_dist._private.codec import encode_tensor
 from ultramem_dist.client import ChannelOptions, GatherClient, ProcessValueStore, RemoteValueStore
@@ -28,11 +28,7 @@ VERSION = "v2c"
 
 @pytest.fixture(scope="module")
 def v2_model():
-    torch.manual_seed(11)
-    model = MemoryLM(preset("micro", "ultramemv2")).eval()
-    with torch.no_grad():
-        model.shared_table.pre_values.normal_()  # activations well away from zero
-    return model
+    return micro_v2_model(11)
 
 
 @pytest.fixture(scope="module")

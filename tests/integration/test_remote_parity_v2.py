@@ -15,12 +15,12 @@ import subprocess
 
 import pytest
 import torch
-from conftest import CLI, REPO
+from conftest import CLI, REPO, micro_v2_model
 from typer.testing import CliRunner
 
 from ultramem_dist.cli import load_commands
 from ultramem_dist.client.process_store import TRANSPORTS, open_remote_store
-from ultramem_dist.model import MemoryLM, load_pretrained, preset, save_pretrained
+from ultramem_dist.model import load_pretrained, save_pretrained
 from ultramem_dist.store import open_manifest
 
 pytestmark = pytest.mark.integration
@@ -32,11 +32,7 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(4)
-    model = MemoryLM(preset("micro", "ultramemv2")).eval()
-    with torch.no_grad():
-        model.shared_table.pre_values.normal_()
-    return save_pretrained(model, tmp_path_factory.mktemp("ckpt-v2"))
+    return save_pretrained(micro_v2_model(4), tmp_path_factory.mktemp("ckpt-v2"))
 
 
 @pytest.fixture(scope="module")

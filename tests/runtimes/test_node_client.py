@@ -24,10 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_table_spec, random_queries
+from conftest import REPO, make_table_spec, micro_v2_model, random_queries
 
 from ultramem_dist.kernels import gather_pool
-from ultramem_dist.model import MemoryLM, preset
 from ultramem_dist.router import RouterConfig, build_router
 from ultramem_dist.serving import ServerConfig
 from ultramem_dist.store import export_tables
@@ -90,14 +89,9 @@ class BackgroundRouter:
         self.loop.close()
 
 
-def v2_model() -> MemoryLM:
-    """The micro UltraMemV2 model whose shared table the V2 tables serve (seeded; pre-values
-    at std 1 so the GELU activation matters)."""
-    torch.manual_seed(21)
-    model = MemoryLM(preset("micro", "ultramemv2")).eval()
-    with torch.no_grad():
-        model.shared_table.pre_values.normal_()
-    return model
+def v2_model():
+    """The micro UltraMemV2 model whose shared table the V2 tables serve (seeded)."""
+    return micro_v2_model(21)
 
 
 def export_store(out: Path) -> None:
