@@ -6,6 +6,7 @@ the shard catches it."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import grpc
@@ -189,3 +190,23 @@ def test_memory_lm_with_a_remote_shared_table_gives_the_same_logits(v2_model, ta
         with torch.no_grad():
             got = remote(tokens)
     torch.testing.assert_close(got, local, rtol=1e-5, atol=1e-5)
+
+
+def test_lookup_cli_sends_a_random_pre_input_to_a_v2_table(targets):
+    from typer.testing import CliRunner
+
+    from ultramem_dist.cli import load_commands
+
+    for by in ("row", "dim"):
+        res = CliRunner().invoke(
+            load_commands(), ["lookup", "--target", targets[by], "--table", "shared"]
+        )
+        assert res.exit_code == 0, res.output
+        summary = json.loads(res.output)
+        assert summary["pre_vdim"] == 8 and summary["shape"] == [4, 1, 32]
+        assert summary["sharding"] == by and summary["finite"] and summary["abs_max"] > 0
+    res = CliRunner().invoke(
+        load_commands(), ["lookup", "--target", targets["v1"], "--table", "mem0"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "pre_vdim" not in json.loads(res.output)  # v1 output unchanged
