@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/gather.py            # full run (~1.5-2 minutes on 2 cores)
+    python benchmarks/gather.py            # full run (~3 minutes on 2 cores, V2 rows included)
     python benchmarks/gather.py --quick    # smaller table and fewer calls (smoke run)
 
 Writes ``benchmarks/results/gather.json`` and ``benchmarks/results/gather.png``.
@@ -23,6 +23,14 @@ work) that gets requests of the same serialized size and answers replies of the 
 fanned out to the same number of echo processes, as unary calls (``echo_p50_ms``, the baseline
 of ``ratio_to_echo``) and as messages on one open stream per process (``echo_stream_p50_ms``,
 ``ratio_to_echo_stream``). The four series are interleaved call by call.
+
+UltraMemV2 (``rpc_v2`` rows): the same shards also serve a shared table with pre-values
+(``--pre-vdim`` wide, E = 1) as ``v2`` (1 shard), ``v2row`` and ``v2dim`` (2 shards); every
+lookup carries ``pre_input`` float32 ``[T, pre_vdim]`` (whole to every shard called), and the
+echo payloads have the same serialized sizes (pre_input included). Their DRAM floor counts the
+value rows AND the pre-value rows read: ``batch * H*m * (Dv + pre_vdim) * 4`` bytes under row
+sharding, the pre-value part once per shard under dim sharding (every dim shard holds the
+pre-values whole and computes the activation itself).
 """
 
 from __future__ import annotations
@@ -185,7 +193,9 @@ async def _bench_config(
             idx = torch.randint(0, t.n_rows, (batch, L), generator=g)
             blk = torch.randint(0, t.expansion, (batch, L), generator=g)
             w = torch.randn(batch, L, t.num_cores, generator=g)
-            queries.append((idx, blk, w))
+            # UltraMemV2 tables: each token's pre-value input travels with the lookup
+            pre = torch.randn(batch, t.pre_vdim, generator=g) if t.pre_vdim else None
+            queries.append((idx, blk, w, pre))
         # Echo payloads with the serialized sizes of the real per-shard requests and replies.
         _, shard_reqs = client.prepare(table, *queries[0])  # the requests the client sends
         echo_payloads = []
@@ -202,7 +212,7 @@ async def _bench_config(
         async def one_gather(i: int, queries=queries, c=client) -> float:
             q = queries[i % len(queries)]
             t0 = time.perf_counter()
-            await c.gather(table, *q)
+            await c.gather(table, *q[:3], pre_input=q[3])
             return time.perf_counter() - t0
 
         async def one_echo(i: int, payloads=echo_payloads) -> float:
@@ -235,11 +245,13 @@ async def _bench_config(
         gather_t, echo_t = times["stream"], times["echo"]
         p50, p99, e50 = _pct(gather_t, 0.5), _pct(gather_t, 0.99), _pct(echo_t, 0.5)
         u50, es50 = _pct(times["unary"], 0.5), _pct(times["echo_stream"], 0.5)
+        v2 = {"kind": "ultramemv2", "pre_vdim": t.pre_vdim} if t.pre_vdim else {}
         rows.append(
             {
                 "batch": batch,
                 "shards": len(targets),
                 "sharding": t.sharding,
+                **v2,
                 "p50_ms": round(p50 * 1e3, 3),
                 "p99_ms": round(p99 * 1e3, 3),
                 "echo_p50_ms": round(e50 * 1e3, 3),
@@ -263,19 +275,29 @@ async def _bench_config(
     return rows
 
 
-def bench_rpc(n_rows: int, dv: int, batches: list[int], calls: int, workdir: Path) -> list[dict]:
+def bench_rpc(
+    n_rows: int, dv: int, batches: list[int], calls: int, workdir: Path, pre_vdim: int = 64
+) -> list[dict]:
+    """Rows of every configuration: v1 tables (``t``; ``row``, ``dim``), then the UltraMemV2
+    shared table with ``pre_vdim``-wide pre-values (``v2``; ``v2row``, ``v2dim``)."""
     from ultramem_dist.store import TableSpec, export_tables
 
     spec = {"expansion": 4, "num_cores": 2, "topm": 80, "heads": 2, "d_model": 2 * dv}
     g = torch.Generator().manual_seed(0)
     values = torch.randn(n_rows, dv, generator=g) * 0.02
     table = TableSpec(values=values, **spec)
+    pre = torch.randn(n_rows, pre_vdim, generator=g) * 0.02
+    shared = TableSpec(values=values, pre_values=pre, **{**spec, "expansion": 1})
     s1, s2 = workdir / "s1", workdir / "s2"
-    export_tables({"t": table}, s1, shards=1, by="row", version="b1")
+    export_tables({"t": table, "v2": shared}, s1, shards=1, by="row", version="b1")
     export_tables(
-        {"row": table, "dim": table}, s2, shards=2, by={"row": "row", "dim": "dim"}, version="b2"
+        {"row": table, "dim": table, "v2row": shared, "v2dim": shared},
+        s2,
+        shards=2,
+        by={"row": "row", "dim": "dim", "v2row": "row", "v2dim": "dim"},
+        version="b2",
     )
-    del values, table
+    del values, table, pre, shared
     with ReadyProcs(workdir) as procs:
         # kernel threads: the machine's cores split between the shards of a configuration
         cores = os.cpu_count() or 1
@@ -290,15 +312,27 @@ def bench_rpc(n_rows: int, dv: int, batches: list[int], calls: int, workdir: Pat
         rows += asyncio.run(_bench_config([tgt[0]], [tgt[3]], "t", batches, calls, spec))
         rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "row", batches, calls, spec))
         rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "dim", batches, calls, spec))
+        rows += asyncio.run(_bench_config([tgt[0]], [tgt[3]], "v2", batches, calls, spec))
+        rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "v2row", batches, calls, spec))
+        rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "v2dim", batches, calls, spec))
         return rows
 
 
-def add_bandwidth_floor(rows: list[dict], copy_gbps: float, rows_per_token: int, dv: int) -> None:
+def add_bandwidth_floor(
+    rows: list[dict], copy_gbps: float, rows_per_token: int, dv: int, pre_vdim: int = 0
+) -> None:
     """Add what no implementation can beat on this machine: the echo's transport time plus
     reading the batch's value rows (``batch * H*m * Dv * 4`` bytes from a table far larger than
-    the caches, over all shards) at the ``copy_`` bandwidth measured above."""
+    the caches, over all shards) at the ``copy_`` bandwidth measured above. With ``pre_vdim``
+    (UltraMemV2 rows) the pre-value rows read count too: ``batch * H*m * pre_vdim * 4`` bytes,
+    times the shard count under dim sharding (each dim shard reads every selected row's
+    pre-values)."""
     for r in rows:
         nbytes = r["batch"] * rows_per_token * dv * 4
+        if pre_vdim:
+            copies = r["shards"] if r["sharding"] == "dim" else 1
+            r["pre_values_read_bytes"] = r["batch"] * rows_per_token * pre_vdim * 4 * copies
+            nbytes += r["pre_values_read_bytes"]
         floor_ms = r["echo_p50_ms"] + nbytes / (copy_gbps * 1e9) * 1e3
         r["rows_read_bytes"] = nbytes
         r["floor_ms"] = round(floor_ms, 3)
@@ -386,6 +420,9 @@ def main() -> None:
     parser.add_argument(
         "--batches", help="comma-separated batch sizes (default 1,4,16,64,256; quick 1,16,64)"
     )
+    parser.add_argument(
+        "--pre-vdim", type=int, default=64, help="UltraMemV2 pre-value width of the rpc_v2 rows"
+    )
     args = parser.parse_args()
     t0 = time.time()
     load_before = os.getloadavg()[0]
@@ -399,15 +436,22 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     print(json.dumps({"kernel": kernel}), flush=True)
     with tempfile.TemporaryDirectory(prefix="gather-bench-") as tmp:
-        rpc = bench_rpc(rpc_rows, 256, batches, calls, Path(tmp))
+        rows = bench_rpc(rpc_rows, 256, batches, calls, Path(tmp), args.pre_vdim)
+    rpc = [r for r in rows if "pre_vdim" not in r]
+    rpc_v2 = [r for r in rows if "pre_vdim" in r]
     add_bandwidth_floor(rpc, kernel["memcpy_gbps"], rows_per_token=2 * 80, dv=256)
+    add_bandwidth_floor(
+        rpc_v2, kernel["memcpy_gbps"], rows_per_token=2 * 80, dv=256, pre_vdim=args.pre_vdim
+    )
     result = {
         "date": today(),
         "machine": machine(),
         "kernel": kernel,
         "rpc": rpc,
+        "rpc_v2": rpc_v2,
         "config": {
             "rpc_table": [rpc_rows, 256],
+            "rpc_v2_table": [rpc_rows, 256, args.pre_vdim],  # rows, Dv, pre_vdim (E = 1)
             "E": 4,
             "h_c": 2,
             "H": 2,

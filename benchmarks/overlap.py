@@ -9,6 +9,11 @@ use, 2 as in the tiny preset and 3 as in the released UltraMem config):
 * ``remote_serial`` — remote tables, each lookup awaited right where it is issued (block a);
 * ``remote_overlapped`` — remote tables, lookup issued at block a and awaited after block b.
 
+Shape ``v2`` is the tiny UltraMemV2 (``preset("tiny", "ultramemv2")``: 6 blocks, a memory layer
+beside every block's FFN, one shared table with pre-values). Its lookup carries the selection
+AND ``pre_input`` (both ready after the block's attention); it is issued before the block's FFN
+and awaited after it, so only that FFN can hide it (v1 hides it behind whole blocks).
+
 Client variants (``--transports``): ``process`` (the default of ``ClusterValueStore``: the gRPC
 client runs in a lookup process) and ``thread`` (the client on an asyncio thread of the decoding
 process, sharing its GIL), each sending its gathers on ``GatherStream`` streams (the default);
@@ -66,12 +71,29 @@ UNARY = "-unary"  # client variant suffix: unary Gather calls instead of GatherS
 SHAPES: dict[str, tuple[int, str]] = {
     "span2": (6, "0:2,3:5"),
     "span3": (8, "0:3,4:7"),
+    "v2": (6, "every block"),  # UltraMemV2 tiny: the lookup overlaps its own block's FFN
 }
 
 
 def shape_config(name: str) -> LMConfig:
     layers, spec = SHAPES[name]
+    if name == "v2":
+        return preset("tiny", "ultramemv2")
     return dataclasses.replace(preset("tiny"), n_layers=layers, memory_spec=spec)
+
+
+def lookups_per_token(cfg: LMConfig) -> int:
+    """Remote lookups one decoding step makes (one per memory layer)."""
+    if cfg.kind == "ultramemv2":
+        return len(cfg.ultramemv2.layer_blocks(cfg.n_layers))
+    return len(cfg.memory_pairs())
+
+
+def memory_layout(cfg: LMConfig) -> str:
+    """Where the memory layers sit: the v1 skip spec, or UltraMemV2's blocks."""
+    if cfg.kind == "ultramemv2":
+        return f"v2 beside the FFN of blocks {cfg.ultramemv2.layer_blocks(cfg.n_layers)}"
+    return cfg.memory_spec
 
 
 class SerialBackend:
@@ -98,11 +120,15 @@ def echo_at_cadence(cfg: LMConfig, batch: int, local_ms_per_token: float, workdi
     transport's own share of a lookup at decoding cadence, with no ultramem code involved."""
     import asyncio
 
-    mem = cfg.ultramem
+    v2 = cfg.kind == "ultramemv2"
+    mem = cfg.ultramemv2 if v2 else cfg.ultramem
     entries = batch * mem.heads * mem.topm
     request_bytes = 60 + entries * (4 + 4 + 4 * mem.num_cores)  # ids, blocks, weights + headers
-    reply_bytes = batch * mem.expansion * (mem.dv or cfg.d_model // 2) * 4
-    gap_ms = local_ms_per_token / max(1, len(cfg.memory_pairs()))
+    expansion = 1 if v2 else mem.expansion  # V2 sums its IVE blocks: one pooled block
+    if v2:
+        request_bytes += 8 + batch * mem.pre_vdim * 4  # pre_input float32 [T, pre_vdim]
+    reply_bytes = batch * expansion * (mem.dv or cfg.d_model // 2) * 4
+    gap_ms = local_ms_per_token / max(1, lookups_per_token(cfg))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, ReadyProcs(Path(tmp)) as procs:
         procs.spawn(ECHO_SERVER, "echo")
         target = procs.targets()[0]
@@ -192,8 +218,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--shapes",
-        default="span2,span3",
-        help=f"comma-separated model shapes ({', '.join(SHAPES)}); the first is the headline",
+        default="span2,span3,v2",
+        help=f"comma-separated model shapes ({', '.join(SHAPES)}; v2: UltraMemV2 tiny); the "
+        "first is the headline",
     )
     parser.add_argument(
         "--switch-interval",
@@ -242,7 +269,7 @@ def main() -> None:
                 export_checkpoint(ckpt, store, shards=shards, by=args.by, version="bench")
                 by_transport = measure(ckpt, store, transports, args)
                 cfg = load_pretrained(ckpt).cfg
-                lookups = len(cfg.memory_pairs())
+                lookups = lookups_per_token(cfg)
                 ms_local = statistics.median(by_transport[transports[0]]["local"])
                 echo = echo_at_cadence(cfg, args.batch, ms_local, Path(tmp))
                 for transport, times in by_transport.items():
@@ -252,7 +279,8 @@ def main() -> None:
                         {
                             "shape": shape,
                             "layers": cfg.n_layers,
-                            "memory_spec": cfg.memory_spec,
+                            "kind": cfg.kind,
+                            "memory_spec": memory_layout(cfg),
                             "shards": shards,
                             "sharding": args.by,
                             "transport": transport,
@@ -285,7 +313,9 @@ def main() -> None:
             "setup": "random-init UltraMem of the tiny preset's width (D=256) decoding with a KV "
             "cache; shapes differ in the blocks between a memory layer's read and use (span2: 6 "
             "blocks, skip 0:2,3:5 = the tiny preset; span3: 8 blocks, skip 0:3,4:7 = the released "
-            "config's span); value shards as Ray actors with their own grpc.aio servers on "
+            "config's span; v2: the tiny UltraMemV2, 6 blocks with a memory layer each, one "
+            "shared table with pre-values, every lookup carrying pre_input and overlapping only "
+            "its own block's FFN); value shards as Ray actors with their own grpc.aio servers on "
             "loopback; model thread uses 1 torch thread; client transport 'process' = gRPC client "
             "in a lookup process (ClusterValueStore's default), 'thread' = asyncio client on a "
             "thread of the decoding process, both on GatherStream streams ('-unary': unary "

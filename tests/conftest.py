@@ -54,6 +54,18 @@ def make_table_spec(
     )
 
 
+def micro_v2_model(seed: int):
+    """A random-init micro UltraMemV2 ``MemoryLM`` (eval mode) with its pre-values re-drawn at
+    std 1, so the GELU pre-value activation is far from linear and matters in every test."""
+    from ultramem_dist.model import MemoryLM, preset
+
+    torch.manual_seed(seed)
+    model = MemoryLM(preset("micro", "ultramemv2")).eval()
+    with torch.no_grad():
+        model.shared_table.pre_values.normal_()
+    return model
+
+
 def random_queries(spec, num_tokens: int, seed: int = 1):
     """Random valid (indices, blocks, weights) for ``spec``: ``[T, H*m]`` each (+ ``h_c``)."""
     g = torch.Generator().manual_seed(seed)
@@ -90,30 +102,39 @@ def init_local_ray() -> None:
     )
 
 
-def shard_and_router(store: Path, in_process_shard) -> Iterator[dict[str, str]]:
-    """Serve shard 0 of ``store`` in-process and a router in front of it (on its own event
-    loop thread); yields ``{"shard": target, "router": target}`` and stops both after."""
+@contextlib.contextmanager
+def running_router(targets: Sequence[str]) -> Iterator[str]:
+    """A router in front of the shard ``targets`` on its own event loop thread; yields its
+    target and stops it after."""
     from ultramem_dist.router import RouterConfig, build_router
-    from ultramem_dist.serving import ServerConfig
 
-    shard = in_process_shard(ServerConfig(store=store, shard=0))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
     async def start():
-        server, port = await build_router(RouterConfig(targets=[shard.target]))
+        server, port = await build_router(RouterConfig(targets=list(targets)))
         await server.start()
         return server, port
 
     router, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
     try:
-        yield {"shard": shard.target, "router": f"127.0.0.1:{port}"}
+        yield f"127.0.0.1:{port}"
     finally:
         asyncio.run_coroutine_threadsafe(router.stop(0.5), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def shard_and_router(store: Path, in_process_shard) -> Iterator[dict[str, str]]:
+    """Serve shard 0 of ``store`` in-process and a router in front of it (on its own event
+    loop thread); yields ``{"shard": target, "router": target}`` and stops both after."""
+    from ultramem_dist.serving import ServerConfig
+
+    shard = in_process_shard(ServerConfig(store=store, shard=0))
+    with running_router([shard.target]) as router:
+        yield {"shard": shard.target, "router": router}
 
 
 def free_port() -> int:

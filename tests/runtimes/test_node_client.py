@@ -1,6 +1,7 @@
 """The Node.js client (``clients/node``) against real servers: its own ``node --test`` suite runs
-with endpoints of live shard servers (a row, a dim and a merged table) and a router, and compares
-its lookups with values computed here by the shared kernel on the full tables.
+with endpoints of live shard servers (a row, a dim and a merged table, and two UltraMemV2 shared
+tables with pre-values, row and dim) and a router, and compares its lookups with values computed
+here by the shared kernel on the full tables (V2: ``UltraMemV2Layer.pool``).
 
 Plain ``npm test`` starts its own servers (``clients/node/test/fixture.py``); here the
 endpoints are handed in, and ``examples/lookup.js`` is run against the router too.
@@ -23,16 +24,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_table_spec, random_queries
+from conftest import REPO, make_table_spec, micro_v2_model, random_queries
 
 from ultramem_dist.kernels import gather_pool
 from ultramem_dist.router import RouterConfig, build_router
 from ultramem_dist.serving import ServerConfig
 from ultramem_dist.store import export_tables
+from ultramem_dist.store.export import shared_table_spec
 
 NODE_DIR = REPO / "clients" / "node"
 SPEC = make_table_spec(n_rows=700, dv=32, d_model=24)
 TABLES = {"row": ("row", False), "dim": ("dim", False), "mrg": ("row", True)}
+V2_TABLES = {"v2row": "row", "v2dim": "dim"}
+"""UltraMemV2 shared tables (with pre-values) in the same store: a micro model's table twice."""
 
 pytestmark = [
     pytest.mark.integration,
@@ -85,6 +89,55 @@ class BackgroundRouter:
         self.loop.close()
 
 
+def v2_model():
+    """The micro UltraMemV2 model whose shared table the V2 tables serve (seeded)."""
+    return micro_v2_model(21)
+
+
+def export_store(out: Path) -> None:
+    """The 2-shard store of the Node tests: the v1 tables and the V2 tables, version v1."""
+    spec = shared_table_spec(v2_model())
+    export_tables(
+        {**{tid: SPEC for tid in TABLES}, **{tid: spec for tid in V2_TABLES}},
+        out,
+        shards=2,
+        by={**{tid: by for tid, (by, _) in TABLES.items()}, **V2_TABLES},
+        merged={
+            **{tid: merged for tid, (_, merged) in TABLES.items()},
+            **dict.fromkeys(V2_TABLES, False),
+        },
+        version="v1",
+    )
+
+
+def expected_v2_outputs(num_tokens: int) -> dict:
+    """Queries of a V2 layer and their pooled values by ``UltraMemV2Layer.pool`` on the local
+    shared table, ``[T, 1, Dv]`` as the shards answer; ``pre_input`` flat for v2row and as
+    ``[T][pre_vdim]`` rows for v2dim (the client takes both)."""
+    model = v2_model()
+    layer = model.v2_layers[1]
+    tables = {}
+    for seed, (tid, by) in enumerate(V2_TABLES.items()):
+        x = torch.randn(
+            num_tokens, model.cfg.d_model, generator=torch.Generator().manual_seed(seed)
+        )
+        with torch.no_grad():
+            sel = layer.select(x)
+            pre = layer.pre_input(x)
+            out = layer.pool(model.shared_table, sel, pre).unsqueeze(1)
+        tables[tid] = {
+            "sharding": by,
+            "num_tokens": num_tokens,
+            "indices": sel.indices.reshape(-1).tolist(),
+            "blocks": sel.blocks.reshape(-1).tolist(),
+            "weights": sel.weights.reshape(-1).tolist(),
+            "pre_vdim": pre.shape[1],
+            "pre_input": pre.reshape(-1).tolist() if by == "row" else pre.tolist(),
+            "expected": {"shape": list(out.shape), "values": out.reshape(-1).tolist()},
+        }
+    return tables
+
+
 def expected_outputs(num_tokens: int = 5) -> dict:
     tables = {}
     for seed, (tid, (by, merged)) in enumerate(TABLES.items()):
@@ -100,20 +153,14 @@ def expected_outputs(num_tokens: int = 5) -> dict:
             "weights": w.reshape(-1).tolist(),
             "expected": {"shape": list(out.shape), "values": out.reshape(-1).tolist()},
         }
+    tables.update(expected_v2_outputs(num_tokens))
     return {"version": "v1", "num_shards": 2, "tables": tables}
 
 
 def test_node_client_through_router_and_direct(tmp_path, in_process_shard):
     npm_install()
     store = tmp_path / "store"
-    export_tables(
-        {tid: SPEC for tid in TABLES},
-        store,
-        shards=2,
-        by={tid: by for tid, (by, _) in TABLES.items()},
-        merged={tid: merged for tid, (_, merged) in TABLES.items()},
-        version="v1",
-    )
+    export_store(store)
     shards = [in_process_shard(ServerConfig(store=store, shard=k)) for k in (0, 1)]
     expected = tmp_path / "expected.json"
     expected.write_text(json.dumps(expected_outputs()))
@@ -159,7 +206,7 @@ def test_node_client_through_router_and_direct(tmp_path, in_process_shard):
     assert res.returncode == 0, report[-6000:]
     # every test ran: none skipped for lack of endpoints
     assert "# fail 0" in report and "# skipped 0" in report, report[-3000:]
-    assert "# pass 7" in report, report[-3000:]
+    assert "# pass 9" in report, report[-3000:]
 
 
 def test_expected_outputs_are_not_trivial():
@@ -168,3 +215,9 @@ def test_expected_outputs_are_not_trivial():
     values = {tid: torch.tensor(t["expected"]["values"]) for tid, t in data.items()}
     assert all(v.abs().max() > 1e-3 for v in values.values())
     assert not torch.allclose(values["row"], values["dim"])
+    # the V2 expectations include the pre-value activation (without it they would differ)
+    model, q = v2_model(), data["v2row"]
+    idx = torch.tensor(q["indices"]).reshape(2, -1)
+    w = torch.tensor(q["weights"]).reshape(*idx.shape, -1)
+    plain = gather_pool(model.shared_table.values, idx, torch.zeros_like(idx), w, 1)
+    assert not torch.allclose(plain.reshape(-1), values["v2row"], atol=1e-4)

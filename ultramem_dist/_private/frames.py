@@ -43,7 +43,8 @@ class Kind:
 
     OPEN = 1  # pickle (targets, version, deadline_s, connect_timeout_s, options)
     #           -> OK pickle (handle, layout, version)
-    GATHER = 2  # pack_gather(handle, table_id, indices, blocks, weights) -> ARRAY pooled
+    GATHER = 2  # pack_gather(handle, table_id, indices, blocks, weights[, pre_input])
+    #             -> ARRAY pooled
     CLOSE = 3  # pickle handle -> OK pickle None
     OK = 10
     ERROR = 11  # pickle (exception class name, message)

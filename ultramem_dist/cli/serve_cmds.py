@@ -242,15 +242,20 @@ def lookup_cmd(
             idx = torch.randint(0, t.n_rows, (random, per), generator=g)
             blk = torch.randint(0, t.expansion, (random, per), generator=g)
             w = torch.randn(random, per, t.num_cores, generator=g)
+            # UltraMemV2 tables with pre-values: a random pre_input too (drawn last, so the
+            # queries of v1 tables are what they always were)
+            pre = torch.randn(random, t.pre_vdim, generator=g) if t.pre_vdim else None
             start = time.perf_counter()
-            out = await client.gather(table, idx, blk, w)
+            out = await client.gather(table, idx, blk, w, pre_input=pre)
             ms = (time.perf_counter() - start) * 1e3
+            v2 = {"pre_vdim": t.pre_vdim} if t.pre_vdim else {}
             return {
                 "table": table,
                 "version": client.version,
                 "shards": client.layout.num_shards,
                 "sharding": t.sharding,
                 "merged": t.merged,
+                **v2,
                 "shape": list(out.shape),
                 "dtype": str(out.dtype).removeprefix("torch."),
                 "abs_mean": float(out.abs().mean()),

@@ -2,6 +2,7 @@
 
 >>> client = await GatherClient.connect(["10.0.0.1:7000", "10.0.0.2:7000"])
 >>> pooled = await client.gather("mem0", indices, blocks, weights)   # [T, E, Dv] (merged: [T, D])
+>>> pooled = await client.gather("shared", indices, blocks, weights, pre_input=pre)  # UltraMemV2
 
 Every call has a deadline. A call either returns the complete result or raises: a shard that
 cannot answer in time raises :class:`~ultramem_dist.errors.ShardUnavailableError` naming it, and
@@ -236,6 +237,34 @@ class GatherClient:
                 f"{self.layout.max_batch}"
             )
 
+    @staticmethod
+    def _pre_array(
+        t: TableLayout, pre_input: torch.Tensor | np.ndarray | None, num_tokens: int
+    ) -> np.ndarray | None:
+        """``pre_input`` as the float32 ``[T, pre_vdim]`` array the shards expect, after
+        checking that the table takes one (UltraMemV2 with pre-values) and its shape."""
+        if t.pre_vdim == 0:
+            if pre_input is not None:
+                raise InvalidRequestError(
+                    f"pre_input: table {t.table_id!r} has no pre-values (not an UltraMemV2 "
+                    "table); send the lookup without pre_input"
+                )
+            return None
+        if pre_input is None:
+            raise InvalidRequestError(
+                f"pre_input: table {t.table_id!r} is an UltraMemV2 table with pre-values; the "
+                f"lookup must carry pre_input float32 [T, {t.pre_vdim}]"
+            )
+        if isinstance(pre_input, torch.Tensor) and pre_input.dtype != torch.float32:
+            pre_input = pre_input.float()
+        pre = host_array(pre_input)
+        if pre.shape != (num_tokens, t.pre_vdim):
+            raise InvalidRequestError(
+                f"pre_input: shape {list(pre.shape)}; expected [{num_tokens}, {t.pre_vdim}] "
+                "(one row of pre_vdim per query token)"
+            )
+        return np.ascontiguousarray(pre, dtype=np.float32)
+
     def _request(
         self,
         table_id: str,
@@ -244,6 +273,7 @@ class GatherClient:
         weights: np.ndarray,
         offsets: np.ndarray | None,
         n_rows: int,
+        pre_input: np.ndarray | None = None,
     ) -> pb.StreamGatherRequest:
         msg = pb.StreamGatherRequest()
         req = msg.gather
@@ -254,6 +284,8 @@ class GatherClient:
         encode_array(weights.astype(np.float32, copy=False), req.weights)
         if offsets is not None:
             encode_array(_narrow(offsets, _ids_dtype(int(offsets[-1]))), req.offsets)
+        if pre_input is not None:
+            encode_array(pre_input, req.pre_input)
         return msg
 
     def _time_left(self, shard: int, deadline: float) -> float:
@@ -356,6 +388,7 @@ class GatherClient:
         blocks: torch.Tensor,
         weights: torch.Tensor,
         *,
+        pre_input: torch.Tensor | np.ndarray | None = None,
         timeout_s: float | None = None,
     ) -> torch.Tensor:
         """Pooled values of a batch: ``[T, E, Dv]`` (merged table: ``[T, D]``), float32.
@@ -364,11 +397,13 @@ class GatherClient:
             indices: ``[T, L]`` global physical row ids (``L = H * m``).
             blocks: ``[T, L]`` IVE block ids.
             weights: ``[T, L, h_c]`` per-core weights.
+            pre_input: ``[T, pre_vdim]`` per-token pre-value input, required for (and only
+                for) an UltraMemV2 table with pre-values (``TableLayout.pre_vdim > 0``).
             timeout_s: deadline for the whole fan-out (default: the client's ``deadline_s``).
         """
         budget = self.deadline_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + budget
-        t, calls = self.prepare(table_id, indices, blocks, weights)
+        t, calls = self.prepare(table_id, indices, blocks, weights, pre_input)
         for _, msg in calls:  # the shard skips work it dequeues after this (streams only)
             msg.timeout_us = max(1, int(budget * 1e6))
         num_tokens = indices.shape[0]
@@ -376,14 +411,22 @@ class GatherClient:
         return self.combine(t, results, num_tokens)
 
     def prepare(
-        self, table_id: str, indices: torch.Tensor, blocks: torch.Tensor, weights: torch.Tensor
+        self,
+        table_id: str,
+        indices: torch.Tensor,
+        blocks: torch.Tensor,
+        weights: torch.Tensor,
+        pre_input: torch.Tensor | np.ndarray | None = None,
     ) -> tuple[TableLayout, list[tuple[int, pb.StreamGatherRequest]]]:
         """Check a batch and build the per-shard requests: ``(table, [(shard, request)])``.
         Row tables: only shards owning some entry get a request; dim tables: every shard (one
-        message). Each message carries this call's request id; the unary form is ``.gather``."""
+        message). Each message carries this call's request id; the unary form is ``.gather``.
+        ``pre_input`` (UltraMemV2) goes whole into every request: a row shard's CSR request
+        still has one row per token, and a dim shard holds every row's pre-values."""
         t = self.table(table_id)
         ids, blk, w = host_array(indices), host_array(blocks), host_array(weights)
         self._check_inputs(t, ids, blk, w)
+        pre = self._pre_array(t, pre_input, ids.shape[0])
         calls: list[tuple[int, pb.StreamGatherRequest]] = []
         if t.sharding == "row" and len(t.rows) > 1:
             parts = split_for_wire(
@@ -395,9 +438,9 @@ class GatherClient:
             )
             for k, part in enumerate(parts):
                 if part is not None:  # a shard owning no entry contributes exactly zero
-                    calls.append((k, self._request(table_id, *part, t.n_rows)))
+                    calls.append((k, self._request(table_id, *part, t.n_rows, pre)))
         else:  # the whole batch to every shard, dense (no offsets)
-            req = self._request(table_id, ids, blk, w, None, t.n_rows)
+            req = self._request(table_id, ids, blk, w, None, t.n_rows, pre)
             calls = [(k, req) for k in range(self.layout.num_shards)]
         request_id = next(self._request_ids)
         for _, msg in calls:

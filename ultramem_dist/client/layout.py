@@ -26,6 +26,10 @@ class TableLayout:
     sharding: str
     rows: tuple[tuple[int, int], ...]
     cols: tuple[tuple[int, int], ...]
+    pre_vdim: int = 0
+    """UltraMemV2 pre-value width (0: a v1 table, no ``pre_input``). Every lookup of a table with
+    pre-values carries ``pre_input`` float32 ``[T, pre_vdim]``, sent whole to every shard called
+    (row shards hold their rows' pre-values, dim shards all of them)."""
 
     @property
     def out_width(self) -> int:
@@ -70,7 +74,16 @@ class StoreLayout:
         tables = {}
         for tid, slots in per_table.items():
             t0 = slots[0]
-            dims = ("n_rows", "dv", "expansion", "num_cores", "d_model", "merged", "sharding")
+            dims = (
+                "n_rows",
+                "dv",
+                "expansion",
+                "num_cores",
+                "d_model",
+                "merged",
+                "sharding",
+                "pre_vdim",
+            )
             for k, t in enumerate(slots):
                 if any(getattr(t, d) != getattr(t0, d) for d in dims):
                     raise RemoteError(
@@ -89,6 +102,7 @@ class StoreLayout:
                 sharding="row" if t0.sharding == pb.SHARDING_ROW else "dim",
                 rows=tuple((t.row_lo, t.row_hi) for t in slots),
                 cols=tuple((t.col_lo, t.col_hi) for t in slots),
+                pre_vdim=t0.pre_vdim,
             )
             _check_cover(layout)
             tables[tid] = layout

@@ -45,8 +45,11 @@ class _Worker:
     async def handle(self, kind: int, rid: int, body: bytes) -> None:
         try:
             if kind == Kind.GATHER:
-                handle, table_id, (indices, blocks, weights) = unpack_gather(body)
-                out = await self.client(handle).gather(table_id, indices, blocks, weights)
+                handle, table_id, arrays = unpack_gather(body)
+                indices, blocks, weights, *pre = arrays  # UltraMemV2: a fourth, pre_input
+                out = await self.client(handle).gather(
+                    table_id, indices, blocks, weights, pre_input=pre[0] if pre else None
+                )
                 self.writer.write(raw_frame(Kind.ARRAY, rid, pack_array(out.numpy())))
                 return
             result = await self.control(kind, pickle.loads(body))

@@ -46,7 +46,12 @@ from ultramem_dist._private.frames import (
 )
 from ultramem_dist.client.channels import ChannelOptions
 from ultramem_dist.client.layout import StoreLayout
-from ultramem_dist.client.remote_store import RemoteValueStore, SelectionLike, ValueStoreHandle
+from ultramem_dist.client.remote_store import (
+    RemoteValueStore,
+    SelectionLike,
+    ValueStoreHandle,
+    pre_input_of,
+)
 from ultramem_dist.client.router import host_array
 from ultramem_dist.errors import LookupProcessError
 
@@ -193,9 +198,14 @@ class LookupProcess:
         blocks: np.ndarray,
         weights: np.ndarray,
         deadline_s: float,
+        pre_input: np.ndarray | None = None,
     ) -> concurrent.futures.Future[torch.Tensor]:
-        """Start one lookup on store ``handle``; resolves to the pooled float32 tensor."""
-        body = pack_gather(handle, table_id, (indices, blocks, weights))
+        """Start one lookup on store ``handle``; resolves to the pooled float32 tensor.
+        ``pre_input``: the UltraMemV2 ``[T, pre_vdim]`` input (framed as a fourth array)."""
+        arrays: tuple[np.ndarray, ...] = (indices, blocks, weights)
+        if pre_input is not None:
+            arrays += (pre_input,)
+        body = pack_gather(handle, table_id, arrays)
         backstop = time.monotonic() + deadline_s + _GRACE_S
         return self._request(Kind.GATHER, body, backstop, torch.from_numpy)
 
@@ -411,9 +421,11 @@ class ProcessValueStore(ValueStoreHandle):
         return self._proc
 
     def submit(self, table_id: str, sel: SelectionLike) -> concurrent.futures.Future[torch.Tensor]:
-        """Start pooling ``sel``; the future resolves to ``[T, E, Dv]``/``[T, D]`` float32."""
+        """Start pooling ``sel`` (with its ``pre_input``, if any); the future resolves to
+        ``[T, E, Dv]``/``[T, D]`` float32."""
         if self._closed:
             raise RuntimeError("ProcessValueStore is closed")
+        pre = pre_input_of(sel)
         return self._proc.gather(
             self._handle,
             table_id,
@@ -421,6 +433,7 @@ class ProcessValueStore(ValueStoreHandle):
             host_array(sel.blocks),
             host_array(sel.weights),
             self.deadline_s,
+            None if pre is None else host_array(pre.float()),
         )
 
     def close(self) -> None:

@@ -24,15 +24,23 @@ from ultramem_dist.client.channels import ChannelOptions
 from ultramem_dist.client.client import GatherClient
 from ultramem_dist.client.layout import StoreLayout
 
-__all__ = ["RemoteValueStore", "SelectionLike", "ValueStoreHandle"]
+__all__ = ["RemoteValueStore", "SelectionLike", "ValueStoreHandle", "pre_input_of"]
 
 T = TypeVar("T")
 
 
 class SelectionLike(Protocol):
+    """A memory layer's selection (:class:`~ultramem_dist.model.Selection`); UltraMemV2
+    selections also carry ``pre_input`` ``[T, pre_vdim]`` (read with :func:`pre_input_of`)."""
+
     indices: torch.Tensor
     blocks: torch.Tensor
     weights: torch.Tensor
+
+
+def pre_input_of(sel: SelectionLike) -> torch.Tensor | None:
+    """The selection's UltraMemV2 ``pre_input`` (``None``: a v1 selection, or one without)."""
+    return getattr(sel, "pre_input", None)
 
 
 class ValueStoreHandle(ABC):
@@ -49,7 +57,8 @@ class ValueStoreHandle(ABC):
 
     @abstractmethod
     def submit(self, table_id: str, sel: SelectionLike) -> concurrent.futures.Future[torch.Tensor]:
-        """Start pooling ``sel`` on the shards; the future resolves to ``[T, E, Dv]``/``[T, D]``."""
+        """Start pooling ``sel`` on the shards (an UltraMemV2 selection with its
+        ``pre_input``); the future resolves to ``[T, E, Dv]``/``[T, D]``."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -114,8 +123,13 @@ class RemoteValueStore(ValueStoreHandle):
         return self._client.version
 
     def submit(self, table_id: str, sel: SelectionLike) -> concurrent.futures.Future[torch.Tensor]:
-        """Start pooling ``sel`` on the shards; the future resolves to ``[T, E, Dv]``/``[T, D]``."""
-        return self._run(self._client.gather(table_id, sel.indices, sel.blocks, sel.weights))
+        """Start pooling ``sel`` on the shards (with its ``pre_input``, if any); the future
+        resolves to ``[T, E, Dv]``/``[T, D]``."""
+        return self._run(
+            self._client.gather(
+                table_id, sel.indices, sel.blocks, sel.weights, pre_input=pre_input_of(sel)
+            )
+        )
 
     def close(self) -> None:
         """Close the channels and stop the background loop (idempotent)."""

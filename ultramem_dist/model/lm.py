@@ -165,9 +165,14 @@ class MemoryLM(nn.Module):
                 layer = self.memory_layers[mem_i]
                 pending[mem_i] = layer.start(h) if isinstance(layer, UltraMemLayer) else layer(h)
             v2_i = self._v2_at.get(i)
-            if v2_i is not None:
-                x = x + self.v2_layers[v2_i](h, self.shared_table)
-            x = x + block.ffn(h)
+            if v2_i is not None:  # lookup issued before this block's FFN, collected after it
+                v2 = self.v2_layers[v2_i]
+                v2_pending = v2.start(h, self.shared_table)
+                ffn_out = block.ffn(h)
+                x = x + v2.finish(v2_pending)
+                x = x + ffn_out
+            else:
+                x = x + block.ffn(h)
             mem_o = self._writes.get(i)
             if mem_o is not None:
                 layer = self.memory_layers[mem_o]
@@ -206,21 +211,34 @@ class MemoryLM(nn.Module):
         return [m for m in self.memory_layers if isinstance(m, UltraMemLayer)]
 
     def set_value_backend(self, backend: object | None) -> None:
-        """Route every UltraMem layer's lookups to ``backend`` (None: the local tables)."""
+        """Route every UltraMem (and UltraMemV2) layer's lookups to ``backend`` (None: the
+        local tables)."""
         for layer in self.ultramem_layers():
             layer.set_value_backend(backend)  # type: ignore[arg-type]
+        for v2 in self.v2_layers:
+            v2.set_value_backend(backend)  # type: ignore[arg-type]
 
     def drop_value_tables(self) -> None:
-        """Free the local value tables (the model must then use a remote backend)."""
+        """Free the local value tables (UltraMemV2: the shared values and pre-values); the
+        model must then use a remote backend."""
         for layer in self.ultramem_layers():
             layer.values = nn.Parameter(torch.empty(0, layer.dv), requires_grad=False)
+        table = self.shared_table
+        if table is not None:
+            dv, pre_vdim = table.values.shape[1], table.pre_values.shape[1]
+            table.values = nn.Parameter(torch.empty(0, dv), requires_grad=False)
+            table.pre_values = nn.Parameter(torch.empty(0, pre_vdim), requires_grad=False)
 
     @torch.no_grad()
     def round_value_tables(self, dtype: torch.dtype) -> None:
-        """Round every UltraMem value table to ``dtype`` in place (kept in fp32), exactly as
-        ``export --dtype`` rounds a store: the local twin of a remote bf16/fp16 store."""
-        for layer in self.ultramem_layers():
-            layer.values.copy_(layer.values.to(dtype).float())
+        """Round every UltraMem value table (UltraMemV2: the shared values and pre-values) to
+        ``dtype`` in place (kept in fp32), exactly as ``export --dtype`` rounds a store: the
+        local twin of a remote bf16/fp16 store."""
+        tables = [layer.values for layer in self.ultramem_layers()]
+        if self.shared_table is not None:
+            tables += [self.shared_table.values, self.shared_table.pre_values]
+        for values in tables:
+            values.copy_(values.to(dtype).float())
 
     def value_parameters(self) -> list[nn.Parameter]:
         """The sparse value tables (own optimizer group / LR multiplier)."""

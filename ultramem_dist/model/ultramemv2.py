@@ -12,7 +12,9 @@ Differences from :mod:`ultramem_dist.model.ultramem` (v1):
   with ``pre_input = W_pre x`` (``[T, pre_vdim]``) before pooling.
 
 Selection (TDQKR + MCS) is v1's :func:`~ultramem_dist.model.ultramem.tdqkr_topm`; pooling is the
-shared :func:`~ultramem_dist.kernels.gather_pool` kernel with a single block.
+shared :func:`~ultramem_dist.kernels.gather_pool` kernel with a single block, on the local
+shared table or on a value backend's shards (:meth:`UltraMemV2Layer.start` / ``finish``: the
+selection goes out with its ``pre_input``, which is ready at the same point as the query).
 """
 
 from __future__ import annotations
@@ -23,8 +25,13 @@ from torch import nn
 from ultramem_dist.kernels import gather_pool
 from ultramem_dist.kernels.gather_pool import pre_value_activation
 from ultramem_dist.model.config import UltraMemV2Config
-from ultramem_dist.model.selection import Selection
-from ultramem_dist.model.ultramem import ive_permutation, refresh_core_vectors, tdqkr_topm
+from ultramem_dist.model.selection import Selection, ValueBackend, done_future
+from ultramem_dist.model.ultramem import (
+    PendingPool,
+    ive_permutation,
+    refresh_core_vectors,
+    tdqkr_topm,
+)
 
 
 class SharedValueTable(nn.Module):
@@ -86,6 +93,7 @@ class UltraMemV2Layer(nn.Module):
             "ive_perm",
             ive_permutation(cfg.expansion * self.n_rows, cfg.perm_seed + layer_index),
         )
+        self._backend: ValueBackend | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -150,11 +158,40 @@ class UltraMemV2Layer(nn.Module):
         )
         return pooled[:, 0]
 
-    def forward(self, x: torch.Tensor, table: SharedValueTable) -> torch.Tensor:
-        shape = x.shape
+    def set_value_backend(self, backend: ValueBackend | None) -> None:
+        """Route lookups to ``backend`` (e.g. a remote store serving the shared table);
+        ``None`` pools from the local :class:`SharedValueTable`."""
+        self._backend = backend
+
+    @property
+    def value_backend(self) -> ValueBackend | None:
+        return self._backend
+
+    def start(self, x: torch.Tensor, table: SharedValueTable | None) -> PendingPool:
+        """Issue the lookup for ``x`` ``[..., D]`` without waiting for remote values: the
+        selection and its ``pre_input`` go to the backend together (local: pooled at once)."""
+        shape = tuple(x.shape)
         flat = x.reshape(-1, self.d_model)
-        pooled = self.pool(table, self.select(flat), self.pre_input(flat))
-        return self.out_proj(pooled.to(self.out_proj.weight.dtype)).reshape(shape)
+        if self._backend is None:
+            if table is None:
+                raise ValueError("UltraMemV2 layer has no value backend and no shared table")
+            fut = done_future(self.pool(table, self.select(flat), self.pre_input(flat)))
+        else:
+            with torch.no_grad():
+                sel = self.select(flat)
+                sel.pre_input = self.pre_input(flat)
+            fut = self._backend.submit(self.table_id, sel)
+        return PendingPool(fut, shape)
+
+    def finish(self, pending: PendingPool, timeout: float | None = None) -> torch.Tensor:
+        """Wait for the lookup issued by :meth:`start`; returns ``[..., D]``. A remote reply
+        ``[T, 1, Dv]`` (one IVE block) and a local pool ``[T, Dv]`` project alike."""
+        pooled = pending.future.result(timeout=timeout)
+        pooled = pooled.reshape(pooled.shape[0], self.dv)
+        return self.out_proj(pooled.to(self.out_proj.weight.dtype)).reshape(pending.shape)
+
+    def forward(self, x: torch.Tensor, table: SharedValueTable | None) -> torch.Tensor:
+        return self.finish(self.start(x, table))
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -9,7 +9,8 @@ generic client needs no sharding logic at all.
 
 The caller's deadline bounds the whole fan-out; a cancelled call cancels the shard calls.
 Requests are checked for shape and limits here; ids, block ids and weights are checked by the
-shards, whose refusals are passed on with the same status code.
+shards, whose refusals are passed on with the same status code. An UltraMemV2 request's
+``pre_input`` is checked as a shard checks it and forwarded whole to every shard called.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import time
 
 import grpc
+import numpy as np
 import torch
 
 from ultramem_dist._private.codec import encode_tensor
@@ -26,6 +28,7 @@ from ultramem_dist.client import GatherClient
 from ultramem_dist.errors import UltraMemError
 from ultramem_dist.proto.ultramem.v1 import gather_pb2 as pb
 from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
+from ultramem_dist.serving import v2
 from ultramem_dist.serving.metrics import (
     ShardMetrics,
     measured_gather,
@@ -118,8 +121,9 @@ class RouterServicer(pb_grpc.GatherPoolServicer):
 
     def _decode(
         self, req: pb.GatherRequest
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Dense ``[T, L]`` indices, blocks, ``[T, L, h_c]`` weights and the entry count."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None, int]:
+        """Dense ``[T, L]`` indices, blocks, ``[T, L, h_c]`` weights, the UltraMemV2
+        ``pre_input`` (``None`` when the request has none) and the entry count."""
         check_version(req, self._client.version, "router")
         t = self._client.table(req.table_id)  # TableNotFoundError -> NOT_FOUND
         layout = self._client.layout
@@ -129,7 +133,12 @@ class RouterServicer(pb_grpc.GatherPoolServicer):
         if e.offsets is not None:
             offsets = torch.from_numpy(e.offsets)
             indices, blocks, weights = _dense_from_ragged(indices, blocks, weights, offsets)
-        return indices, blocks, weights, entries
+        pre = None  # checked here as a shard checks it (presence, shape, dtype, finite)
+        if t.pre_vdim:
+            pre = v2.decode_pre_input(req, e.num_tokens, t.pre_vdim)
+        else:
+            v2.check_pre_input_absent(req, req.table_id)
+        return indices, blocks, weights, pre, entries
 
     # -- RPCs ----------------------------------------------------------------------------------
 
@@ -146,9 +155,9 @@ class RouterServicer(pb_grpc.GatherPoolServicer):
         remaining = context.time_remaining()
         timeout = self._default_deadline_s if remaining is None else remaining
         try:
-            indices, blocks, weights, entries = self._decode(request)
+            indices, blocks, weights, pre, entries = self._decode(request)
             pooled = await self._client.gather(
-                request.table_id, indices, blocks, weights, timeout_s=timeout
+                request.table_id, indices, blocks, weights, pre_input=pre, timeout_s=timeout
             )
         except UltraMemError as exc:
             code = status_for(exc)

@@ -90,10 +90,39 @@ function concatColumns(slices, rows, outWidth) {
   return out;
 }
 
+/**
+ * An UltraMemV2 lookup's `preInput` as a flat Float32Array of `numTokens * preVdim` values:
+ * accepts a flat typed array / array of numbers, or an array of `numTokens` rows of `preVdim`.
+ * `undefined` for a table without pre-values; throws if the table and the query disagree.
+ */
+function preInputArray(table, preInput, numTokens) {
+  if (!table.preVdim) {
+    if (preInput !== undefined && preInput !== null) {
+      throw new TypeError(`preInput: table ${table.tableId} has no pre-values (not an UltraMemV2 table); send the query without preInput`);
+    }
+    return undefined;
+  }
+  if (preInput === undefined || preInput === null) {
+    throw new TypeError(`preInput: table ${table.tableId} is an UltraMemV2 table with pre-values; the query must carry preInput [T, ${table.preVdim}]`);
+  }
+  let flat = preInput;
+  if (Array.isArray(preInput) && preInput.length > 0 && typeof preInput[0] === 'object') {
+    if (preInput.length !== numTokens || preInput.some((row) => row.length !== table.preVdim)) {
+      throw new RangeError(`preInput: expected ${numTokens} rows of ${table.preVdim} values (one row per query token)`);
+    }
+    flat = new Float32Array(numTokens * table.preVdim);
+    preInput.forEach((row, t) => flat.set(row, t * table.preVdim));
+  }
+  if (flat.length !== numTokens * table.preVdim) {
+    throw new RangeError(`preInput has ${flat.length} values; expected T * pre_vdim = ${numTokens * table.preVdim}`);
+  }
+  return flat;
+}
+
 function tableLayout(tableId, perShard) {
   const t0 = perShard[0];
   for (const [k, t] of perShard.entries()) {
-    for (const key of ['n_rows', 'dv', 'expansion', 'num_cores', 'd_model', 'merged', 'sharding']) {
+    for (const key of ['n_rows', 'dv', 'expansion', 'num_cores', 'd_model', 'merged', 'sharding', 'pre_vdim']) {
       if (t[key] !== t0[key]) {
         throw new GatherError(`table ${tableId}: shard ${k} disagrees with shard 0 on ${key}`);
       }
@@ -111,6 +140,7 @@ function tableLayout(tableId, perShard) {
     merged: t0.merged,
     sharding: t0.sharding === 'SHARDING_ROW' ? 'row' : 'dim',
     outWidth: t0.out_width,
+    preVdim: t0.pre_vdim || 0, // UltraMemV2 pre-value width; 0: a v1 table (no preInput)
     rows: perShard.map((t) => [t.row_lo, t.row_hi]),
     cols: perShard.map((t) => [t.col_lo, t.col_hi]),
   };
@@ -271,11 +301,14 @@ class GatherPoolClient {
    * @param {ArrayLike<number>} query.blocks  [T * L] IVE block ids
    * @param {ArrayLike<number>} query.weights [T * L * h_c] per-core weights
    * @param {number} query.numTokens T
+   * @param {ArrayLike<number>|ArrayLike<number>[]} [query.preInput] UltraMemV2 tables with
+   *   pre-values only (`table(id).preVdim > 0`, required there): each token's `W_pre x`, flat
+   *   [T * pre_vdim] (Float32Array or numbers) or [T][pre_vdim]; sent whole to every shard
    * @param {object} [opts]
    * @param {number} [opts.deadlineMs] deadline of the whole fan-out
    * @returns {Promise<{shape: number[], data: Float32Array}>} [T, E, Dv] (merged: [T, D])
    */
-  async gather(tableId, { indices, blocks, weights, numTokens }, opts = {}) {
+  async gather(tableId, { indices, blocks, weights, numTokens, preInput }, opts = {}) {
     const t = this.table(tableId);
     if (!Number.isInteger(numTokens) || numTokens < 0) throw new TypeError('numTokens must be an integer >= 0');
     const perQuery = numTokens === 0 ? 0 : indices.length / numTokens;
@@ -285,9 +318,11 @@ class GatherPoolClient {
     if (weights.length !== indices.length * t.numCores) {
       throw new RangeError(`weights has ${weights.length} values; expected T * L * h_c = ${indices.length * t.numCores}`);
     }
+    const pre = preInputArray(t, preInput, numTokens);
     const deadline = new Date(Date.now() + (opts.deadlineMs ?? this.deadlineMs));
     const idsType = t.nRows <= INT32_MAX ? 'DTYPE_INT32' : 'DTYPE_INT64';
     const base = { table_id: tableId, table_version: this.version };
+    if (pre) base.pre_input = encodeTensor(pre, [numTokens, t.preVdim], 'DTYPE_FLOAT32');
     const shape = this.outShape(t, numTokens);
     const rows = t.merged ? numTokens : numTokens * t.expansion;
 
@@ -347,4 +382,6 @@ class GatherPoolClient {
   }
 }
 
-module.exports = { GatherPoolClient, GatherError, splitRows, concatColumns, status: grpc.status };
+module.exports = {
+  GatherPoolClient, GatherError, splitRows, concatColumns, preInputArray, status: grpc.status,
+};

@@ -1,10 +1,11 @@
 """Live servers and expected outputs for ``npm test`` (clients/node/test/service.test.js).
 
 Run by the Node tests themselves when ``ULTRAMEM_ROUTER``/``ULTRAMEM_SHARDS``/``ULTRAMEM_EXPECTED``
-are not set: exports a 2-shard store of three random tables (row, dim, merged) into a temp dir,
-starts two ``ultramem-dist serve-shard`` processes and one ``serve-router`` on free loopback
-ports, writes the expected outputs (computed by the shared kernel on the full tables, exactly
-as tests/runtimes/test_node_client.py does) and prints ONE JSON line with the three variables.
+are not set: exports a 2-shard store of three random tables (row, dim, merged) and two
+UltraMemV2 shared tables with pre-values (row, dim) into a temp dir, starts two
+``ultramem-dist serve-shard`` processes and one ``serve-router`` on free loopback ports, writes
+the expected outputs (computed by the shared kernel on the full tables, exactly as
+tests/runtimes/test_node_client.py does) and prints ONE JSON line with the three variables.
 Everything is stopped and removed when stdin closes (the Node test ends) or on SIGTERM.
 """
 
@@ -23,9 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "runtimes")]
 
-from test_node_client import SPEC, TABLES, expected_outputs  # noqa: E402
-
-from ultramem_dist.store import export_tables  # noqa: E402
+from test_node_client import expected_outputs, export_store  # noqa: E402
 
 CLI = [sys.executable, "-m", "ultramem_dist.cli"]
 
@@ -60,14 +59,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         store = tmp / "store"
-        export_tables(
-            {tid: SPEC for tid in TABLES},
-            store,
-            shards=2,
-            by={tid: by for tid, (by, _) in TABLES.items()},
-            merged={tid: merged for tid, (_, merged) in TABLES.items()},
-            version="v1",
-        )
+        export_store(store)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
             "PYTHONPATH", "")])}
         ports = []

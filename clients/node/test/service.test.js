@@ -79,7 +79,10 @@ function assertClose(actual, want, what) {
 }
 
 function query(q) {
-  return { indices: q.indices, blocks: q.blocks, weights: q.weights, numTokens: q.num_tokens };
+  // pre_input: UltraMemV2 tables only (flat, or [T][pre_vdim] rows); undefined for v1 tables
+  return {
+    indices: q.indices, blocks: q.blocks, weights: q.weights, numTokens: q.num_tokens, preInput: q.pre_input,
+  };
 }
 
 test('through the router: one endpoint, the whole table', async (t) => {
@@ -134,4 +137,36 @@ test('refusals carry the gRPC status codes', async (t) => {
     router.gather(tableId, query(q), { deadlineMs: -1 }),
     (err) => err.code === status.DEADLINE_EXCEEDED,
   );
+});
+
+test('UltraMemV2 tables: pre_vdim from Info, preInput to every shard, refusals', async (t) => {
+  const router = await GatherPoolClient.connect(ROUTER);
+  const direct = await GatherPoolClient.connect(SHARDS);
+  t.after(() => { router.close(); direct.close(); });
+  const v2 = Object.entries(expected.tables).filter(([, q]) => q.pre_vdim > 0);
+  assert.deepEqual(v2.map(([, q]) => q.sharding).sort(), ['dim', 'row']);
+  for (const [name, client] of [['router', router], ['direct', direct]]) {
+    for (const [tableId, q] of v2) {
+      assert.equal(client.table(tableId).preVdim, q.pre_vdim, `${name} ${tableId}: preVdim`);
+      const raw = client.infos()[0].tables.find((x) => x.table_id === tableId);
+      assert.equal(raw.pre_vdim, q.pre_vdim);
+      assertClose(await client.gather(tableId, query(q)), q.expected, `${name} ${tableId}`);
+      // no preInput: refused by the client before any call
+      await assert.rejects(
+        client.gather(tableId, { ...query(q), preInput: undefined }),
+        /must carry preInput \[T, 8\]/,
+      );
+      // a NaN: refused by the shard (INVALID_ARGUMENT), passed on by the router
+      const nan = Float32Array.from(q.pre_input.flat(), (v, i) => (i === 3 ? NaN : v));
+      await assert.rejects(client.gather(tableId, { ...query(q), preInput: nan }), (err) => {
+        assert.equal(err.code, status.INVALID_ARGUMENT);
+        assert.match(err.message, /pre_input: contains NaN or Inf/);
+        return true;
+      });
+    }
+    // v1 tables are unchanged and refuse a preInput
+    const q1 = expected.tables.row;
+    assert.equal(client.table('row').preVdim, 0);
+    await assert.rejects(client.gather('row', { ...query(q1), preInput: [1, 2] }), /has no pre-values/);
+  }
 });

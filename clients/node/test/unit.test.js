@@ -3,7 +3,9 @@
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { splitRows, concatColumns, encodeTensor, decodeFloat32, loadContract } = require('..');
+const {
+  splitRows, concatColumns, encodeTensor, decodeFloat32, loadContract, preInputArray,
+} = require('..');
 
 test('splitRows sends every entry to its owner, in token order, as CSR', () => {
   // T = 3 queries of L = 4 entries, 2 cores; shards own rows [0, 10), [10, 20), [20, N)
@@ -46,4 +48,22 @@ test('tensors round-trip through the protobuf wire format', () => {
   assert.throws(() => encodeTensor([1, 2, 3], [2, 2], 'DTYPE_INT32'), /do not fill/);
   const ids = encodeTensor([1, 2 ** 40], [2], 'DTYPE_INT64');
   assert.equal(ids.data.readBigInt64LE(8), 2n ** 40n);
+});
+
+test('preInputArray takes flat or [T][pre_vdim] input and checks it against the table', () => {
+  const v2 = { tableId: 'shared', preVdim: 2 };
+  assert.deepEqual(Array.from(preInputArray(v2, [[1, 2], [3, 4], [5, 6]], 3)), [1, 2, 3, 4, 5, 6]);
+  const flat = Float32Array.from([1, 2, 3, 4]);
+  assert.equal(preInputArray(v2, flat, 2), flat); // a typed array is sent as is
+  assert.throws(() => preInputArray(v2, [[1, 2], [3]], 2), /2 rows of 2 values/);
+  assert.throws(() => preInputArray(v2, [1, 2, 3], 2), /expected T \* pre_vdim = 4/);
+  assert.throws(() => preInputArray(v2, undefined, 2), /must carry preInput \[T, 2\]/);
+  const v1 = { tableId: 'mem0', preVdim: 0 };
+  assert.equal(preInputArray(v1, undefined, 2), undefined);
+  assert.throws(() => preInputArray(v1, [1], 1), /has no pre-values/);
+  // the request field is the proto's pre_input (field 7)
+  const { Gather } = loadContract().GatherPool.service;
+  const req = { table_id: 'shared', pre_input: encodeTensor(flat, [2, 2], 'DTYPE_FLOAT32') };
+  const back = Gather.requestDeserialize(Gather.requestSerialize(req));
+  assert.deepEqual(Array.from(decodeFloat32(back.pre_input).data), [1, 2, 3, 4]);
 });
