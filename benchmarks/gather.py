@@ -31,6 +31,10 @@ echo payloads have the same serialized sizes (pre_input included). Their DRAM fl
 value rows AND the pre-value rows read: ``batch * H*m * (Dv + pre_vdim) * 4`` bytes under row
 sharding, the pre-value part once per shard under dim sharding (every dim shard holds the
 pre-values whole and computes the activation itself).
+
+Store dtype (``--dtypes``, default ``float32,bfloat16``): the RPC rows are measured for a store
+exported in each dtype (every row has ``dtype``); bf16 rows read half the value bytes, so their
+DRAM floor counts ``Dv * 2`` bytes per row (pre-values likewise).
 """
 
 from __future__ import annotations
@@ -276,10 +280,17 @@ async def _bench_config(
 
 
 def bench_rpc(
-    n_rows: int, dv: int, batches: list[int], calls: int, workdir: Path, pre_vdim: int = 64
+    n_rows: int,
+    dv: int,
+    batches: list[int],
+    calls: int,
+    workdir: Path,
+    pre_vdim: int = 64,
+    dtype: str = "float32",
 ) -> list[dict]:
     """Rows of every configuration: v1 tables (``t``; ``row``, ``dim``), then the UltraMemV2
-    shared table with ``pre_vdim``-wide pre-values (``v2``; ``v2row``, ``v2dim``)."""
+    shared table with ``pre_vdim``-wide pre-values (``v2``; ``v2row``, ``v2dim``), from a
+    store exported in ``dtype``; every row is tagged with it."""
     from ultramem_dist.store import TableSpec, export_tables
 
     spec = {"expansion": 4, "num_cores": 2, "topm": 80, "heads": 2, "d_model": 2 * dv}
@@ -289,13 +300,14 @@ def bench_rpc(
     pre = torch.randn(n_rows, pre_vdim, generator=g) * 0.02
     shared = TableSpec(values=values, pre_values=pre, **{**spec, "expansion": 1})
     s1, s2 = workdir / "s1", workdir / "s2"
-    export_tables({"t": table, "v2": shared}, s1, shards=1, by="row", version="b1")
+    export_tables({"t": table, "v2": shared}, s1, shards=1, by="row", version="b1", dtype=dtype)
     export_tables(
         {"row": table, "dim": table, "v2row": shared, "v2dim": shared},
         s2,
         shards=2,
         by={"row": "row", "dim": "dim", "v2row": "row", "v2dim": "dim"},
         version="b2",
+        dtype=dtype,
     )
     del values, table, pre, shared
     with ReadyProcs(workdir) as procs:
@@ -315,6 +327,8 @@ def bench_rpc(
         rows += asyncio.run(_bench_config([tgt[0]], [tgt[3]], "v2", batches, calls, spec))
         rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "v2row", batches, calls, spec))
         rows += asyncio.run(_bench_config(tgt[1:3], tgt[3:5], "v2dim", batches, calls, spec))
+        for r in rows:
+            r["dtype"] = dtype
         return rows
 
 
@@ -322,16 +336,18 @@ def add_bandwidth_floor(
     rows: list[dict], copy_gbps: float, rows_per_token: int, dv: int, pre_vdim: int = 0
 ) -> None:
     """Add what no implementation can beat on this machine: the echo's transport time plus
-    reading the batch's value rows (``batch * H*m * Dv * 4`` bytes from a table far larger than
+    reading the batch's value rows (``batch * H*m * Dv * b`` bytes, ``b`` = 4 for a float32
+    row, 2 for a bfloat16/float16 one (its ``dtype``), from a table far larger than
     the caches, over all shards) at the ``copy_`` bandwidth measured above. With ``pre_vdim``
     (UltraMemV2 rows) the pre-value rows read count too: ``batch * H*m * pre_vdim * 4`` bytes,
     times the shard count under dim sharding (each dim shard reads every selected row's
     pre-values)."""
     for r in rows:
-        nbytes = r["batch"] * rows_per_token * dv * 4
+        item = 2 if r.get("dtype") in ("bfloat16", "float16") else 4
+        nbytes = r["batch"] * rows_per_token * dv * item
         if pre_vdim:
             copies = r["shards"] if r["sharding"] == "dim" else 1
-            r["pre_values_read_bytes"] = r["batch"] * rows_per_token * pre_vdim * 4 * copies
+            r["pre_values_read_bytes"] = r["batch"] * rows_per_token * pre_vdim * item * copies
             nbytes += r["pre_values_read_bytes"]
         floor_ms = r["echo_p50_ms"] + nbytes / (copy_gbps * 1e9) * 1e3
         r["rows_read_bytes"] = nbytes
@@ -350,9 +366,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.2))
-    configs = sorted({(r["shards"], r["sharding"]) for r in result["rpc"]})
-    for shards, sharding in configs:
-        rs = [r for r in result["rpc"] if (r["shards"], r["sharding"]) == (shards, sharding)]
+    key = lambda r: (r["shards"], r["sharding"], r.get("dtype", "float32"))  # noqa: E731
+    configs = sorted({key(r) for r in result["rpc"]})
+    for shards, sharding, dtype in configs:
+        rs = [r for r in result["rpc"] if key(r) == (shards, sharding, dtype)]
+        sharding = f"{sharding} {dtype}"
         b = [r["batch"] for r in rs]
         (line,) = ax1.plot(
             b, [r["p50_ms"] for r in rs], marker="o", label=f"stream S={shards} {sharding} p50"
@@ -423,6 +441,9 @@ def main() -> None:
     parser.add_argument(
         "--pre-vdim", type=int, default=64, help="UltraMemV2 pre-value width of the rpc_v2 rows"
     )
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16", help="store dtypes of the RPC rows (comma list)"
+    )
     args = parser.parse_args()
     t0 = time.time()
     load_before = os.getloadavg()[0]
@@ -435,8 +456,14 @@ def main() -> None:
     calls = args.calls or calls
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     print(json.dumps({"kernel": kernel}), flush=True)
-    with tempfile.TemporaryDirectory(prefix="gather-bench-") as tmp:
-        rows = bench_rpc(rpc_rows, 256, batches, calls, Path(tmp), args.pre_vdim)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if bad or not dtypes:
+        parser.error(f"--dtypes: {bad or dtypes}; expected float32, bfloat16 and/or float16")
+    rows = []
+    for dtype in dtypes:
+        with tempfile.TemporaryDirectory(prefix="gather-bench-") as tmp:
+            rows += bench_rpc(rpc_rows, 256, batches, calls, Path(tmp), args.pre_vdim, dtype)
     rpc = [r for r in rows if "pre_vdim" not in r]
     rpc_v2 = [r for r in rows if "pre_vdim" in r]
     add_bandwidth_floor(rpc, kernel["memcpy_gbps"], rows_per_token=2 * 80, dv=256)

@@ -25,6 +25,8 @@ loopback, all servers with one kernel thread:
   same kernel + encode, the shard server's code) behind Ray Serve's gRPC proxy
   (``gRPCOptions(grpc_servicer_functions=[...add_GatherPoolServicer_to_server])``), called with
   our generated stub;
+* ``grpc_shard_bf16`` — the same as ``grpc_shard`` over a **bfloat16** export of the same values
+  (``export``'s default dtype: half the bytes per row read; the reply is fp32 either way);
 * ``grpc_echo`` — a bare ``grpc.aio`` echo process that receives and returns raw bytes of the
   same sizes as a Gather request and reply (no protobuf, no work): the transport floor.
 
@@ -65,7 +67,7 @@ GRPC_OPTS = [
 ]
 SERVE_APP = "ultramem_bench"
 SERVICER_FN = "ultramem_dist.proto.ultramem.v1.gather_pb2_grpc.add_GatherPoolServicer_to_server"
-PATHS = ("grpc_shard", "ray_actor", "ray_serve_grpc", "grpc_echo")
+PATHS = ("grpc_shard", "grpc_shard_bf16", "ray_actor", "ray_serve_grpc", "grpc_echo")
 SPEC = {"expansion": 4, "num_cores": 2, "topm": 80, "heads": 2}
 TABLE = "t"
 
@@ -283,10 +285,13 @@ async def async_window(
 class GrpcPaths:
     """Clients of the shard server (product client), Ray Serve's proxy (stub) and the echo."""
 
-    def __init__(self, shard_target: str, serve_target: str | None, echo_target: str) -> None:
+    def __init__(
+        self, shard_target: str, serve_target: str | None, echo_target: str, bf16_target: str
+    ) -> None:
         self.shard_target = shard_target
         self.serve_target = serve_target
         self.echo_target = echo_target
+        self.bf16_target = bf16_target
 
     async def open(self, queries: list[Query]) -> None:
         from ultramem_dist.client import GatherClient
@@ -294,6 +299,7 @@ class GrpcPaths:
         from ultramem_dist.proto.ultramem.v1 import gather_pb2_grpc as pb_grpc
 
         self.client = await GatherClient.connect(self.shard_target, deadline_s=60)
+        self.bf16_client = await GatherClient.connect(self.bf16_target, deadline_s=60)
         self.version = self.client.version
         self.queries = queries
         self.echo_channel = grpc.aio.insecure_channel(self.echo_target, options=GRPC_OPTS)
@@ -315,12 +321,16 @@ class GrpcPaths:
 
     async def close(self) -> None:
         await self.client.close()
+        await self.bf16_client.close()
         await self.echo_channel.close()
         if self.serve_channel is not None:
             await self.serve_channel.close()
 
     async def shard_call(self, i: int) -> torch.Tensor:
         return await self.client.gather(TABLE, *self.queries[i % len(self.queries)])
+
+    async def shard_bf16_call(self, i: int) -> torch.Tensor:
+        return await self.bf16_client.gather(TABLE, *self.queries[i % len(self.queries)])
 
     async def serve_call(self, i: int) -> torch.Tensor:
         from ultramem_dist._private.codec import decode_tensor
@@ -371,6 +381,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     store = workdir / "store"
     spec = TableSpec(values=values, d_model=512, **SPEC)
     export_tables({TABLE: spec}, store, shards=1, by="row", version="bench")
+    store_bf16 = workdir / "store-bf16"
+    export_tables({TABLE: spec}, store_bf16, shards=1, by="row", version="bench", dtype="bfloat16")
     del values, spec
     procs = ReadyProcs(workdir)
     loop = LoopThread()
@@ -383,13 +395,20 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         shard_cmd = [*CLI, "serve-shard", str(store), "--shard", "0", "--threads", "1"]
         procs.spawn([*shard_cmd, *args.shard_args], "shard")
         procs.spawn(ECHO_SERVER, "echo")
+        bf16_cmd = [*CLI, "serve-shard", str(store_bf16), "--shard", "0", "--threads", "1"]
+        procs.spawn([*bf16_cmd, *args.shard_args], "shard-bf16")
         paths = list(args.paths)
         if {"ray_actor", "ray_serve_grpc"} & set(paths):  # while the two servers boot
             ray_paths = RayPaths(store)
-        shard_port, echo_port = procs.ports()
-        server_pid = dict(zip(("grpc_shard", "grpc_echo"), procs.pids, strict=True))
+        shard_port, echo_port, bf16_port = procs.ports()
+        server_pid = dict(
+            zip(("grpc_shard", "grpc_echo", "grpc_shard_bf16"), procs.pids, strict=True)
+        )
         serve_target = f"127.0.0.1:{ray_paths.grpc_port}" if ray_paths else None
-        clients = GrpcPaths(f"127.0.0.1:{shard_port}", serve_target, f"127.0.0.1:{echo_port}")
+        clients = GrpcPaths(
+            f"127.0.0.1:{shard_port}", serve_target, f"127.0.0.1:{echo_port}",
+            f"127.0.0.1:{bf16_port}",
+        )  # fmt: skip
         for batch in args.batches:
             queries = make_queries(args.rows, batch, 8)
             loop.run(clients.open(queries))
@@ -405,8 +424,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 got["ray_serve_grpc"] = loop.run(clients.serve_call(0))
             for name, out in got.items():
                 torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6, msg=name)
+            if "grpc_shard_bf16" in paths:  # against the kernel on the bf16 store's own rows
+                torch.testing.assert_close(
+                    loop.run(clients.shard_bf16_call(0)), reference(store_bf16, queries[0]),
+                    rtol=1e-5, atol=1e-6, msg="grpc_shard_bf16",
+                )  # fmt: skip
             calls_for = {
                 "grpc_shard": clients.shard_call,
+                "grpc_shard_bf16": clients.shard_bf16_call,
                 "ray_serve_grpc": clients.serve_call,
                 "grpc_echo": clients.echo_call,
             }
@@ -481,6 +506,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         entry: dict[str, float] = {}
         for other, name in (
+            ("grpc_shard_bf16", "bf16_shard"),
             ("grpc_echo", "echo"),
             ("ray_actor", "ray_actor"),
             ("ray_serve_grpc", "ray_serve"),
@@ -505,6 +531,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(batches), 2, figsize=(11, 3.8 * len(batches)), squeeze=False)
     colors = {
         "grpc_shard": "#4c72b0",
+        "grpc_shard_bf16": "#55a868",
         "ray_actor": "#dd8452",
         "ray_serve_grpc": "#c44e52",
         "grpc_echo": "#8c8c8c",
@@ -584,7 +611,7 @@ def main() -> None:
         "payload_bytes": res["sizes"],
         "config": {
             "table": [args.rows, 256],
-            "dtype": "float32",
+            "dtype": "float32 (grpc_shard_bf16: bfloat16)",
             **SPEC,
             "rows_per_query": SPEC["heads"] * SPEC["topm"],
             "batches": args.batches,
