@@ -40,6 +40,45 @@ def corrupt(rng: random.Random, raw: bytearray) -> bytes:
     return bytes(raw)
 
 
+def v2_rounds(rng: random.Random, tmp: Path, rounds: int) -> int:
+    """Corrupted UltraMemV2 unary requests (pre_input included) through the general decode path
+    into the one-pass native pre-value kernel, row and dim shards (pre-values whole on dim)."""
+    from dataclasses import replace
+
+    from google.protobuf.message import DecodeError
+
+    from ultramem_dist.errors import UltraMemError
+    from ultramem_dist.serving.servicer import kernel_plan, run_kernel
+    from ultramem_dist.serving.validate import decode_request
+
+    spec = make_table_spec(n_rows=90, dv=12, expansion=1, num_cores=2)
+    spec = replace(spec, pre_values=torch.randn(90, 5))
+    answered = 0
+    for by in ("row", "dim"):
+        store = tmp / f"v2{by}"
+        export_tables({"shared": spec}, store, shards=2, by=by, version="v1", dtype="bfloat16")
+        shard = load_shard(store, 1, "v1")
+        plan = kernel_plan(shard.tables["shared"])
+        assert plan is not None and plan.pre is not None
+        lo = 45 if by == "row" else 0
+        for _ in range(rounds):
+            T, L = rng.randint(0, 6), rng.randint(0, 7)
+            r = pb.GatherRequest(table_id="shared", table_version="v1")
+            encode_tensor(torch.randint(lo, 90, (T, L)), r.indices)
+            encode_tensor(torch.zeros(T, L, dtype=torch.int64), r.blocks)
+            encode_tensor(torch.randn(T, L, 2), r.weights)
+            encode_tensor(torch.randn(T, rng.choice([5, 5, 5, 4])), r.pre_input)
+            try:
+                req = pb.GatherRequest.FromString(corrupt(rng, bytearray(r.SerializeToString())))
+                q = decode_request(req, shard, Limits(6, 7))
+            except (DecodeError, UltraMemError):  # refused bad bytes: the point of the fuzz
+                continue
+            run_kernel(q, plan)
+            answered += 1
+    assert answered > 0, "no V2 request got through to the kernel"
+    return answered
+
+
 def main(rounds: int) -> None:
     lib = native.library()
     assert lib is not None and "sanitized" in str(lib.path), lib and lib.path
@@ -79,6 +118,7 @@ def main(rounds: int) -> None:
                 if table is not None and sv._wire.answer(msg, table, 2) is not None:
                     answered += 1
             sv.close()
+        answered += v2_rounds(rng, Path(tmp), rounds)
         for _ in range(rounds):
             n = rng.randint(0, 40)
             ids = np.array([rng.randint(-5, 2**33) for _ in range(n)], dtype=np.int64)
