@@ -117,7 +117,7 @@ def ablation_ladder(preset_name: str = "tiny") -> list[Rung]:
         ("+improved init", {"official_init": True}),
         ("+value lr decay", {}),  # a TrainConfig step: the value LR multiplier decays 4x -> 1x
     ]
-    no_decay = {"value_lr_start": 1.0, "value_lr_end": 1.0}
+    no_decay = {"value_lr_start": 1.0}  # value_lr_end is 1.0 already: a constant 1x
     rungs = [Rung("pkm", base, dict(no_decay))]
     for name, changes in steps:
         overrides = dict(no_decay) if changes else {}
