@@ -94,6 +94,38 @@ def summarise(ladder: list[Rung], losses: dict[str, list[float]]) -> list[dict]:
     return out
 
 
+def verdict(step: dict) -> str:
+    """Whether this run's 95% interval agrees with the paper's direction for the step."""
+    mean, half, paper = step["delta_mean"], step["delta_ci95"], step["paper_delta"]
+    if half is None:
+        return "n/a (one seed)"
+    lo, hi = mean - half, mean + half
+    if lo > 0 or hi < 0:
+        sign = "lower" if hi < 0 else "higher"
+        return "agrees" if sign == step["paper_direction"] else f"opposite ({sign})"
+    if paper == 0:
+        return "agrees (no change)"
+    return "inconclusive (CI spans 0)"
+
+
+def markdown_table(steps: list[dict]) -> str:
+    """The README table of a run: each step's delta and interval next to the paper's."""
+    lines = [
+        "| step | val loss | Δ vs previous (95% CI) | paper Δ | |",
+        "|---|---|---|---|---|",
+    ]
+    for s in steps:
+        delta = "—" if s["delta_mean"] is None else f"{s['delta_mean']:+.4f}"
+        if s["delta_ci95"] is not None:
+            delta += f" ± {s['delta_ci95']:.4f}"
+        paper = "—" if s["paper_delta"] is None else f"{s['paper_delta']:+.3f}"
+        lines.append(
+            f"| {s['name']} | {s['val_loss_mean']:.4f} | {delta} | {paper} | "
+            f"{verdict(s) if s['delta_mean'] is not None else ''} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(steps: list[dict], title: str, preset: str) -> Path:
     """Mean delta per step with its 95% interval, the paper's delta marked beside it."""
     import matplotlib
@@ -203,6 +235,7 @@ def main() -> None:
     )
     title = f"PKM → UltraMem ladder, {args.preset}, {tokens:,} tokens, {args.seeds} seeds"
     plot(steps, title, args.preset)
+    print(markdown_table(steps))
     print(f"wrote {path}")
 
 
