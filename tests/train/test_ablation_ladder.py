@@ -100,3 +100,40 @@ def test_every_rung_builds_and_runs():
     for rung in ablation_ladder("micro"):
         logits = MemoryLM(rung.model)(tokens)
         assert logits.shape == (2, 9, 256) and torch.isfinite(logits).all(), rung.name
+
+
+def test_benchmark_pairs_each_step_with_the_previous_rung_per_seed():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("ablation_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    ladder = ablation_ladder("micro")[:3]
+    losses = {
+        ladder[0].name: [3.0, 3.2, 3.1],
+        ladder[1].name: [2.9, 3.1, 3.05],  # paired diffs -0.1, -0.1, -0.05
+        ladder[2].name: [3.0, 3.0, 3.0],
+    }
+    steps = bench.summarise(ladder, losses)
+    assert [s["name"] for s in steps] == [r.name for r in ladder]
+    assert steps[0]["delta_mean"] is None and steps[0]["paper_delta"] is None
+    # mean -0.0833, sd 0.02887, t(2) = 4.303: half-width 4.303 * 0.02887 / sqrt(3) = 0.0717
+    assert steps[1]["delta_mean"] == pytest.approx(-0.0833, abs=1e-4)
+    assert steps[1]["delta_ci95"] == pytest.approx(0.0717, abs=1e-4)
+    assert steps[1]["val_loss_std"] == pytest.approx(0.1041, abs=1e-4)
+    assert steps[1]["paper_delta"] == PAPER_VAL_DELTA[ladder[1].name]
+    assert steps[1]["paper_direction"] == "lower"
+    assert bench.verdict(steps[1]) == "agrees"
+    assert set(steps[1]) == {
+        "name",
+        "val_loss_mean",
+        "val_loss_std",
+        "delta_mean",
+        "delta_ci95",
+        "paper_delta",
+        "paper_direction",
+    }
