@@ -132,6 +132,9 @@ def test_bad_model_configs_raise_clear_errors():
         _model().generate(torch.zeros(1, 60, dtype=torch.long), 10)
 
 
-def test_pkm_in_place_spec_allowed_only_for_pkm():
+def test_in_place_spec_allowed_for_memory_layers():
     assert parse_memory_spec("1:1", 4, allow_same_block=True) == [(1, 1)]
     assert preset("tiny", "pkm").memory_pairs() == [(2, 2), (5, 5)]
+    # the UltraMem ablation ladder's one-layer base has no skip (docs/ablation.md)
+    ultra = LMConfig.from_dict({**preset("micro").to_dict(), "memory_spec": "2:2"})
+    assert ultra.memory_pairs() == [(2, 2)]

@@ -46,10 +46,31 @@ class UltraMemConfig:
     LayerNorm per half. Imported official checkpoints want True."""
     perm_seed: int = 0
     """Seed of the fixed IVE permutation of the virtual rows."""
+    # ---- ablation switches (docs/ablation.md); the defaults are the UltraMem layer ----
+    softmax: bool = False
+    """True (PKM): the pooling weights are a softmax over each head's top-m scores (per core);
+    False (UltraMem): the raw scores are the weights."""
+    value_proj: bool = True
+    """True: ``Linear(E*Dv -> D)`` after pooling; False (PKM): no projector, the pooled values
+    are the output (needs ``E*Dv == d_model``)."""
+    qk_norm: bool = True
+    """True: LayerNorm on the query halves and on the keys; False (PKM): none."""
+    tdqkr: bool = True
+    """True: Tucker-decomposed scores of rank ``rank``; False (PKM): additive product-key scores
+    ``s_row[i] + s_col[j]`` (one key per side and key, ``rank`` unused), computed as the rank-2
+    TDQKR special case ``S_row = [s, 1]``, ``S_col = [1, t]``, ``C = I`` (needs one core)."""
+    official_init: bool = True
+    """True: the official code's init (see the design brief); False (PKM): PyTorch-default
+    Linear/LayerNorm init and values ~ N(0, 1/Dv)."""
 
     @property
     def n_rows(self) -> int:
         return self.knum * self.knum
+
+    @property
+    def key_rank(self) -> int:
+        """Key vectors per side and key: ``rank`` with TDQKR, 1 for additive product keys."""
+        return self.rank if self.tdqkr else 1
 
     @property
     def side(self) -> int:
@@ -75,6 +96,16 @@ class UltraMemConfig:
             )
         if self.aux_alpha < 0:
             raise ValueError("ultramem aux_alpha must be >= 0")
+        if not self.value_proj and self.expansion * dv != d_model:
+            raise ValueError(
+                f"ultramem without a value projector needs E*Dv == d_model, got "
+                f"E={self.expansion} * Dv={dv} != {d_model}"
+            )
+        if not self.tdqkr and self.num_cores != 1:
+            raise ValueError(
+                f"ultramem additive product keys (tdqkr=False) have one score per cell: "
+                f"num_cores must be 1, got {self.num_cores}"
+            )
 
 
 @dataclass
@@ -287,7 +318,7 @@ class LMConfig:
     max_seq: int = 256
     """Longest sequence (learned positions and KV cache size)."""
     memory_spec: str = "0:2,3:5"
-    """Skip-layer wiring 'read:write,...' for pkm/ultramem ("a:a" is in place)."""
+    """Skip-layer wiring 'read:write,...' for pkm/ultramem ("a:a" is in place, no skip)."""
     moe_blocks: str = ""
     """Comma-separated block ids whose FFN is an MoE (moe kind); empty means every block."""
     ultramem: UltraMemConfig = field(default_factory=UltraMemConfig)
@@ -340,9 +371,7 @@ class LMConfig:
     def memory_pairs(self) -> list[tuple[int, int]]:
         if self.kind not in ("pkm", "ultramem"):
             return []
-        return parse_memory_spec(
-            self.memory_spec, self.n_layers, allow_same_block=self.kind == "pkm"
-        )
+        return parse_memory_spec(self.memory_spec, self.n_layers, allow_same_block=True)
 
     def moe_block_ids(self) -> list[int]:
         if self.kind != "moe":
@@ -381,7 +410,15 @@ class LMConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_LATER_ULTRAMEM_FIELDS = {"aux_per_core": False, "shared_query_norm": False}
+_LATER_ULTRAMEM_FIELDS = {
+    "aux_per_core": False,
+    "shared_query_norm": False,
+    "softmax": False,
+    "value_proj": True,
+    "qk_norm": True,
+    "tdqkr": True,
+    "official_init": True,
+}
 """UltraMemConfig fields added after checkpoints were first written, with the default that
 reproduces the older behaviour: left out of the hash at that default, so a checkpoint written
 before they existed keeps its hash (and ``--resume`` still accepts it)."""

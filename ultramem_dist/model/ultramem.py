@@ -114,19 +114,29 @@ class UltraMemLayer(nn.Module):
         cfg.dv = self.dv
         self.n_rows = cfg.n_rows
         self.k_side = cfg.side
-        h, r, dk = cfg.heads, cfg.rank, cfg.dk
+        h, r, dk = cfg.heads, cfg.key_rank, cfg.dk
         n_query = 1 if cfg.shared_query else h
         self.query = nn.Linear(d_model, n_query * 2 * dk, bias=False)
-        self.q_norm_row = nn.LayerNorm(dk)
+        self.q_norm_row = nn.LayerNorm(dk) if cfg.qk_norm else None
         # official form: one LayerNorm shared by both query halves (no q_norm_col parameters)
-        self.q_norm_col = None if cfg.shared_query_norm else nn.LayerNorm(dk)
+        shared_norm = cfg.shared_query_norm or not cfg.qk_norm
+        self.q_norm_col = None if shared_norm else nn.LayerNorm(dk)
         self.keys = nn.Parameter(torch.empty(h, 2, self.k_side, r, dk))
-        self.k_norm = nn.LayerNorm(dk)
-        self.cores = nn.Parameter(torch.empty(h, cfg.num_cores, r, r))
+        self.k_norm = nn.LayerNorm(dk) if cfg.qk_norm else None
+        if cfg.tdqkr:
+            self.cores = nn.Parameter(torch.empty(h, cfg.num_cores, r, r))
+        else:
+            # additive product keys as the rank-2 TDQKR special case: the scores are augmented
+            # to S_row = [s, 1], S_col = [1, t] (see select), the core is the fixed identity
+            # (s*1 + 1*t = s + t) and u = e0, v = e1 rank rows by s and columns by t exactly.
+            self.register_buffer("cores", torch.eye(2).expand(h, 1, 2, 2).clone())
         self.values = nn.Parameter(torch.empty(self.n_rows, self.dv))
-        self.out_proj = nn.Linear(cfg.expansion * self.dv, d_model, bias=False)
-        self.register_buffer("u", torch.zeros(h, r))
-        self.register_buffer("v", torch.zeros(h, r))
+        self.out_proj = (
+            nn.Linear(cfg.expansion * self.dv, d_model, bias=False) if cfg.value_proj else None
+        )
+        n_uv = r if cfg.tdqkr else 2
+        self.register_buffer("u", torch.zeros(h, n_uv))
+        self.register_buffer("v", torch.zeros(h, n_uv))
         self.register_buffer(
             "ive_perm", ive_permutation(cfg.expansion * self.n_rows, cfg.perm_seed)
         )
@@ -136,32 +146,48 @@ class UltraMemLayer(nn.Module):
 
     # ----------------------------------------------------------------- init & buffers
     def reset_parameters(self) -> None:
-        """Initialisation of the official code (see the design brief)."""
-        dk = self.cfg.dk
-        ln_scale = dk**-0.33
-        for norm in (self.q_norm_row, self.q_norm_col, self.k_norm):
-            if norm is None:
-                continue
-            nn.init.constant_(norm.weight, ln_scale)
-            nn.init.zeros_(norm.bias)
-        nn.init.normal_(self.query.weight, std=dk**-0.5)
+        """Initialisation of the official code (see the design brief); with
+        ``official_init=False`` the PKM baseline's: PyTorch-default Linear and LayerNorm,
+        keys ~ N(0, 1/Dk) as in the official code, values ~ N(0, 1/Dv)."""
+        cfg, dk = self.cfg, self.cfg.dk
+        norms = [n for n in (self.q_norm_row, self.q_norm_col, self.k_norm) if n is not None]
+        if cfg.official_init:
+            for norm in norms:
+                nn.init.constant_(norm.weight, dk**-0.33)
+                nn.init.zeros_(norm.bias)
+            nn.init.normal_(self.query.weight, std=dk**-0.5)
+            if self.out_proj is not None:
+                nn.init.normal_(self.out_proj.weight, std=(cfg.expansion * self.dv) ** -0.5)
+            nn.init.normal_(self.values, std=0.02)
+        else:
+            for mod in (*norms, self.query, self.out_proj):
+                if mod is not None:
+                    mod.reset_parameters()
+            nn.init.normal_(self.values, std=self.dv**-0.5)
         nn.init.normal_(self.keys, std=dk**-0.5)
-        nn.init.normal_(self.out_proj.weight, std=(self.cfg.expansion * self.dv) ** -0.5)
-        nn.init.normal_(self.values, std=0.02)
-        nn.init.uniform_(self.cores, 0.0, 1.0)
-        self.u.zero_()
-        self.v.zero_()
-        self.refresh_svd()
+        if cfg.tdqkr:
+            nn.init.uniform_(self.cores, 0.0, 1.0)
+            self.u.zero_()
+            self.v.zero_()
+            self.refresh_svd()
+        else:
+            self.u.copy_(torch.tensor([1.0, 0.0]).expand_as(self.u))
+            self.v.copy_(torch.tensor([0.0, 1.0]).expand_as(self.v))
 
     @torch.no_grad()
     def refresh_svd(self) -> None:
         """Recompute u, v (leading singular vectors of the summed cores), keeping their sign
-        closest to the previous ones. Call once per optimizer step."""
-        refresh_core_vectors(self.cores, self.u, self.v)
+        closest to the previous ones. Call once per optimizer step. Additive product keys
+        (``tdqkr=False``) keep their fixed identity core and u = e0, v = e1."""
+        if self.cfg.tdqkr:
+            refresh_core_vectors(self.cores, self.u, self.v)
 
     def aux_loss(self) -> torch.Tensor:
         """alpha * mean(relu(sigma_i - tau)^2) over the non-leading singular values of the summed
-        cores per head (official form), or of every core separately with ``aux_per_core``."""
+        cores per head (official form), or of every core separately with ``aux_per_core``;
+        zero for additive product keys (no trained core)."""
+        if not self.cfg.tdqkr:
+            return self.values.new_zeros(())
         cores = self.cores.float()
         if not self.cfg.aux_per_core:
             cores = cores.sum(1)  # [H, r, r]: the matrix whose rank-1 part TDQKR uses
@@ -175,7 +201,9 @@ class UltraMemLayer(nn.Module):
         """Per-rank row/col scores ``[T, H, r, K]`` for ``x`` ``[T, D]``."""
         cfg = self.cfg
         q = self.query(x).view(x.shape[0], -1, 2, cfg.dk)  # [T, Hq, 2, dk]
-        if self.q_norm_col is None:
+        if self.q_norm_row is None:
+            q_row, q_col = q[:, :, 0], q[:, :, 1]
+        elif self.q_norm_col is None:
             qn = self.q_norm_row(q)
             q_row, q_col = qn[:, :, 0], qn[:, :, 1]
         else:
@@ -195,6 +223,8 @@ class UltraMemLayer(nn.Module):
     def _normed_keys(self) -> torch.Tensor:
         """LayerNorm'd keys; cached while no gradient is recorded (inference), keyed on the
         parameters' versions so an in-place update invalidates the cache."""
+        if self.k_norm is None:
+            return self.keys
         if torch.is_grad_enabled():
             self._key_cache = None
             return self.k_norm(self.keys)
@@ -213,7 +243,12 @@ class UltraMemLayer(nn.Module):
     def select(self, x: torch.Tensor) -> Selection:
         """Top-m selection for ``x`` ``[T, D]`` → physical rows, IVE blocks, per-core weights."""
         s_row, s_col = self.key_scores(x)
+        if not self.cfg.tdqkr:  # additive keys: S_row = [s, 1], S_col = [1, t] (see __init__)
+            ones = torch.ones_like(s_row)
+            s_row, s_col = torch.cat([s_row, ones], 2), torch.cat([ones, s_col], 2)
         virtual, scores = tdqkr_topm(s_row, s_col, self.cores, self.u, self.v, self.cfg.topm)
+        if self.cfg.softmax:  # PKM: normalise each head's top-m scores (per core)
+            scores = scores.softmax(dim=2)
         t = x.shape[0]
         z = self.ive_perm[virtual.reshape(t, -1)]
         return Selection(
@@ -237,10 +272,12 @@ class UltraMemLayer(nn.Module):
 
     # ----------------------------------------------------------------- stage 3: project
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``[T, E, Dv]`` → ``[T, D]``; a ``[T, D]`` result of a merged table passes through."""
+        """``[T, E, Dv]`` → ``[T, D]``; a ``[T, D]`` result of a merged table passes through, and
+        without a projector (``value_proj=False``, E*Dv = D) the pooled blocks are the output."""
         if pooled.dim() == 2:
             return pooled
-        return self.out_proj(pooled.reshape(pooled.shape[0], -1))
+        flat = pooled.reshape(pooled.shape[0], -1)
+        return flat if self.out_proj is None else self.out_proj(flat)
 
     # ----------------------------------------------------------------- skip-layer API
     def start(self, x: torch.Tensor) -> PendingPool:
@@ -260,7 +297,8 @@ class UltraMemLayer(nn.Module):
     def finish(self, pending: PendingPool, timeout: float | None = None) -> torch.Tensor:
         """Wait for the lookup issued by :meth:`start`; returns ``[..., D]``."""
         pooled = pending.future.result(timeout=timeout)
-        return self.project(pooled.to(self.out_proj.weight.dtype)).reshape(pending.shape)
+        dtype = (self.out_proj.weight if self.out_proj is not None else self.query.weight).dtype
+        return self.project(pooled.to(dtype)).reshape(pending.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.start(x))
@@ -280,12 +318,13 @@ class UltraMemLayer(nn.Module):
     def activated_param_count(self) -> int:
         """Parameters touched per token: query, the cores, m*H value rows, projector, norms."""
         c = self.cfg
+        n_norms = 0 if not c.qk_norm else 2 if c.shared_query_norm else 3
         return (
             self.query.weight.numel()
-            + self.cores.numel()
+            + (self.cores.numel() if c.tdqkr else 0)
             + c.heads * c.topm * self.dv
-            + self.out_proj.weight.numel()
-            + (4 if c.shared_query_norm else 6) * c.dk
+            + (self.out_proj.weight.numel() if self.out_proj is not None else 0)
+            + 2 * n_norms * c.dk
         )
 
 

@@ -408,7 +408,7 @@ def export_checkpoint(
             topm=int(cfg.topm),
             heads=int(cfg.heads),
             d_model=int(layer.d_model),
-            out_proj=layer.out_proj.weight.detach(),
+            out_proj=None if layer.out_proj is None else layer.out_proj.weight.detach(),
             ive_perm=layer.ive_perm,
             ive_seed=int(cfg.perm_seed),
             layer=i,
