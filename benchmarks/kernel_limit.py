@@ -196,10 +196,18 @@ def evict_caches() -> None:
     float(_EVICT.sum())
 
 
-def gather_copy(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The same rows gathered with no arithmetic (``index_select``): what the memory system
-    gives a random-row read of this row size, the kernel's own ceiling."""
-    return torch.index_select(table, 0, idx.reshape(-1))
+class GatherCopy:
+    """The same rows gathered with no arithmetic (``index_select`` into a buffer allocated
+    once, like ``Memcpy``'s: a fresh output would time its page faults): what the memory
+    system gives a random-row read of this row size, the kernel's own ceiling."""
+
+    def __init__(self, table: torch.Tensor, idx: torch.Tensor) -> None:
+        self.table, self.idx = table, idx.reshape(-1).contiguous()
+        self.out = torch.empty(self.idx.numel(), table.shape[1], dtype=table.dtype)
+        self.out.zero_()  # touch every page now
+
+    def __call__(self) -> torch.Tensor:
+        return torch.index_select(self.table, 0, self.idx, out=self.out)
 
 
 def time_ms(fn: Callable[[], object], cold: bool) -> float:
@@ -262,7 +270,7 @@ def bench_table(
             variants["compiled"] = (lambda x=x: compiled(table, *x), True)
         nbytes = batch * L * DV * itemsize
         memcpy = Memcpy(table, nbytes)
-        baselines = {"memcpy": memcpy, "gather_copy": lambda x=x: gather_copy(table, x[0])}
+        baselines = {"memcpy": memcpy, "gather_copy": GatherCopy(table, x[0])}
         checks: dict[str, dict[str, Any]] = {}
         scale = float(ref.abs().max())
         for v, (fn, exact) in variants.items():  # correctness first (and warm-up)
