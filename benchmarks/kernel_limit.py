@@ -54,8 +54,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+_ARGS = sys.argv[1:]
+if "--pages=4k" not in _ARGS and ("--pages", "4k") not in zip(_ARGS, _ARGS[1:], strict=False):
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch loads: read once by c10
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
@@ -428,6 +432,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small tables, few reps")
     parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument(
+        "--pages",
+        choices=["huge", "4k"],
+        default="huge",
+        help="table memory: 2 MiB transparent huge pages (default: what a shard's file mapping "
+        "gets) or 4 KiB pages",
+    )
     args = parser.parse_args()
     t0 = time.time()
     load = os.getloadavg()
@@ -470,6 +481,7 @@ def main() -> None:
             "cold_rows": cold_rows,
             "warm_rows": warm_rows,
             "l3_bytes": l3_bytes(),
+            "pages": args.pages,
             "batches": batches,
             "threads": threads,
             "reps": reps,
