@@ -323,6 +323,15 @@ def gather_pool(
         return torch.zeros(num_tokens, num_blocks, out_w, dtype=weights.dtype, device=table.device)
     if sum_segments and not equal:
         raise ValueError("sum_segments needs equal-width segments covering the table")
+    if backend == "auto" and not sum_segments and torch.is_grad_enabled():
+        if table.requires_grad or weights.requires_grad:  # training: native kernel + autograd
+            from ultramem_dist.kernels.pool_grad import native_pool_with_grad
+
+            out = native_pool_with_grad(
+                table, indices, blocks, weights, num_blocks, segments, offsets
+            )
+            if out is not None:
+                return out
     if backend != "torch" and _native_weights_ok(weights, table, backend):
         plan = native_plan(table, segments, num_cores, sum_segments=sum_segments, backend=backend)
         if plan is not None:

@@ -46,6 +46,9 @@ class UltraMemConfig:
     LayerNorm per half. Imported official checkpoints want True."""
     perm_seed: int = 0
     """Seed of the fixed IVE permutation of the virtual rows."""
+    tdqkr_candidates: str = "paper"
+    """TDQKR pre-selection: "paper" (top m of u.S_row and of v.S_col) or "two_sided" (half
+    from the top, half from the bottom of each, so pairs of large negative factors compete)."""
 
     @property
     def n_rows(self) -> int:
@@ -75,6 +78,11 @@ class UltraMemConfig:
             )
         if self.aux_alpha < 0:
             raise ValueError("ultramem aux_alpha must be >= 0")
+        if self.tdqkr_candidates not in ("paper", "two_sided"):
+            raise ValueError(
+                f"ultramem tdqkr_candidates={self.tdqkr_candidates!r} must be 'paper' or "
+                f"'two_sided'"
+            )
 
 
 @dataclass
@@ -330,7 +338,11 @@ class LMConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_LATER_ULTRAMEM_FIELDS = {"aux_per_core": False, "shared_query_norm": False}
+_LATER_ULTRAMEM_FIELDS = {
+    "aux_per_core": False,
+    "shared_query_norm": False,
+    "tdqkr_candidates": "paper",
+}
 """UltraMemConfig fields added after checkpoints were first written, with the default that
 reproduces the older behaviour: left out of the hash at that default, so a checkpoint written
 before they existed keeps its hash (and ``--resume`` still accepts it)."""
