@@ -19,6 +19,11 @@ both score ``m x m`` cells exactly. Two score sources: ``gaussian`` (i.i.d. N(0,
 column scores, cores U(0, 1) as at initialisation) and ``layer`` (an initialised UltraMem layer
 of that K and r on random inputs: LayerNorm'd queries and keys, as in training at step 0).
 Several seeds each; mean and min/max over seeds are reported.
+
+Validation loss (``--train-steps``, default 300; 0 skips it): ``preset("micro")`` UltraMem
+(K = 16, m = 4, r = 2) trained with each rule for the same steps on the same batches (batch
+8 x 64, seed s fixes init and batch order), ``--train-seeds`` seeds; per-seed losses, their
+means, and the paired differences two_sided - paper.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import quick_mode, write_json  # noqa: E402
 
-from ultramem_dist.model import UltraMemConfig, UltraMemLayer  # noqa: E402
+from ultramem_dist.model import UltraMemConfig, UltraMemLayer, preset  # noqa: E402
 from ultramem_dist.model.ultramem import (  # noqa: E402
     TDQKR_CANDIDATES,
     brute_force_topm,
@@ -76,15 +82,49 @@ def recall(scores: tuple[torch.Tensor, ...], m: int, rule: str) -> float:
         return key_recall(virtual, brute_force_topm(s_row, s_col, cores, m))
 
 
+def val_losses(steps: int, seeds: int) -> dict:
+    """Final validation loss of the micro UltraMem per rule and seed (see the module doc)."""
+    from ultramem_dist.train import Corpus, TrainConfig, train
+
+    corpus = Corpus.stdlib()
+    losses: dict[str, list[float]] = {rule: [] for rule in TDQKR_CANDIDATES}
+    for seed in range(seeds):
+        for rule in TDQKR_CANDIDATES:
+            cfg = preset("micro")
+            cfg.ultramem.tdqkr_candidates = rule
+            tcfg = TrainConfig(
+                steps=steps, batch_size=8, seq_len=64, eval_every=steps, warmup=steps // 10,
+                eval_batches=8, seed=seed,
+            )  # fmt: skip
+            with tempfile.TemporaryDirectory() as out:
+                res = train(cfg, tcfg, out, corpus=corpus, progress=False)
+            losses[rule].append(res.val_loss)
+            print(f"seed {seed} {rule:9s} val loss {res.val_loss:.4f}", flush=True)
+    diffs = [b - a for a, b in zip(losses["paper"], losses["two_sided"], strict=True)]
+    return {
+        "model": "micro ultramem (K=16, m=4, r=2, h_c=2)",
+        "steps": steps,
+        "batch": [8, 64],
+        "val_loss": {rule: {"mean": statistics.fmean(v), "seeds": v} for rule, v in losses.items()},
+        "two_sided_minus_paper": {
+            "mean": statistics.fmean(diffs),
+            "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "seeds": diffs,
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and seeds")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--train-steps", type=int, default=300, help="0: no training runs")
+    parser.add_argument("--train-seeds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.quick:
         quick_mode()
-        args.seeds, args.tokens = 2, 64
+        args.seeds, args.tokens, args.train_steps, args.train_seeds = 2, 64, 4, 1
     rows = []
     for rank, k_side, m in CASES:
         for source in ("gaussian", "layer"):
@@ -109,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"r={rank} K={k_side:3d} m={m:2d} {source:8s} "
                 + "  ".join(f"{rule}={row[rule]['mean']:.3f}" for rule in TDQKR_CANDIDATES)
             )
+    training = val_losses(args.train_steps, args.train_seeds) if args.train_steps else None
     path = write_json(
         "tdqkr_recall.json",
         {
@@ -116,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "heads": 2,
             "seeds": args.seeds,
             "rows": rows,
+            "training": training,
         },
     )
     print(f"wrote {path}")

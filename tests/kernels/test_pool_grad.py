@@ -80,3 +80,18 @@ def test_bad_rows_are_still_refused_in_training():
     w = torch.ones(1, 2, 1, requires_grad=True)
     with pytest.raises(IndexError, match="row index 10 at entry 1"):
         gather_pool(table, torch.tensor([[0, 10]]), torch.zeros(1, 2, dtype=torch.long), w, 1)
+
+
+def test_weight_gradient_in_several_runs_of_tokens_matches_the_torch_path():
+    """Enough tokens x rows that the weight gradient is computed in several buffer-sized runs
+    (the last one partial)."""
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(300, 256, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 300, (150, 64), generator=gen)
+    blk = torch.randint(0, 4, (150, 64), generator=gen)
+    w = torch.randn(150, 64, 2, generator=gen, requires_grad=True)
+    (ref, ref_gt, ref_gw, _), (out, gt, gw, fn) = _both_paths(table, idx, blk, w, 4)
+    assert fn == "_NativePoolBackward"
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gt, ref_gt, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-4, rtol=1e-4)

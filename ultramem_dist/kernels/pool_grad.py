@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from ultramem_dist.kernels.gather_pool import (
+    _CHUNK_BYTES,
     ColumnSegment,
     _i64,
+    _scratch,
     _stable_order,
     dense_offsets,
     native_plan,
@@ -93,21 +95,32 @@ def _weight_grad(
     ctx: Any,
 ) -> torch.Tensor:
     """``grad_w [*w_shape]``: per entry and core, the dot product of its table row with the
-    output gradient of its bin over that core's columns. Dense queries do it as one
-    ``[L, cols] x [cols, E]`` matmul per token and segment (no copy of the gradient rows)."""
+    output gradient of its bin over that core's columns. Dense queries: per run of tokens,
+    their rows are gathered into a reused cache-sized buffer (a fresh multi-MB temporary costs
+    more in page faults than the gather) and multiplied with the tokens' ``[E, cols]``
+    gradients, one ``[L, w] x [w, E]`` matmul per token and segment."""
     num_cores = ctx.w_shape[-1]
-    rows = table.index_select(0, torch.from_numpy(idx))  # [nnz, cols]
+    cols = table.shape[1]
     grad_w = table.new_zeros(idx.size, num_cores)
     if len(ctx.w_shape) == 3:  # dense [T, L, h_c]
         t, per = ctx.w_shape[0], ctx.w_shape[1]
-        rows3, g3 = rows.view(t, per, -1), grad.view(t, ctx.num_blocks, -1)
-        pick = torch.from_numpy(blk).view(t, per, 1)
-        for s in ctx.segments:
-            dots = torch.bmm(rows3[:, :, s.start : s.stop], g3[:, :, s.start : s.stop].mT)
-            grad_w[:, s.core] += dots.gather(2, pick).view(-1)
+        g3 = grad.view(t, ctx.num_blocks, cols)
+        idx_t, pick = torch.from_numpy(idx), torch.from_numpy(blk).view(t, per, 1)
+        run = max(1, _CHUNK_BYTES // (per * cols * table.element_size()))
+        for t0 in range(0, t, run):
+            t1 = min(t, t0 + run)
+            n = (t1 - t0) * per
+            rows = _scratch("grad_rows", n * cols, table.dtype, table.device).view(n, cols)
+            torch.index_select(table, 0, idx_t[t0 * per : t1 * per], out=rows)
+            rows3 = rows.view(t1 - t0, per, cols)
+            out = grad_w[t0 * per : t1 * per].view(t1 - t0, per, num_cores)
+            for s in ctx.segments:
+                sl = slice(s.start, s.stop)
+                dots = torch.bmm(rows3[:, :, sl], g3[t0:t1, :, sl].mT)  # [run, L, E]
+                out[:, :, s.core] += dots.gather(2, pick[t0:t1]).squeeze(2)
     else:
-        g_rows = grad.index_select(0, torch.from_numpy(bin_id))
-        prod = rows * g_rows
+        rows = table.index_select(0, torch.from_numpy(idx))
+        prod = rows * grad.index_select(0, torch.from_numpy(bin_id))
         for s in ctx.segments:
             grad_w[:, s.core] += prod[:, s.start : s.stop].sum(1)
     return grad_w.view(ctx.w_shape)
