@@ -59,6 +59,12 @@ def model_configs() -> dict:
     for cfg in (dense, pkm, moe):
         cfg.validate()
     registry = {"dense": dense, "pkm": pkm, "moe": moe, "ultramem": ultra}
+    registry["ultramem_two_sided"] = type(ultra).from_dict(
+        {
+            **ultra.to_dict(),
+            "ultramem": {**ultra.to_dict()["ultramem"], "tdqkr_candidates": "two_sided"},
+        }
+    )
     try:  # UltraMemV2 plugs in once its preset exists
         registry["ultramemv2"] = preset("tiny", "ultramemv2")
     except (ValueError, KeyError):

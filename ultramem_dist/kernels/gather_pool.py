@@ -382,6 +382,15 @@ def gather_pool(
             f"pre_input must be [T, pre_vdim] = [{num_tokens}, {pre_values.shape[1]}], "
             f"got {list(pre_input.shape)}"
         )
+    if backend == "auto" and not sum_segments and pre_values is None and torch.is_grad_enabled():
+        if table.requires_grad or weights.requires_grad:  # training: native kernel + autograd
+            from ultramem_dist.kernels.pool_grad import native_pool_with_grad
+
+            out = native_pool_with_grad(
+                table, indices, blocks, weights, num_blocks, segments, offsets
+            )
+            if out is not None:
+                return out
     if backend != "torch" and _native_weights_ok(weights, table, backend, pre_values, pre_input):
         plan = native_plan(
             table, segments, num_cores, sum_segments=sum_segments, backend=backend,

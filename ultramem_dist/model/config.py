@@ -62,6 +62,9 @@ class UltraMemConfig:
     official_init: bool = True
     """True: the official code's init (see the design brief); False (PKM): PyTorch-default
     Linear/LayerNorm init and values ~ N(0, 1/Dv)."""
+    tdqkr_candidates: str = "paper"
+    """TDQKR pre-selection: "paper" (top m of u.S_row and of v.S_col) or "two_sided" (half
+    from the top, half from the bottom of each, so pairs of large negative factors compete)."""
 
     @property
     def n_rows(self) -> int:
@@ -105,6 +108,11 @@ class UltraMemConfig:
             raise ValueError(
                 f"ultramem additive product keys (tdqkr=False) have one score per cell: "
                 f"num_cores must be 1, got {self.num_cores}"
+            )
+        if self.tdqkr_candidates not in ("paper", "two_sided"):
+            raise ValueError(
+                f"ultramem tdqkr_candidates={self.tdqkr_candidates!r} must be 'paper' or "
+                f"'two_sided'"
             )
 
 
@@ -418,6 +426,7 @@ _LATER_ULTRAMEM_FIELDS = {
     "qk_norm": True,
     "tdqkr": True,
     "official_init": True,
+    "tdqkr_candidates": "paper",
 }
 """UltraMemConfig fields added after checkpoints were first written, with the default that
 reproduces the older behaviour: left out of the hash at that default, so a checkpoint written

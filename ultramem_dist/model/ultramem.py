@@ -29,6 +29,21 @@ def ive_permutation(n_virtual: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_virtual, generator=gen)
 
 
+TDQKR_CANDIDATES: tuple[str, ...] = ("paper", "two_sided")
+"""Candidate rules of :func:`tdqkr_topm` (see there)."""
+
+
+def _candidates(approx: torch.Tensor, m: int, rule: str) -> torch.Tensor:
+    """``[T, H, m]`` candidate ids along one side of the grid from its rank-1 scores."""
+    if rule == "paper":
+        return approx.topk(m, dim=-1).indices
+    if rule == "two_sided":
+        top = approx.topk(m - m // 2, dim=-1).indices
+        bottom = approx.topk(m // 2, dim=-1, largest=False).indices
+        return torch.cat([top, bottom], dim=-1)
+    raise ValueError(f"unknown TDQKR candidate rule {rule!r}; choose one of {TDQKR_CANDIDATES}")
+
+
 def tdqkr_topm(
     s_row: torch.Tensor,
     s_col: torch.Tensor,
@@ -36,6 +51,7 @@ def tdqkr_topm(
     u: torch.Tensor,
     v: torch.Tensor,
     m: int,
+    candidates: str = "paper",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tucker-decomposed query-key retrieval.
 
@@ -44,27 +60,41 @@ def tdqkr_topm(
         cores: ``[H, h_c, r, r]`` Tucker cores (MCS).
         u, v: ``[H, r]`` leading singular vectors of ``cores.sum(1)``.
         m: top-m.
+        candidates: ``"paper"``: the top m rows of ``u . S_row`` and the top m columns of
+            ``v . S_col``; ``"two_sided"``: ``ceil(m/2)`` from the top and ``floor(m/2)``
+            from the bottom of each, so pairs whose rank-1 factors are both large and negative
+            (a large positive product) are candidates too. Either way ``m x m`` cells are
+            scored exactly.
 
     Returns:
         ``virtual`` ``[T, H, m]`` virtual ids ``row*K + col`` and ``scores`` ``[T, H, m, h_c]``:
         the exact per-core scores ``S_row[:, i]^T C_c S_col[:, j]`` of the selected cells.
+
+    The selection (no gradient) scores the whole ``m x m`` candidate grid; the differentiable
+    scores are recomputed for the m selected cells only, so the backward pass never touches
+    the grid.
     """
-    k_side = s_row.shape[-1]
-    approx_row = torch.einsum("thri,hr->thi", s_row, u)
-    approx_col = torch.einsum("thri,hr->thi", s_col, v)
+    k_side, r = s_row.shape[-1], s_row.shape[2]
     with torch.no_grad():
-        row_idx = approx_row.topk(m, dim=-1).indices  # [T, H, m]
-        col_idx = approx_col.topk(m, dim=-1).indices
-    sr = s_row.gather(-1, row_idx.unsqueeze(2).expand(-1, -1, s_row.shape[2], -1))  # [T,H,r,m]
-    sc = s_col.gather(-1, col_idx.unsqueeze(2).expand(-1, -1, s_col.shape[2], -1))
-    exact = torch.einsum("thai,hcab,thbj->thijc", sr, cores, sc)  # [T, H, m, m, h_c]
-    t, h = exact.shape[:2]
-    flat = exact.reshape(t, h, m * m, -1)
-    with torch.no_grad():
-        best = flat.sum(-1).topk(m, dim=-1).indices  # [T, H, m]
-    scores = flat.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, flat.shape[-1]))
-    rows = row_idx.gather(-1, best // m)
-    cols = col_idx.gather(-1, best % m)
+        approx_row = torch.einsum("thri,hr->thi", s_row, u)
+        approx_col = torch.einsum("thri,hr->thi", s_col, v)
+        row_idx = _candidates(approx_row, m, candidates)  # [T, H, m]
+        col_idx = _candidates(approx_col, m, candidates)
+        sr = s_row.gather(-1, row_idx.unsqueeze(2).expand(-1, -1, r, -1))  # [T,H,r,m]
+        sc = s_col.gather(-1, col_idx.unsqueeze(2).expand(-1, -1, r, -1))
+        exact = torch.einsum("thai,hcab,thbj->thijc", sr, cores, sc)  # [T, H, m, m, h_c]
+        # sum over the cores one add at a time: the grid is a strided view whose .sum(-1)
+        # is ~10x slower, and these adds give the same bits as that sum
+        total = exact[..., 0]
+        for c in range(1, exact.shape[-1]):
+            total = total + exact[..., c]
+        t, h = exact.shape[:2]
+        best = total.reshape(t, h, m * m).topk(m, dim=-1).indices  # [T, H, m]
+        rows = row_idx.gather(-1, best // m)
+        cols = col_idx.gather(-1, best % m)
+    sr_sel = s_row.gather(-1, rows.unsqueeze(2).expand(-1, -1, r, -1))  # [T, H, r, m]
+    sc_sel = s_col.gather(-1, cols.unsqueeze(2).expand(-1, -1, r, -1))
+    scores = torch.einsum("thak,hcab,thbk->thkc", sr_sel, cores, sc_sel)  # [T, H, m, h_c]
     return rows * k_side + cols, scores
 
 
@@ -151,20 +181,24 @@ class UltraMemLayer(nn.Module):
         keys ~ N(0, 1/Dk) as in the official code, values ~ N(0, 1/Dv)."""
         cfg, dk = self.cfg, self.cfg.dk
         norms = [n for n in (self.q_norm_row, self.q_norm_col, self.k_norm) if n is not None]
+        # the random draws keep the order of the code before the ablation switches (query,
+        # keys, projector, values, cores), so a seed gives the same default layer as before
         if cfg.official_init:
             for norm in norms:
                 nn.init.constant_(norm.weight, dk**-0.33)
                 nn.init.zeros_(norm.bias)
             nn.init.normal_(self.query.weight, std=dk**-0.5)
+            nn.init.normal_(self.keys, std=dk**-0.5)
             if self.out_proj is not None:
                 nn.init.normal_(self.out_proj.weight, std=(cfg.expansion * self.dv) ** -0.5)
             nn.init.normal_(self.values, std=0.02)
         else:
-            for mod in (*norms, self.query, self.out_proj):
-                if mod is not None:
-                    mod.reset_parameters()
+            for mod in (*norms, self.query):
+                mod.reset_parameters()
+            nn.init.normal_(self.keys, std=dk**-0.5)
+            if self.out_proj is not None:
+                self.out_proj.reset_parameters()
             nn.init.normal_(self.values, std=self.dv**-0.5)
-        nn.init.normal_(self.keys, std=dk**-0.5)
         if cfg.tdqkr:
             nn.init.uniform_(self.cores, 0.0, 1.0)
             self.u.zero_()
@@ -246,7 +280,9 @@ class UltraMemLayer(nn.Module):
         if not self.cfg.tdqkr:  # additive keys: S_row = [s, 1], S_col = [1, t] (see __init__)
             ones = torch.ones_like(s_row)
             s_row, s_col = torch.cat([s_row, ones], 2), torch.cat([ones, s_col], 2)
-        virtual, scores = tdqkr_topm(s_row, s_col, self.cores, self.u, self.v, self.cfg.topm)
+        virtual, scores = tdqkr_topm(
+            s_row, s_col, self.cores, self.u, self.v, self.cfg.topm, self.cfg.tdqkr_candidates
+        )
         if self.cfg.softmax:  # PKM: normalise each head's top-m scores (per core)
             scores = scores.softmax(dim=2)
         t = x.shape[0]
@@ -335,6 +371,7 @@ def key_recall(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 __all__ = [
+    "TDQKR_CANDIDATES",
     "PendingPool",
     "UltraMemLayer",
     "brute_force_topm",
