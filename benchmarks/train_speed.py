@@ -6,7 +6,8 @@ Usage::
     python benchmarks/train_speed.py --quick         # 1 repeat, 3 steps (smoke run, temp dir)
     python benchmarks/train_speed.py --baseline REV  # another baseline (default 07239b3)
 
-Writes ``benchmarks/results/train_speed.json`` and ``train_speed.png``.
+Writes ``benchmarks/results/train_speed.json`` and ``train_speed.png`` (with ``--threads N``:
+``train_speed_Nthread.{json,png}``).
 
 The baseline is checked out into a temporary ``git worktree`` and every measurement runs in a
 fresh subprocess whose ``PYTHONPATH`` points at the tree being measured. One measurement:
@@ -309,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": {k: {"total_ms_per_step": v["profile_total_ms_per_step"],
                          "top": v["profile"]} for k, v in profiles.items()},
     }  # fmt: skip
-    path = write_json("train_speed.json", payload)
+    name = "train_speed" if not THREADS else f"train_speed_{THREADS}thread"
+    path = write_json(f"{name}.json", payload)
     import common
 
-    _plot(payload, common.RESULTS / "train_speed.png")
+    _plot(payload, common.RESULTS / f"{name}.png")
     print(
         f"speed-up vs {base_rev}: {payload['speedup_wall']:.2f}x wall, "
         f"{payload['speedup_cpu']:.2f}x CPU (layer alone {payload['layer_speedup_wall']:.2f}x "
