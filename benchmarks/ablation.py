@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import machine, plot_path, quick_mode, write_json  # noqa: E402
 from quality import mean_ci95, run_one  # noqa: E402
+from quality import train_config as quality_train_config  # noqa: E402
 
 from ultramem_dist.train import Corpus, TrainConfig  # noqa: E402
 from ultramem_dist.train.ablation import (  # noqa: E402
@@ -59,16 +60,7 @@ def paper_direction(delta: float | None) -> str | None:
 
 def train_config(steps: int, batch_size: int, seq_len: int, seed: int, rung: Rung) -> TrainConfig:
     """benchmarks/quality.py's TrainConfig for this seed, with the rung's overrides."""
-    return TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        eval_every=max(1, steps // 6),
-        eval_batches=16,
-        warmup=30,
-        seed=seed,
-        **rung.train_overrides,
-    )
+    return quality_train_config(steps, batch_size, seq_len, seed, **rung.train_overrides)
 
 
 def summarise(ladder: list[Rung], losses: dict[str, list[float]]) -> list[dict]:

@@ -100,6 +100,20 @@ def mean_ci95(xs: list[float]) -> dict:
 RUNS_DIR = Path(__file__).resolve().parent / "results" / "quality_runs"
 
 
+def train_config(steps: int, batch_size: int, seq_len: int, seed: int, **overrides) -> TrainConfig:
+    """The TrainConfig of every quality (and ablation) run: seed fixes init and batch order."""
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        eval_every=max(1, steps // 6),
+        eval_batches=16,
+        warmup=30,
+        seed=seed,
+        **overrides,
+    )
+
+
 def run_one(name: str, cfg, tcfg: TrainConfig, corpus, runs_dir: Path) -> dict:
     """Train one (model, seed), or load its finished result."""
     path = runs_dir / f"{name}_steps{tcfg.steps}_seed{tcfg.seed}.json"
@@ -151,15 +165,7 @@ def main() -> None:
     load_start = Path("/proc/loadavg").read_text().split()[:3]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for seed in range(args.seeds):
-        tcfg = TrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            eval_every=max(1, args.steps // 6),
-            eval_batches=16,
-            warmup=30,
-            seed=seed,
-        )
+        tcfg = train_config(args.steps, args.batch_size, args.seq_len, seed)
         for name in names:
             out = run_one(name, configs[name], tcfg, corpus, runs_dir)
             runs[name].append(out)
