@@ -199,11 +199,11 @@ def main() -> None:
             ]
         )
     paired = {}
-    for ref in ("pkm", "dense"):
+    for ref in ("pkm", "dense", "ultramem"):  # ultramem: its variants (ultramem_two_sided)
         if ref not in runs:
             continue
         for name in names:
-            if name == ref:
+            if name == ref or (ref == "ultramem" and not name.startswith("ultramem_")):
                 continue
             diffs = [
                 a["val_loss"] - b["val_loss"] for a, b in zip(runs[name], runs[ref], strict=True)
