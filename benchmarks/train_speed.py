@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -74,6 +75,14 @@ def layer_worker(steps: int) -> dict:
         sums.append(float(layer.values.grad.double().sum()))
         layer.zero_grad(set_to_none=True)
 
+    return _timed("layer", step, steps, load, sums)
+
+
+def _timed(kind: str, step: Callable[[], None], steps: int, load: float, losses: list) -> dict:
+    """Two warm-up calls of ``step``, then ``steps`` timed ones (wall and process CPU time);
+    ``losses`` is what the steps append to."""
+    import torch
+
     for _ in range(2):
         step()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -81,13 +90,13 @@ def layer_worker(steps: int) -> dict:
         step()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {
-        "kind": "layer",
+        "kind": kind,
         "steps": steps,
         "threads": torch.get_num_threads(),
         "load_1min": load,
         "tokens_per_s": steps * BATCH * SEQ / wall,
         "tokens_per_cpu_s": steps * BATCH * SEQ / cpu,
-        "losses": sums,
+        "losses": losses,
     }
 
 
@@ -120,21 +129,7 @@ def worker(kind: str, steps: int, profile: bool) -> dict:
         model.refresh_svd()
         losses.append(float(lm_loss.detach()))
 
-    for _ in range(2):
-        step()
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    out = {
-        "kind": kind,
-        "steps": steps,
-        "threads": torch.get_num_threads(),
-        "load_1min": load,
-        "tokens_per_s": steps * BATCH * SEQ / wall,
-        "tokens_per_cpu_s": steps * BATCH * SEQ / cpu,
-        "losses": losses,
-    }
+    out = _timed(kind, step, steps, load, losses)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
