@@ -30,6 +30,7 @@ from ultramem_dist.kernels.gather_pool import (
     dense_offsets,
     native_plan,
 )
+from ultramem_dist.kernels.native import NativePlan
 
 __all__ = ["native_pool_with_grad"]
 
@@ -47,9 +48,9 @@ class _NativePool(torch.autograd.Function):
         tok_off: np.ndarray,
         num_blocks: int,
         segments: tuple[ColumnSegment, ...],
+        plan: NativePlan,
     ) -> torch.Tensor:
         num_cores = weights.shape[-1]
-        plan = native_plan(table, segments, num_cores, backend="native")
         w = np.ascontiguousarray(weights.detach().reshape(-1, num_cores).numpy())
         out = plan.run(idx, blk, w, tok_off, num_blocks, torch.get_num_threads())
         ctx.idx, ctx.blk, ctx.tok_off = idx, blk, tok_off
@@ -83,7 +84,7 @@ class _NativePool(torch.autograd.Function):
             grad_table = torch.from_numpy(pooled).view(rows, cols)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(table.detach(), grad, idx, blk, bin_id, ctx)
-        return grad_table, grad_w, None, None, None, None, None
+        return grad_table, grad_w, None, None, None, None, None, None
 
 
 def _weight_grad(
@@ -142,12 +143,13 @@ def native_pool_with_grad(
         return None
     if table.device.type != "cpu" or weights.device.type != "cpu":
         return None
-    if native_plan(table, segments, weights.shape[-1]) is None:
+    plan = native_plan(table, segments, weights.shape[-1])
+    if plan is None:
         return None
     if offsets is None:
         tok_off = dense_offsets(indices.shape[0], indices.shape[1])
     else:
         tok_off = _i64(offsets)
     return _NativePool.apply(
-        table, weights, _i64(indices), _i64(blocks), tok_off, num_blocks, segments
+        table, weights, _i64(indices), _i64(blocks), tok_off, num_blocks, segments, plan
     )
