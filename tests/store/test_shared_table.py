@@ -51,13 +51,11 @@ def test_shared_table_is_stored_once_with_offsets_and_permutations(v2_ckpt, tmp_
     pre = table.pre_values.detach()
     if by == "row":
         torch.testing.assert_close(torch.cat([p.values for p in parts]), values)
-        torch.testing.assert_close(
-            torch.cat([torch.from_numpy(p.pre_values_f32()) for p in parts]), pre
-        )
+        torch.testing.assert_close(torch.cat([p.pre_values.float() for p in parts]), pre)
     else:
         torch.testing.assert_close(torch.cat([p.values for p in parts], 1), values)
         for p in parts:  # pre-values whole on every dim shard
-            torch.testing.assert_close(torch.from_numpy(p.pre_values_f32()), pre)
+            torch.testing.assert_close(p.pre_values.float(), pre)
 
 
 def test_v1_export_keeps_schema_1(tmp_path):
@@ -68,7 +66,7 @@ def test_v1_export_keeps_schema_1(tmp_path):
     assert all(not t.is_shared for t in manifest.tables)
     raw = json.loads((tmp_path / "store" / "a" / MANIFEST_NAME).read_text())
     assert Manifest.from_json(raw) == manifest
-    assert load_shard(tmp_path / "store", 0, "a").tables["mem0"].pre_values_f32() is None
+    assert load_shard(tmp_path / "store", 0, "a").tables["mem0"].pre_values is None
 
 
 def test_schema_1_manifest_cannot_hold_a_shared_table(v2_ckpt, tmp_path):

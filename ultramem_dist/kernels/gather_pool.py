@@ -232,13 +232,12 @@ def pre_value_activation(
     import torch
     import torch.nn.functional as F
 
+    rows = pre_values[indices].to(pre_input.dtype)  # [T, L, P] dense, [nnz, P] flat
     if offsets is None:
-        rows = pre_values[indices].to(pre_input.dtype)  # [T, L, P]
         dots = torch.einsum("tlp,tp->tl", rows, pre_input)
     else:
         counts = torch.diff(offsets.to(torch.int64))
         token = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-        rows = pre_values[indices].to(pre_input.dtype)  # [nnz, P]
         dots = (rows * pre_input[token.to(pre_input.device)]).sum(-1)
     return F.gelu(dots) if gelu else dots
 

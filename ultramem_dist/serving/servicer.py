@@ -73,7 +73,7 @@ def kernel_plan(table: ShardTable) -> NativePlan | None:
         return None
     return native_plan(
         table.array, table.segments, e.num_cores, sum_segments=e.merged, dtype=table.dtype,
-        pre=table.pre_array, pre_gelu=e.pre_activation == "gelu",
+        pre=table.pre_array, pre_gelu=e.pre_gelu,
     )  # fmt: skip
 
 
@@ -102,7 +102,7 @@ def run_kernel(q: GatherQuery, plan: NativePlan | None = None) -> np.ndarray:
             sum_segments=t.entry.merged,
             pre_values=None if t.pre_values is None else t.pre_values.to(dev),
             pre_input=None if q.pre_input is None else torch.from_numpy(q.pre_input).to(dev),
-            pre_gelu=t.entry.pre_activation == "gelu",
+            pre_gelu=t.entry.pre_gelu,
         )
         out = out.cpu().numpy()
     return out.reshape(q.num_tokens, out.shape[-1]) if t.entry.merged else out

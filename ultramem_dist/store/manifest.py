@@ -144,6 +144,11 @@ class TableEntry:
     the UltraMemV2 default) or ``"none"`` (``d`` itself). Written only with pre-values."""
 
     @property
+    def pre_gelu(self) -> bool:
+        """Whether a shard applies GELU to the pre-value dot product (``pre_activation``)."""
+        return self.pre_activation == "gelu"
+
+    @property
     def is_shared(self) -> bool:
         return bool(self.shared_layers) or self.pre_vdim > 0
 

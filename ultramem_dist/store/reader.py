@@ -164,38 +164,28 @@ class ShardTable:
     """UltraMemV2 pre-values ``[rows, pre_vdim]``, memory-mapped like :attr:`array` (bf16 as
     ``uint16`` bits): the slot's rows (row-sharded) or all rows (dim-sharded); else ``None``."""
 
-    def pre_values_f32(self) -> np.ndarray | None:
-        """The pre-values widened to float32 (numpy; ``None`` for a v1 table)."""
-        if self.pre_array is None:
-            return None
-        if self.dtype == "bfloat16":
-            return (self.pre_array.astype(np.uint32) << 16).view(np.float32)
-        return self.pre_array.astype(np.float32)
-
     @functools.cached_property
     def values(self) -> torch.Tensor:
         """The slice as a torch tensor: :attr:`device_values`, else a zero-copy CPU view of
         :attr:`array` (imports torch; the CPU shard's native path never asks for it)."""
         if self.device_values is not None:
             return self.device_values
-        import torch
-
-        with warnings.catch_warnings():  # a read-only mapping: nothing writes into it
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(self.array)
-        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+        return self._torch_view(self.array)
 
     @functools.cached_property
     def pre_values(self) -> torch.Tensor | None:
         """:attr:`pre_array` as a zero-copy CPU torch tensor (``None`` for a v1 table; imports
         torch: only the torch path of the kernel asks for it)."""
-        if self.pre_array is None:
-            return None
+        return None if self.pre_array is None else self._torch_view(self.pre_array)
+
+    def _torch_view(self, array: np.ndarray) -> torch.Tensor:
+        """A zero-copy torch view of a mapped array of this table's dtype (bf16 bits viewed
+        as ``torch.bfloat16``)."""
         import torch
 
         with warnings.catch_warnings():  # a read-only mapping: nothing writes into it
             warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(self.pre_array)
+            t = torch.from_numpy(array)
         return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
     @property
